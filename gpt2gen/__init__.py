@@ -1,0 +1,25 @@
+"""gpt2gen: a code-generating compiler for transformer training.
+
+A YAML model file (``model.yaml``) is loaded and checked (``spec``), lowered against the op library
+(``ops``, ``lower``) onto flat arenas (``layout``), rendered from Jinja templates into C (``render``),
+compiled and cached (``build``) and driven from Python (``runtime``).
+"""
+__version__ = "0.1.0"
+
+
+def build(model="model.yaml", target="cpu", **overrides):
+    """Generate, compile (cached) and load a model; returns a ``gpt2gen.runtime.Model``."""
+    from .build import build as _build
+    return _build(model, target=target, **overrides)
+
+
+def from_llmc(path, target="cpu", **kwargs):
+    """Load an llm.c model file (``gpt2_124M.bin``) into a new Model."""
+    from .checkpoint import from_llmc as _from_llmc
+    return _from_llmc(path, target=target, **kwargs)
+
+
+def from_hf(directory, model="model.yaml", target="cpu", **overrides):
+    """Import a local HuggingFace checkpoint (config.json + weights) using the model file's mapping."""
+    from .checkpoint import from_hf as _from_hf
+    return _from_hf(directory, model=model, target=target, **overrides)

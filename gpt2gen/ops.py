@@ -1,0 +1,124 @@
+"""The op library: what each op takes and gives, how its shapes relate, and how to call its kernels.
+
+An op is data. Its operands carry shape patterns over dimension letters (``B``, ``T`` are the run-time
+batch shape; other letters bind to whatever the model's tensors say, and must agree across operands);
+``*`` means "any shape, the same for every ``*`` operand". Its ``forward`` and ``backward`` are C call
+templates over operand names, ``d_<operand>`` (that operand's gradient, or NULL where none is needed),
+dimension letters, attributes and ``numel(<operand>)``. The kernels themselves live in the target's
+template folder (``templates/<target>/ops/<template>``); the backward of every op *accumulates* into
+every gradient it is given, so the lowering decides where gradient buffers start from zero.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from . import expr as E
+
+
+@dataclass(frozen=True)
+class Operand:
+    name: str
+    shape: tuple[str, ...]          # pattern: letters, expressions over letters, or ("*",)
+    dtype: str = "float"            # "float" | "int"
+    grad: bool = True               # differentiable (inputs: receives a gradient; outputs: carries one back)
+    optional: bool = False          # an input that may be left out (passed as NULL)
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    kind: str                       # "int" (an expression binding a dimension letter) | "float"
+    default: float | None = None
+    binds: str | None = None        # the dimension letter an int attribute binds
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    inputs: tuple[Operand, ...]
+    outputs: tuple[Operand, ...]
+    forward: str
+    backward: str
+    template: str
+    attrs: tuple[Attr, ...] = ()
+    checks: tuple[tuple[str, str], ...] = ()   # (relation over letters, what it means) e.g. ("C % NH", ...)
+    kernels: tuple[str, ...] = field(default=())  # other kernel templates this one needs
+
+    def operand(self, name: str) -> Operand:
+        for o in self.inputs + self.outputs:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+
+def _op(name, doc, inputs, outputs, forward, backward, template, attrs=(), checks=()) -> OpDef:
+    return OpDef(name, doc, tuple(inputs), tuple(outputs), forward, backward, template, tuple(attrs), tuple(checks))
+
+
+def I(name, shape, **kw) -> Operand:  # noqa: E743 - reads like the table it builds
+    return Operand(name, tuple(s.strip() for s in shape.split(",")), **kw)
+
+
+O = I
+
+OPS: dict[str, OpDef] = {op.name: op for op in [
+    _op("embedding", "out[b,t] = table[idx[b,t]] + pos[t] (token plus position embedding)",
+        [I("idx", "B,T", dtype="int", grad=False), I("table", "Vt,C"), I("pos", "P,C")],
+        [O("out", "B,T,C")],
+        "embedding_forward(out, idx, table, pos, B, T, C)",
+        "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)",
+        "embedding.c.j2", checks=[("T <= P", "the sequence length must fit the position table")]),
+    _op("layernorm", "out = (inp - mean) * rstd * weight + bias over the last dimension",
+        [I("inp", "B,T,C"), I("weight", "C"), I("bias", "C")],
+        [O("out", "B,T,C"), O("mean", "B,T", grad=False), O("rstd", "B,T", grad=False)],
+        "layernorm_forward(out, mean, rstd, inp, weight, bias, B * T, C, eps)",
+        "layernorm_backward(d_inp, d_weight, d_bias, d_out, inp, weight, mean, rstd, B * T, C)",
+        "layernorm.c.j2", attrs=[Attr("eps", "float", 1e-5)]),
+    _op("matmul", "out = inp @ weight^T (+ bias); weight is (OC, C) as in torch.nn.Linear",
+        [I("inp", "B,T,C"), I("weight", "OC,C"), I("bias", "OC", optional=True)],
+        [O("out", "B,T,OC")],
+        "matmul_forward(out, inp, weight, bias, B * T, C, OC)",
+        "matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, B * T, C, OC)",
+        "matmul.c.j2"),
+    _op("attention", "causal multi-head self-attention over a packed (q, k, v) input",
+        [I("qkv", "B,T,3 * C")],
+        [O("out", "B,T,C"), O("att", "B,NH,T,T", grad=False)],
+        "attention_forward(out, att, qkv, B, T, C, NH)",
+        "attention_backward(d_qkv, d_out, qkv, att, B, T, C, NH)",
+        "attention.c.j2", attrs=[Attr("heads", "int", binds="NH")],
+        checks=[("C % NH == 0", "channels must divide evenly into heads")]),
+    _op("gelu", "out = GELU(inp), tanh approximation",
+        [I("inp", "*")], [O("out", "*")],
+        "gelu_forward(out, inp, numel(out))",
+        "gelu_backward(d_inp, d_out, inp, numel(out))",
+        "gelu.c.j2"),
+    _op("residual", "out = a + b",
+        [I("a", "*"), I("b", "*")], [O("out", "*")],
+        "residual_forward(out, a, b, numel(out))",
+        "residual_backward(d_a, d_b, d_out, numel(out))",
+        "residual.c.j2"),
+    _op("softmax_crossentropy", "probs = softmax(logits[..., :vocab]); losses = -log probs[target]",
+        [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False)],
+        [O("probs", "B,T,Vp", grad=False), O("losses", "B,T")],
+        "softmax_crossentropy_forward(losses, probs, logits, targets, B * T, V, Vp)",
+        "softmax_crossentropy_backward(d_logits, d_losses, probs, targets, B * T, V, Vp)",
+        "softmax_crossentropy.c.j2", attrs=[Attr("vocab", "int", binds="V")],
+        checks=[("V <= Vp", "the vocabulary cannot exceed the logits' width")]),
+]}
+
+
+def get(name: str) -> OpDef | None:
+    return OPS.get(name)
+
+
+def parse_call(call: str) -> tuple[str, list[E.Expr]]:
+    """Split a call template like ``f(a, d_b, B * T)`` into its function name and argument expressions."""
+    fn, _, rest = call.partition("(")
+    args = rest.rsplit(")", 1)[0]
+    return fn.strip(), [E.parse(re.sub(r"numel\((\w+)\)", r"numel__\1", a)) for a in args.split(",")]
+
+
+def pattern(dim: str) -> E.Expr:
+    return E.parse(dim)

@@ -1,0 +1,197 @@
+"""The runtime: a compiled model driven from Python over arenas that Python owns.
+
+``Model`` allocates the six flat arenas (64-byte aligned numpy arrays) with the sizes the layout
+computed, exposes every tensor as a zero-copy numpy view (``params``, ``grads``, ``acts``), and calls
+the compiled forward, backward, zero-grad and AdamW update. Every input is checked here — dtype,
+shape within the build-time maxima, token ids within range — so the C code never reads out of bounds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .build import Built, load_extension
+from .layout import ALIGN_FLOATS, Arena
+from .render import signature
+
+
+def _aligned(n: int) -> np.ndarray:
+    """A zeroed float32 array of n elements whose data starts on a 64-byte boundary."""
+    raw = np.zeros(n + ALIGN_FLOATS, dtype=np.float32)
+    shift = (-raw.ctypes.data % 64) // 4
+    return raw[shift:shift + n]
+
+
+def _views(arena: Arena, base: np.ndarray) -> dict[str, np.ndarray]:
+    return {s.name: base[s.offset:s.offset + s.numel].reshape(s.dims) for s in arena.slots}
+
+
+class Model:
+    """A built model: its arenas, their named views, and the training-step calls."""
+
+    def __init__(self, built: Built):
+        self.built = built
+        self.program = built.program
+        self.spec = built.program.spec
+        self.layout = built.program.layout
+        self.config: dict[str, int | float] = dict(built.program.config)
+        self.target = built.target
+        self._ext = load_extension(built.extension)
+        if self._ext.signature() != signature(self.program):
+            raise RuntimeError(f"the extension {built.extension} does not match its model's layout; "
+                               f"delete that directory and build again")
+        lay = self.layout
+        self.arenas = {name: _aligned(lay.params.size) for name in ("params", "grads", "m", "v")}
+        self.arenas["acts"] = _aligned(lay.acts.size)
+        self.arenas["dacts"] = _aligned(lay.dacts.size)
+        a = self.arenas
+        self._handle = self._ext.Arenas(a["params"], a["grads"], a["m"], a["v"], a["acts"], a["dacts"])
+        self.params = _views(lay.params, a["params"])
+        self.grads = _views(lay.params, a["grads"])
+        self.acts = _views(lay.acts, a["acts"])
+        self.inputs = self.program.inputs
+        self.step = 0
+        self._last: tuple[list, int, int] | None = None
+
+    # ---- properties --------------------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> tuple[int, int]:
+        return int(self.config["B"]), int(self.config["T"])
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(s.numel for s in self.layout.params.slots)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """The last forward's logits, (B, T, columns): a view, valid until the next forward."""
+        if self.spec.logits is None:
+            raise AttributeError(f"{self.spec.path} names no `outputs.logits`")
+        if self._last is None:
+            raise RuntimeError("no forward pass has run yet: call model.forward(idx) first")
+        _, B, T = self._last
+        slot = self.layout.acts[self.spec.logits]
+        width = slot.numel // (self.config["B"] * self.config["T"])
+        full = self.arenas["acts"][slot.offset:slot.offset + B * T * width].reshape(B, T, width)
+        if self.spec.logits_columns is not None:
+            full = full[:, :, :int(self.spec.logits_columns.eval(self.config))]
+        return full
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+    def _check_inputs(self, given: dict[str, object]) -> tuple[list, int, int]:
+        Bmax, Tmax = self.max_batch
+        arrays: list = []
+        B = T = None
+        for decl in self.inputs:
+            x = given.get(decl.name)
+            if x is None:
+                if not decl.optional:
+                    raise ValueError(f"input `{decl.name}` is required")
+                arrays.append(None)
+                continue
+            arr = np.asarray(x)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"`{decl.name}` must hold integer token ids, got dtype {arr.dtype}")
+            if arr.ndim != 2:
+                raise ValueError(f"`{decl.name}` must be 2-D (B, T), got shape {arr.shape}")
+            b, t = arr.shape
+            if B is None:
+                B, T = b, t
+            elif (b, t) != (B, T):
+                raise ValueError(f"`{decl.name}` has shape {arr.shape} but `{self.inputs[0].name}` has {(B, T)}")
+            if not (1 <= b <= Bmax and 1 <= t <= Tmax):
+                raise ValueError(f"`{decl.name}` has shape {arr.shape}, outside the build-time maxima B <= {Bmax}, "
+                                 f"T <= {Tmax}; build with larger maxima, e.g. gpt2gen.build(..., B={max(b, Bmax)}, "
+                                 f"T={max(t, Tmax)})")
+            if decl.range is not None and arr.size:
+                hi = int(decl.range.eval(self.config))
+                lo_v, hi_v = int(arr.min()), int(arr.max())
+                if lo_v < 0 or hi_v >= hi:
+                    bad = np.argwhere((arr < 0) | (arr >= hi))[0]
+                    raise ValueError(f"`{decl.name}`[{bad[0]}, {bad[1]}] = {int(arr[tuple(bad)])} is out of range "
+                                     f"[0, {hi})")
+            arrays.append(np.ascontiguousarray(arr, dtype=np.int32))
+        if B is None:
+            raise ValueError("no inputs given")
+        return arrays, B, T
+
+    # ---- the training step ----------------------------------------------------------------------------------
+    def forward(self, idx, targets=None, **inputs) -> float | None:
+        """Run the forward pass; returns the mean loss when targets are given, else None."""
+        names = [d.name for d in self.inputs]
+        given = dict(inputs)
+        if names:
+            given.setdefault(names[0], idx)
+        if len(names) > 1 and targets is not None:
+            given.setdefault(names[1], targets)
+        for k in given:
+            if k not in names:
+                raise TypeError(f"unknown input `{k}`; this model takes {', '.join(names)}")
+        arrays, B, T = self._check_inputs(given)
+        loss = self._ext.forward(self._handle, arrays, B, T)
+        self._last = (arrays, B, T)
+        if any(a is None for a in arrays) or self.spec.loss is None:
+            return None
+        return float(loss)
+
+    def backward(self) -> None:
+        """Backward of the last forward; accumulates into ``grads`` (call ``zero_grad`` between steps)."""
+        if self._last is None:
+            raise RuntimeError("backward needs a forward pass first: call model.forward(idx, targets)")
+        arrays, B, T = self._last
+        if any(a is None for a in arrays):
+            raise RuntimeError("backward needs the last forward to have had targets")
+        self._ext.backward(self._handle, arrays, B, T)
+
+    def zero_grad(self) -> None:
+        self._ext.zero_grad(self._handle)
+
+    def update(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+               weight_decay: float = 0.0, step: int | None = None, grad_scale: float = 1.0) -> None:
+        """One AdamW step (bias-corrected by ``step``, counted from 1; by default the model's own counter)."""
+        self.step = self.step + 1 if step is None else int(step)
+        if self.step < 1:
+            raise ValueError(f"step must be >= 1, got {self.step}")
+        self._ext.update(self._handle, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                         self.step, float(grad_scale))
+
+    # ---- parameters --------------------------------------------------------------------------------------------
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter from its `init` in the model file, deterministically from ``seed``."""
+        rng = np.random.default_rng(seed)
+        for t in self.spec.of_kind("param"):
+            view = self.params[t.name]
+            init = t.init
+            if init.kind == "zeros":
+                view[...] = 0.0
+            elif init.kind == "ones":
+                view[...] = 1.0
+            elif init.kind == "constant":
+                view[...] = float(init.value.eval(self.config))
+            else:
+                std = float(init.value.eval(self.config))
+                view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+        for name in ("m", "v", "grads"):
+            self.arenas[name][...] = 0.0
+        self.step = 0
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for k, v in state.items():
+            if k not in self.params:
+                raise KeyError(f"unknown parameter `{k}`")
+            if self.params[k].shape != np.shape(v):
+                raise ValueError(f"parameter `{k}` has shape {self.params[k].shape}, got {np.shape(v)}")
+            self.params[k][...] = v
+
+    def save_llmc(self, path: str | Path, dtype: str = "fp32") -> None:
+        """Write the weights as an llm.c model file (fp32 or bf16)."""
+        from .checkpoint import save_llmc
+        save_llmc(self, path, dtype)
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"<gpt2gen Model {self.spec.name} target={self.target} {cfg}>"
