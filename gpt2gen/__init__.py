@@ -2,15 +2,12 @@
 
 A YAML model file (``model.yaml``) is loaded and checked (``spec``), lowered against the op library
 (``ops``, ``lower``) onto flat arenas (``layout``), rendered from Jinja templates into C (``render``),
-compiled and cached (``build``) and driven from Python (``runtime``).
+compiled and cached (``builder``) and driven from Python (``runtime``).
 """
 __version__ = "0.1.0"
 
 
-def build(model="model.yaml", target="cpu", **overrides):
-    """Generate, compile (cached) and load a model; returns a ``gpt2gen.runtime.Model``."""
-    from .build import build as _build
-    return _build(model, target=target, **overrides)
+from .builder import build  # noqa: E402  (gpt2gen.build(model, target, **overrides) -> Model)
 
 
 def from_llmc(path, target="cpu", **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import Built, load_extension
+from .builder import Built, load_extension
 from .layout import ALIGN_FLOATS, Arena
 from .render import signature
 

@@ -163,7 +163,8 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
     key = digest(*[f"{k}\n{v}" for k, v in sorted(sources.items())], *[f"{k}={v}" for k, v in sorted(tc.items())],
                  " ".join(C_FLAGS + LINK_FLAGS), sysconfig.get_config_var("EXT_SUFFIX") or ".so")
     directory = cache_root() / "models" / f"{program.spec.name}-{target}-{key}"
-    ext = directory / (MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    module = f"gg_{key}"
+    ext = directory / (module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     if ext.exists():
         return Built(program, target, key, directory, ext, sources, False)
     _check_openmp(tc)
@@ -177,10 +178,21 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
         src = directory / _render.renderer_for(target).source_name
         obj = directory / f".model.{os.getpid()}.o"
         _run([tc["cc"], *C_FLAGS, f"-I{csrc_dir()}", "-c", str(src), "-o", str(obj)], "compiling the generated model", src)
-        tmp = directory / f".{MODULE}.{os.getpid()}.so"
-        _run([tc["cxx"], *LINK_FLAGS, str(binding), str(obj), "-o", str(tmp)], "linking the model extension")
+        # Python finds a module by the name in its file, and a process may load many models: give each
+        # build its own module name with a two-line init that forwards to the shared binding's.
+        shim = directory / "module_init.c"
+        write_if_changed(shim, f"// generated: names this build's Python module `{module}`\n"
+                               f"extern void* PyInit_{MODULE}(void);\n"
+                               f"__attribute__((visibility(\"default\"))) void* PyInit_{module}(void) "
+                               f"{{ return PyInit_{MODULE}(); }}\n")
+        shim_obj = directory / f".module_init.{os.getpid()}.o"
+        _run([tc["cc"], "-fPIC", "-c", str(shim), "-o", str(shim_obj)], "compiling the module init")
+        tmp = directory / f".{module}.{os.getpid()}.so"
+        _run([tc["cxx"], *LINK_FLAGS, str(binding), str(obj), str(shim_obj), "-o", str(tmp)],
+             "linking the model extension")
         os.replace(tmp, ext)
         obj.unlink(missing_ok=True)
+        shim_obj.unlink(missing_ok=True)
         if verbose:
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
     return Built(program, target, key, directory, ext, sources, True)
@@ -188,9 +200,13 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
 
 def load_extension(path: Path):
     """Import a compiled model extension from its file (several models can live in one process)."""
-    spec = importlib.util.spec_from_file_location(MODULE, path)
+    name = Path(path).name.split(".")[0]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    sys.modules[name] = module
     return module
 
 
@@ -203,3 +219,26 @@ def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | 
     if seed is not None:
         m.init_weights(seed)
     return m
+
+
+def kernels_library(op_names: list[str], target: str = "cpu") -> Path:
+    """Compile the kernels of ``op_names`` (plus helpers and the optimizer) into a shared library with
+    exported symbols, cached by content; the op tests call them through ctypes."""
+    if target != "cpu":
+        raise BuildError(f"target `{target}` is not available yet")
+    source = _render.kernels_source(op_names, target)
+    tc = toolchain()
+    key = digest(source, tc["cc"], tc["cc_version"], tc["cpu"], " ".join(C_FLAGS))
+    lib = cache_root() / "kernels" / key / "kernels.so"
+    if lib.exists():
+        return lib
+    _check_openmp(tc)
+    with file_lock(lib.parent / ".lock"):
+        if lib.exists():
+            return lib
+        src = lib.with_name("kernels.c")
+        write_if_changed(src, source)
+        tmp = lib.with_name(f".kernels.{os.getpid()}.so")
+        _run([tc["cc"], *C_FLAGS, "-shared", str(src), "-o", str(tmp)], "compiling the op kernels", src)
+        os.replace(tmp, lib)
+    return lib

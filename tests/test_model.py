@@ -1,0 +1,116 @@
+"""The whole generated GPT-2 against a PyTorch reference with the same weights.
+
+Checked: logits, loss, every parameter gradient, and the losses and weights over 10 AdamW steps.
+Tolerances (fp32): logits and loss rtol 1e-4; gradients atol 1e-4 x the largest |gradient| of that
+tensor (sums over B*T positions in another order); the training curve rtol 1e-4.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2gen
+from helpers import assert_close, scaled_atol
+from reference import adamw, gpt2_forward, params_to_torch
+
+CONFIGS = {
+    "tiny": dict(V=97, L=2, C=36, NH=3, maxT=16, B=3, T=7),
+    "one-head": dict(V=61, L=1, C=20, NH=1, maxT=8, B=1, T=8),
+    "odd": dict(V=300, L=3, C=50, NH=5, maxT=32, B=2, T=13),
+}
+
+
+def batch(model, B, T, seed=0):
+    rng = np.random.default_rng(seed)
+    V = model.config["V"]
+    return rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32)
+
+
+def compare_step(model, idx, targets, grad_rel=1e-4):
+    p = params_to_torch(model.params)
+    logits, loss = gpt2_forward(p, idx, model.config, targets)
+    loss.backward()
+    got = model.forward(idx, targets)
+    V = model.config["V"]
+    assert_close("logits", model.logits, logits[..., :V].detach().numpy(), rtol=1e-4,
+                 atol=scaled_atol(logits.detach().numpy(), 1e-5))
+    assert_close("loss", got, loss.item(), rtol=1e-5)
+    model.zero_grad()
+    model.backward()
+    for name, t in p.items():
+        want = t.grad.numpy()
+        assert_close(f"grad {name}", model.grads[name], want, rtol=1e-3, atol=scaled_atol(want, grad_rel))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_pytorch(name):
+    cfg = CONFIGS[name]
+    model = gpt2gen.build("model.yaml", **cfg)
+    idx, targets = batch(model, cfg["B"], cfg["T"])
+    compare_step(model, idx, targets)
+
+
+def test_smaller_batch_needs_no_rebuild():
+    """B and T are run-time values: a smaller batch runs in the same build and still matches."""
+    model = gpt2gen.build("model.yaml", **CONFIGS["tiny"])
+    for B, T in [(1, 1), (2, 5), (3, 7), (1, 6)]:
+        idx, targets = batch(model, B, T, seed=B * 10 + T)
+        compare_step(model, idx, targets)
+
+
+def test_training_steps_match_pytorch_adamw():
+    cfg = CONFIGS["odd"]
+    model = gpt2gen.build("model.yaml", **cfg)
+    idx, targets = batch(model, cfg["B"], cfg["T"], seed=3)
+    p = params_to_torch(model.params)
+    decay = {t.name: t.decay for t in model.spec.of_kind("param")}
+    lr, betas, eps, wd = 3e-3, (0.9, 0.95), 1e-8, 0.1
+    opt = adamw(p, decay, lr, betas, eps, wd)
+    ours, theirs = [], []
+    for step in range(1, 11):
+        ours.append(model.forward(idx, targets))
+        model.zero_grad()
+        model.backward()
+        model.update(lr, betas[0], betas[1], eps, wd, step)
+        opt.zero_grad()
+        _, loss = gpt2_forward(p, idx, model.config, targets)
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    print("losses (gpt2gen):", np.round(ours, 5))
+    print("losses (pytorch):", np.round(theirs, 5))
+    assert ours[-1] < ours[0] - 0.5, "training on one batch should drive the loss down"
+    assert_close("loss curve", ours, theirs, rtol=1e-4)
+    C = model.config["C"]
+    for name, t in p.items():
+        got, want = model.params[name].copy(), t.detach().numpy().copy()
+        if name == "qkvb":
+            # The key bias adds the same amount to every score of a query, which softmax ignores: its true
+            # gradient is exactly 0, so both sides hand Adam rounding noise, which Adam turns into steps of
+            # up to lr. Those entries can only be bounded; all the others must match.
+            k_got, k_want = got[:, C:2 * C], want[:, C:2 * C]
+            assert np.abs(k_got).max() <= 10 * lr and np.abs(k_want).max() <= 10 * lr
+            got[:, C:2 * C] = want[:, C:2 * C] = 0
+        assert_close(f"param {name} after 10 steps", got, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
+
+
+def test_gpt2_124m_shape():
+    """The real GPT-2 124M shapes (12 layers, 768 channels, 50257 tokens) at a small B, T."""
+    model = gpt2gen.build("model.yaml", B=1, T=8)
+    assert model.config["Vp"] == 50304 and model.config["C"] == 768 and model.config["L"] == 12
+    assert model.num_parameters == 124_475_904      # as llm.c counts it, with the padded vocabulary
+    idx, targets = batch(model, 1, 8, seed=5)
+    compare_step(model, idx, targets, grad_rel=1e-4)
+
+
+def test_forward_without_targets():
+    model = gpt2gen.build("model.yaml", **CONFIGS["tiny"])
+    idx, targets = batch(model, 2, 5)
+    assert model.forward(idx) is None
+    logits = model.logits.copy()
+    assert model.forward(idx, targets) is not None
+    assert_close("logits with and without targets", logits, model.logits, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="targets"):
+        model.forward(idx)
+        model.backward()
