@@ -110,7 +110,7 @@ class Bound:
     tensors: dict[str, TensorDecl | None]
     carries: dict[str, str]               # operand -> carry name, where the operand is a carry
     dims: dict[str, tuple[E.Expr, int]]
-    floats: dict[str, float]
+    values: dict[str, float | int]        # attributes that bind no letter: floats, and ints such as a window
 
 
 class _Ctx:
@@ -174,23 +174,22 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
         tensors[operand.name] = None
 
     dims: dict[str, tuple[E.Expr, int]] = {}
-    floats: dict[str, float] = {}
+    attr_values: dict[str, float | int] = {}     # attributes that do not bind a dimension letter
     for a in op.attrs:
-        if a.kind == "int":
-            if a.name not in node.attrs:
-                raise ctx.err(f"op `{op.name}` needs attribute `{a.name}`", node)
-            ex = node.attrs[a.name]
-            try:
-                v = ex.eval_int(ctx.env, f"attribute `{a.name}`")
-            except E.ExprError as err:
-                raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
-            dims[a.binds] = (ex, v)
-        else:
-            ex = node.attrs.get(a.name)
-            try:
-                floats[a.name] = float(ex.eval(ctx.env)) if ex is not None else float(a.default)
-            except E.ExprError as err:
-                raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
+        ex = node.attrs.get(a.name)
+        if ex is None and a.default is None:
+            raise ctx.err(f"op `{op.name}` needs attribute `{a.name}`", node)
+        try:
+            if a.kind == "int":
+                v = ex.eval_int(ctx.env, f"attribute `{a.name}`") if ex is not None else int(a.default)
+                if a.binds:
+                    dims[a.binds] = (ex if ex is not None else E.Num(v), v)
+                else:
+                    attr_values[a.name] = v
+            else:
+                attr_values[a.name] = float(ex.eval(ctx.env)) if ex is not None else float(a.default)
+        except E.ExprError as err:
+            raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
 
     star: tuple[str, TensorDecl, tuple] | None = None
     deferred: list[tuple[O.Operand, TensorDecl, int, E.Expr, int]] = []
@@ -246,7 +245,7 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
                 ok = a <= b if cmp == "<=" else a == b
                 if not ok:
                     raise ctx.err(f"`{op.name}` requires {rel} ({meaning}), but {lhs} = {a} and {rhs} = {b}", node)
-    return Bound(node, op, tensors, carries, dims, floats)
+    return Bound(node, op, tensors, carries, dims, attr_values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,8 +443,8 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             comments[letter] = f"{letter}"
         names["B"], names["T"] = "B", "T"
         comments["B"], comments["T"] = "B", "T"
-        for k, v in b.floats.items():
-            names[k] = repr(float(v)) + "f"
+        for k, v in b.values.items():
+            names[k] = str(v) if isinstance(v, int) else repr(float(v)) + "f"
             comments[k] = k
         out_args, out_comments = [], []
         for a in args:

@@ -28,9 +28,9 @@ class Operand:
 @dataclass(frozen=True)
 class Attr:
     name: str
-    kind: str                       # "int" (an expression binding a dimension letter) | "float"
-    default: float | None = None
-    binds: str | None = None        # the dimension letter an int attribute binds
+    kind: str                       # "int" | "float"
+    default: float | None = None    # None: the node must give it
+    binds: str | None = None        # an int attribute may bind a dimension letter (e.g. heads -> NH)
 
 
 @dataclass(frozen=True)

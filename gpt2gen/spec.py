@@ -156,8 +156,21 @@ class HFParam:
 
 @dataclass
 class HFMapping:
-    config: dict[str, str]
+    config: dict[str, str]          # our symbol -> config.json key: "a.b" reads a nested key, "x | y" tries x then y
     parameters: dict[str, HFParam]
+
+    def config_value(self, hf_config: Mapping[str, Any], symbol: str) -> Any:
+        """The value config.json gives for our ``symbol``, or None when it gives none (keep the file's value)."""
+        for key in self.config[symbol].split("|"):
+            node: Any = hf_config
+            for part in key.strip().split("."):
+                if not isinstance(node, Mapping) or node.get(part) is None:
+                    node = None
+                    break
+                node = node[part]
+            if node is not None:
+                return node
+        return None
 
 
 @dataclass
