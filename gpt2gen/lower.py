@@ -138,7 +138,9 @@ class _Ctx:
 
 
 def _shape_text(t: TensorDecl, values: tuple[int, ...]) -> str:
-    return "(" + ", ".join(f"{d}={v}" if str(d) != str(v) else str(v) for d, v in zip(t.shape, values)) + ")"
+    sym = "(" + ", ".join(d.text() for d in t.shape) + ")"
+    num = "(" + ", ".join(str(v) for v in values) + ")"
+    return sym if sym == num else f"{sym} = {num}"
 
 
 def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
@@ -191,6 +193,7 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
         except E.ExprError as err:
             raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
 
+    bound_by: dict[str, str] = {a.binds: f"attribute `{a.name}`" for a in op.attrs if a.binds}
     star: tuple[str, TensorDecl, tuple] | None = None
     deferred: list[tuple[O.Operand, TensorDecl, int, E.Expr, int]] = []
     for operand in op.inputs + op.outputs:
@@ -220,10 +223,13 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
                                   hint=f"declare `{t.name}` with `{pat}` in that place")
             elif isinstance(pe, E.Name):
                 if pat in dims and dims[pat][1] != v:
-                    raise ctx.err(f"shape mismatch in `{op.name}`: `{pat}` is {dims[pat][1]} elsewhere but dimension {i} "
-                                  f"of `{t.name}` {_shape_text(t, values)} is {v}", node,
-                                  hint=f"operand `{operand.name}` must be ({', '.join(operand.shape)})")
-                dims.setdefault(pat, (d, v))
+                    raise ctx.err(f"shape mismatch in `{op.name}`: its `{pat}` is {dims[pat][1]} (from {bound_by[pat]}) "
+                                  f"but dimension {i} of `{operand.name}` = `{t.name}` {_shape_text(t, values)} is {v}",
+                                  node, hint=f"`{op.name}` takes " + ", ".join(
+                                      f"{o.name} ({', '.join(o.shape)})" for o in op.inputs + op.outputs))
+                if pat not in dims:
+                    dims[pat] = (d, v)
+                    bound_by[pat] = f"`{operand.name}` = `{t.name}` {_shape_text(t, values)}"
             else:
                 deferred.append((operand, t, i, pe, v))
     for operand, t, i, pe, v in deferred:
