@@ -189,47 +189,118 @@ GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
 // ----------------------------------------------------------------------------
 // matmul: out[r,o] = bias[o] + sum_i inp[r,i] * weight[o,i]    (templates/c/ops/matmul.c.j2)
 
+#define MM_TILE_BYTES (64 * 1024)   // weight rows kept hot while the rows of inp stream past
+#define MM_KBLOCK 256               // reduction block of the backward products
+
+// four dot products of length n: x0..x3 against w, and against w + ld, i.e. a 4x2 block
+static inline void mm_dot_4x2(const float* x0, size_t ldx, const float* w, size_t ldw, int n, float s[8]) {
+    const float *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx, *w1 = w + ldw;
+    float s00 = 0.0f, s01 = 0.0f, s10 = 0.0f, s11 = 0.0f, s20 = 0.0f, s21 = 0.0f, s30 = 0.0f, s31 = 0.0f;
+    #pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
+    for (int i = 0; i < n; i++) {
+        float a = w[i], b = w1[i];
+        s00 += x0[i] * a; s01 += x0[i] * b;
+        s10 += x1[i] * a; s11 += x1[i] * b;
+        s20 += x2[i] * a; s21 += x2[i] * b;
+        s30 += x3[i] * a; s31 += x3[i] * b;
+    }
+    s[0] = s00; s[1] = s01; s[2] = s10; s[3] = s11; s[4] = s20; s[5] = s21; s[6] = s30; s[7] = s31;
+}
+
 GG_KERNEL void matmul_forward(float* out,           // (N,OC)
                               const float* inp,     // (N,C)
                               const float* weight,  // (OC,C)
                               const float* bias,    // (OC) or NULL
                               int N, int C, int OC) {
+    int tile = (int)(MM_TILE_BYTES / (sizeof(float) * (size_t)C)) & ~1;
+    if (tile < 2) tile = 2;
+    int n_tiles = (OC + tile - 1) / tile;
+    int n_rblocks = (N + 3) / 4;
     #pragma omp parallel for collapse(2) schedule(static)
-    for (int r0 = 0; r0 < N; r0 += 4) {
-        for (int o0 = 0; o0 < OC; o0 += 2) {
-            if (r0 + 4 <= N && o0 + 2 <= OC) {
-                const float* x0 = inp + (size_t)r0 * C;
-                const float* x1 = x0 + C;
-                const float* x2 = x1 + C;
-                const float* x3 = x2 + C;
-                const float* w0 = weight + (size_t)o0 * C;
-                const float* w1 = w0 + C;
-                float s00 = 0.0f, s01 = 0.0f, s10 = 0.0f, s11 = 0.0f;
-                float s20 = 0.0f, s21 = 0.0f, s30 = 0.0f, s31 = 0.0f;
-                #pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
-                for (int i = 0; i < C; i++) {
-                    float a = w0[i], b = w1[i];
-                    s00 += x0[i] * a; s01 += x0[i] * b;
-                    s10 += x1[i] * a; s11 += x1[i] * b;
-                    s20 += x2[i] * a; s21 += x2[i] * b;
-                    s30 += x3[i] * a; s31 += x3[i] * b;
-                }
-                float b0 = bias ? bias[o0] : 0.0f, b1 = bias ? bias[o0 + 1] : 0.0f;
-                float* o = out + (size_t)r0 * OC + o0;
-                o[0] = s00 + b0;          o[1] = s01 + b1;
-                o[OC] = s10 + b0;         o[OC + 1] = s11 + b1;
-                o[2 * OC] = s20 + b0;     o[2 * OC + 1] = s21 + b1;
-                o[3 * OC] = s30 + b0;     o[3 * OC + 1] = s31 + b1;
-            } else {  // the ragged edge: one dot product at a time
-                for (int r = r0; r < r0 + 4 && r < N; r++) {
-                    for (int oc = o0; oc < o0 + 2 && oc < OC; oc++) {
-                        const float* x = inp + (size_t)r * C;
-                        const float* w = weight + (size_t)oc * C;
-                        float s = 0.0f;
-                        #pragma omp simd reduction(+ : s)
-                        for (int i = 0; i < C; i++) s += x[i] * w[i];
-                        out[(size_t)r * OC + oc] = s + (bias ? bias[oc] : 0.0f);
+    for (int ot = 0; ot < n_tiles; ot++) {
+        for (int rb = 0; rb < n_rblocks; rb++) {
+            int r0 = rb * 4;
+            int o_end = (ot + 1) * tile < OC ? (ot + 1) * tile : OC;
+            for (int o0 = ot * tile; o0 < o_end; o0 += 2) {
+                if (r0 + 4 <= N && o0 + 2 <= o_end) {
+                    float s[8];
+                    mm_dot_4x2(inp + (size_t)r0 * C, (size_t)C, weight + (size_t)o0 * C, (size_t)C, C, s);
+                    float b0 = bias ? bias[o0] : 0.0f, b1 = bias ? bias[o0 + 1] : 0.0f;
+                    for (int k = 0; k < 4; k++) {
+                        out[(size_t)(r0 + k) * OC + o0] = s[2 * k] + b0;
+                        out[(size_t)(r0 + k) * OC + o0 + 1] = s[2 * k + 1] + b1;
                     }
+                } else {  // the ragged edge: one dot product at a time
+                    for (int r = r0; r < r0 + 4 && r < N; r++) {
+                        for (int o = o0; o < o0 + 2 && o < o_end; o++) {
+                            const float* x = inp + (size_t)r * C;
+                            const float* w = weight + (size_t)o * C;
+                            float s = 0.0f;
+                            #pragma omp simd reduction(+ : s)
+                            for (int i = 0; i < C; i++) s += x[i] * w[i];
+                            out[(size_t)r * OC + o] = s + (bias ? bias[o] : 0.0f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// acc[k][j] += sum_{q<nq} a[k*lda + q*sa] * b[q*ldb + j]   for k < 4, j < 16 (a 4x16 register block)
+static inline void mm_block_4x16(float acc[4][16], const float* a, size_t lda, size_t sa,
+                                 const float* b, size_t ldb, int nq) {
+    for (int q = 0; q < nq; q++) {
+        const float* bq = b + (size_t)q * ldb;
+        float a0 = a[(size_t)q * sa], a1 = a[lda + (size_t)q * sa];
+        float a2 = a[2 * lda + (size_t)q * sa], a3 = a[3 * lda + (size_t)q * sa];
+        #pragma omp simd
+        for (int j = 0; j < 16; j++) {
+            acc[0][j] += a0 * bq[j];
+            acc[1][j] += a1 * bq[j];
+            acc[2][j] += a2 * bq[j];
+            acc[3][j] += a3 * bq[j];
+        }
+    }
+}
+
+// out[k][j] (+)= sum_q a[k][q] * b[q][j] for one 4-row, 16-column block, any edge sizes
+static void mm_block_edge(float* out, size_t ldo, int nk, int nj, const float* a, size_t lda, size_t sa,
+                          const float* b, size_t ldb, int nq) {
+    for (int k = 0; k < nk; k++) {
+        for (int j = 0; j < nj; j++) {
+            float s = 0.0f;
+            for (int q = 0; q < nq; q++) s += a[k * lda + (size_t)q * sa] * b[(size_t)q * ldb + j];
+            out[k * ldo + j] += s;
+        }
+    }
+}
+
+// out (rows x cols, leading dim ldo) += A (rows x K) . Bm (K x cols), where A[k][q] = a[k*lda + q*sa];
+// rows are split 4 at a time between threads, K is walked in cache-sized blocks.
+static void mm_accumulate(float* out, size_t ldo, int rows, int cols, const float* a, size_t lda, size_t sa,
+                          const float* b, size_t ldb, int K) {
+    int n_rblocks = (rows + 3) / 4;
+    #pragma omp parallel for schedule(static)
+    for (int rb = 0; rb < n_rblocks; rb++) {
+        int r0 = rb * 4, nk = rows - r0 < 4 ? rows - r0 : 4;
+        for (int q0 = 0; q0 < K; q0 += MM_KBLOCK) {
+            int nq = K - q0 < MM_KBLOCK ? K - q0 : MM_KBLOCK;
+            const float* ab = a + (size_t)r0 * lda + (size_t)q0 * sa;
+            const float* bb = b + (size_t)q0 * ldb;
+            for (int j0 = 0; j0 < cols; j0 += 16) {
+                int nj = cols - j0 < 16 ? cols - j0 : 16;
+                float* o = out + (size_t)r0 * ldo + j0;
+                if (nk == 4 && nj == 16) {
+                    float acc[4][16];
+                    memset(acc, 0, sizeof acc);
+                    mm_block_4x16(acc, ab, lda, sa, bb + j0, ldb, nq);
+                    for (int k = 0; k < 4; k++) {
+                        #pragma omp simd
+                        for (int j = 0; j < 16; j++) o[k * ldo + j] += acc[k][j];
+                    }
+                } else {
+                    mm_block_edge(o, ldo, nk, nj, ab, lda, sa, bb + j0, ldb, nq);
                 }
             }
         }
@@ -243,37 +314,19 @@ GG_KERNEL void matmul_backward(float* d_inp,          // (N,C) accumulated
                                const float* inp,      // (N,C)
                                const float* weight,   // (OC,C)
                                int N, int C, int OC) {
-    if (d_inp) {  // d_inp[r,:] += sum_o d_out[r,o] * weight[o,:], four rows per thread step
-        #pragma omp parallel for schedule(static)
-        for (int r0 = 0; r0 < N; r0 += 4) {
-            int nr = N - r0 < 4 ? N - r0 : 4;
-            for (int oc = 0; oc < OC; oc++) {
-                const float* w = weight + (size_t)oc * C;
-                for (int k = 0; k < nr; k++) {
-                    float g = d_out[(size_t)(r0 + k) * OC + oc];
-                    float* dx = d_inp + (size_t)(r0 + k) * C;
-                    #pragma omp simd
-                    for (int i = 0; i < C; i++) dx[i] += g * w[i];
-                }
-            }
-        }
+    if (d_inp) {     // d_inp (N,C) += d_out (N,OC) . weight (OC,C)
+        mm_accumulate(d_inp, (size_t)C, N, C, d_out, (size_t)OC, 1, weight, (size_t)C, OC);
     }
-    if (d_weight || d_bias) {  // d_weight[o,:] += sum_r d_out[r,o] * inp[r,:], four outputs per thread step
+    if (d_weight) {  // d_weight (OC,C) += d_out^T (OC,N) . inp (N,C)
+        mm_accumulate(d_weight, (size_t)C, OC, C, d_out, 1, (size_t)OC, inp, (size_t)C, N);
+    }
+    if (d_bias) {    // d_bias[o] += sum_r d_out[r,o], each thread a range of o, rows in order
         #pragma omp parallel for schedule(static)
-        for (int o0 = 0; o0 < OC; o0 += 4) {
-            int no = OC - o0 < 4 ? OC - o0 : 4;
+        for (int o0 = 0; o0 < OC; o0 += 64) {
+            int o1 = o0 + 64 < OC ? o0 + 64 : OC;
             for (int r = 0; r < N; r++) {
-                const float* x = inp + (size_t)r * C;
-                const float* g = d_out + (size_t)r * OC + o0;
-                for (int k = 0; k < no; k++) {
-                    if (d_bias) d_bias[o0 + k] += g[k];
-                    if (d_weight) {
-                        float* dw = d_weight + (size_t)(o0 + k) * C;
-                        float gk = g[k];
-                        #pragma omp simd
-                        for (int i = 0; i < C; i++) dw[i] += gk * x[i];
-                    }
-                }
+                const float* g = d_out + (size_t)r * OC;
+                for (int o = o0; o < o1; o++) d_bias[o] += g[o];
             }
         }
     }
