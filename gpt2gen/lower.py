@@ -19,7 +19,7 @@ from typing import Union
 
 from . import expr as E
 from . import ops as O
-from .layout import Layout, Slot, align, plan_intervals
+from .layout import Layout, align, plan_intervals
 from .spec import ModelSpec, Node, Repeat, SpecError, TensorDecl
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,8 +313,6 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
     layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values)
 
     # ---- forward: check nodes in order, track producers, find cycles -------------------------------------
-    produced: dict[str, str] = {}             # tensor -> node that writes it
-    producer_line: dict[str, int] = {}
     order: list[tuple[Node, Repeat | None]] = []
     for item in spec.graph:
         if isinstance(item, Repeat):
@@ -323,7 +321,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
         else:
             order.append((item, None))
     writers: dict[str, Node] = {}
-    for n, rep in order:
+    for n, _ in order:
         for name in n.outputs:
             if name in writers:
                 raise ctx.err(f"`{name}` is written by node '{writers[name].name}' (line {writers[name].line}) and "
@@ -515,7 +513,6 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
 
     # ---- backward: reverse walk, gradient buffers by live interval ----------------------------------------------
     loss_t = tensors.get(spec.loss) if spec.loss else None
-    bwd_items: list[tuple[str, object]] = []    # linear schedule: ("node", Bound, in_body) / ("loop_start"/"loop_end", rep)
     grads_needed: dict[str, TensorDecl] = {}
     for t in spec.of_kind("act"):
         grads_needed[t.name] = t
@@ -557,7 +554,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             loop_end = pos
             steps.append(("loop_end", item, pos))
             pos += 1
-            for c, start in item.carry.items():
+            for c in item.carry:
                 # the outer carry buffer holds d(carry after the last layer) before the loop and d(start) after it
                 note(c, loop_start)
                 note(c, loop_end)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import gpt2gen
 from helpers import assert_close, scaled_atol
