@@ -1,0 +1,3 @@
+// gpt2gen cuda_emu shim for <device_functions.h>: the emulated runtime lives in the force-included prelude.
+#pragma once
+#include "gpt2gen_emu/prelude.hpp"
