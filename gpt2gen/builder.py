@@ -77,13 +77,16 @@ def _version(cc: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _cpu() -> str:
+    """What -march=native targets: the CPU model and its instruction-set flags."""
+    seen: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+            key = line.split(":")[0].strip()
+            if key in ("model name", "flags") and key not in seen:
+                seen[key] = line
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return " | ".join(seen.values()) or platform.processor() or platform.machine()
 
 
 def toolchain() -> dict[str, str]:
@@ -121,13 +124,16 @@ def _python_includes() -> list[str]:
     return [inc, pybind11.get_include()]
 
 
+def binding_key(tc: dict[str, str]) -> str:
+    import pybind11
+    return digest((csrc_dir() / "binding.cpp").read_text(), (csrc_dir() / "gpt2gen_abi.h").read_text(), tc["cxx"],
+                  tc["cxx_version"], sys.version, pybind11.__version__, " ".join(CXX_FLAGS))
+
+
 def binding_object(tc: dict[str, str]) -> Path:
     """The compiled binding, shared by every model (built once per toolchain and Python)."""
-    import pybind11
     src = csrc_dir() / "binding.cpp"
-    key = digest(src.read_text(), (csrc_dir() / "gpt2gen_abi.h").read_text(), tc["cxx"], tc["cxx_version"],
-                 sys.version, pybind11.__version__, " ".join(CXX_FLAGS))
-    obj = cache_root() / "binding" / key / "binding.o"
+    obj = cache_root() / "binding" / binding_key(tc) / "binding.o"
     if obj.exists():
         return obj
     with file_lock(obj.parent / ".lock"):
@@ -161,7 +167,7 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
         _render.write_sources(sources, Path(out))
     tc = toolchain()
     key = digest(*[f"{k}\n{v}" for k, v in sorted(sources.items())], *[f"{k}={v}" for k, v in sorted(tc.items())],
-                 " ".join(C_FLAGS + LINK_FLAGS), sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+                 " ".join(C_FLAGS + LINK_FLAGS), sysconfig.get_config_var("EXT_SUFFIX") or ".so", binding_key(tc))
     directory = cache_root() / "models" / f"{program.spec.name}-{target}-{key}"
     module = f"gg_{key}"
     ext = directory / (module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))

@@ -13,6 +13,7 @@ and in ``gpt2gen.layout``.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Union
@@ -174,6 +175,7 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
                           node)
     for operand in op.inputs[len(node.inputs):]:
         tensors[operand.name] = None
+    indexed = [(o, tensors[o.name]) for o in op.inputs if o.indexes and tensors[o.name] is not None]
 
     dims: dict[str, tuple[E.Expr, int]] = {}
     attr_values: dict[str, float | int] = {}     # attributes that do not bind a dimension letter
@@ -190,6 +192,8 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
                     attr_values[a.name] = v
             else:
                 attr_values[a.name] = float(ex.eval(ctx.env)) if ex is not None else float(a.default)
+                if not math.isfinite(attr_values[a.name]):
+                    raise ctx.err(f"attribute `{a.name}` = {attr_values[a.name]} is not a finite number", node)
         except E.ExprError as err:
             raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
 
@@ -242,6 +246,12 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
             raise ctx.err(f"shape mismatch in `{op.name}`: dimension {i} of `{t.name}` "
                           f"{_shape_text(t, ctx.dim_values(t))} must be {pe} = {want}, got {v}", node,
                           hint=f"operand `{operand.name}` must be ({', '.join(operand.shape)})")
+    for operand, t in indexed:
+        limit = dims[operand.indexes][1]
+        rng = t.range.eval_int(ctx.env, f"range of `{t.name}`") if t.range is not None else None
+        if rng is None or rng > limit:
+            raise ctx.err(f"`{t.name}` indexes `{operand.indexes}` = {limit} of `{op.name}`, but its range is {rng}", node,
+                          hint=f"declare `{t.name}` with a range of at most {limit} (line {t.line})")
     env = {k: val for k, (_, val) in dims.items()} | {"B": ctx.config["B"], "T": ctx.config["T"]}
     for rel, meaning in op.checks:
         for cmp in ("<=", "=="):
@@ -321,8 +331,11 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
         else:
             order.append((item, None))
     writers: dict[str, Node] = {}
-    for n, _ in order:
+    for n, rep in order:
         for name in n.outputs:
+            if rep is not None and name in rep.carry:
+                raise ctx.err(f"a node cannot write the carry `{name}`", n,
+                              hint="write a per-layer activation and name it in the block's `next`")
             if name in writers:
                 raise ctx.err(f"`{name}` is written by node '{writers[name].name}' (line {writers[name].line}) and "
                               f"again here", n, hint="each activation is written by exactly one node")
@@ -369,6 +382,10 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                     raise ctx.err(f"carry `{c}` starts as `{start}`, which nothing has produced before the repeat",
                                   line=rep.line)
                 st, nx = tensors.get(start), tensors.get(rep.next[c])
+                if st is None or st.kind != "act" or st.per_layer:
+                    raise ctx.err(f"carry `{c}` starts as `{start}`, which is not an activation of the whole model",
+                                  line=rep.line, hint="a carry starts as an activation that is not per_layer, written "
+                                                      "before the repeat block")
                 if nx is None or not nx.per_layer:
                     raise ctx.err(f"carry `{c}`'s next value `{rep.next[c]}` must be a per-layer activation", line=rep.line)
                 if ctx.dim_values(st) != ctx.dim_values(nx) or [str(d) for d in st.shape] != [str(d) for d in nx.shape]:
@@ -664,6 +681,14 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             rep = st[1]
             for c in rep.carry:
                 zero_first(c, f"d_{c}", bwd)
+            # a gradient that lives outside the loop but is first touched inside it starts from zero once,
+            # before the loop, so that every layer adds to it
+            for n in reversed(rep.body):
+                for o, name in _pairs(bound[n.name]):
+                    t = bound[n.name].tensors[o.name]
+                    if (t is not None and t.kind == "act" and o.grad and o.dtype == "float" and not t.per_layer
+                            and name not in rep.carry):
+                        zero_first(name, f"d_{name}", bwd)
             body: list[Stmt] = []
             for c, nx in rep.next.items():
                 body.append(Decl(f"d_{nx}", f"d_{c}", f"{shape_comment(tensors[nx])} this layer's output is the next "

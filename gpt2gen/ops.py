@@ -23,6 +23,7 @@ class Operand:
     dtype: str = "float"            # "float" | "int"
     grad: bool = True               # differentiable (inputs: receives a gradient; outputs: carries one back)
     optional: bool = False          # an input that may be left out (passed as NULL)
+    indexes: str | None = None      # an int input whose values index this dimension letter (checked vs its range)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ O = I
 
 OPS: dict[str, OpDef] = {op.name: op for op in [
     _op("embedding", "out[b,t] = table[idx[b,t]] + pos[t] (token plus position embedding)",
-        [I("idx", "B,T", dtype="int", grad=False), I("table", "Vt,C"), I("pos", "P,C")],
+        [I("idx", "B,T", dtype="int", grad=False, indexes="Vt"), I("table", "Vt,C"), I("pos", "P,C")],
         [O("out", "B,T,C")],
         "embedding_forward(out, idx, table, pos, B, T, C)",
         "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)",
@@ -100,12 +101,54 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
         "residual_backward(d_a, d_b, d_out, numel(out))",
         "residual.c.j2"),
     _op("softmax_crossentropy", "probs = softmax(logits[..., :vocab]); losses = -log probs[target]",
-        [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False)],
+        [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False, indexes="V")],
         [O("probs", "B,T,Vp", grad=False), O("losses", "B,T")],
         "softmax_crossentropy_forward(losses, probs, logits, targets, B * T, V, Vp)",
         "softmax_crossentropy_backward(d_logits, d_losses, probs, targets, B * T, V, Vp)",
         "softmax_crossentropy.c.j2", attrs=[Attr("vocab", "int", binds="V")],
         checks=[("V <= Vp", "the vocabulary cannot exceed the logits' width")]),
+    # ---- the ops of Llama, Mistral and Gemma (docs/adding-an-architecture.md) ----------------------------
+    _op("token_embedding", "out[b,t] = table[idx[b,t]] * scale (no position table; tokens == padding_idx get "
+        "no gradient, as in torch.nn.Embedding)",
+        [I("idx", "B,T", dtype="int", grad=False, indexes="Vt"), I("table", "Vt,C")],
+        [O("out", "B,T,C")],
+        "token_embedding_forward(out, idx, table, B, T, C, scale)",
+        "token_embedding_backward(d_table, d_out, idx, B, T, C, scale, padding_idx)",
+        "token_embedding.c.j2", attrs=[Attr("scale", "float", 1.0), Attr("padding_idx", "int", -1)]),
+    _op("rmsnorm", "out = inp / sqrt(mean(inp^2) + eps) * (weight + weight_offset) over the last dimension "
+        "(weight_offset 1: Gemma's (1 + weight) form)",
+        [I("inp", "B,T,C"), I("weight", "C")],
+        [O("out", "B,T,C"), O("rstd", "B,T", grad=False)],
+        "rmsnorm_forward(out, rstd, inp, weight, B * T, C, eps, weight_offset)",
+        "rmsnorm_backward(d_inp, d_weight, d_out, inp, weight, rstd, B * T, C, weight_offset)",
+        "rmsnorm.c.j2", attrs=[Attr("eps", "float", 1e-6), Attr("weight_offset", "float", 0.0)]),
+    _op("rope", "rotary position embedding (rotate-half pairs i, i + D/2 of each of H heads; angle t * theta^(-2i/D))",
+        [I("inp", "B,T,H * D")],
+        [O("out", "B,T,H * D")],
+        "rope_forward(out, inp, B, T, H, D, theta)",
+        "rope_backward(d_inp, d_out, B, T, H, D, theta)",
+        "rope.c.j2", attrs=[Attr("heads", "int", binds="H"), Attr("head_dim", "int", binds="D"),
+                            Attr("theta", "float", 10000.0)],
+        checks=[("D % 2 == 0", "the head dimension must be even to rotate pairs")]),
+    _op("gqa_attention", "causal self-attention, grouped-query (K kv heads shared by H query heads), with an "
+        "optional sliding window (a query at t sees keys t - window < t2 <= t; window 0: all t2 <= t)",
+        [I("q", "B,T,H * D"), I("k", "B,T,K * D"), I("v", "B,T,K * D")],
+        [O("out", "B,T,H * D"), O("att", "B,H,T,T", grad=False)],
+        "gqa_attention_forward(out, att, q, k, v, B, T, H, K, D, window)",
+        "gqa_attention_backward(d_q, d_k, d_v, d_out, q, k, v, att, B, T, H, K, D, window)",
+        "gqa_attention.c.j2", attrs=[Attr("heads", "int", binds="H"), Attr("kv_heads", "int", binds="K"),
+                                     Attr("head_dim", "int", binds="D"), Attr("window", "int", 0)],
+        checks=[("H % K == 0", "query heads must divide evenly into groups over the kv heads")]),
+    _op("swiglu", "out = silu(gate) * up (the gated feed-forward of Llama and Mistral)",
+        [I("gate", "*"), I("up", "*")], [O("out", "*")],
+        "swiglu_forward(out, gate, up, numel(out))",
+        "swiglu_backward(d_gate, d_up, d_out, gate, up, numel(out))",
+        "glu.c.j2"),
+    _op("geglu", "out = gelu_tanh(gate) * up (the gated feed-forward of Gemma)",
+        [I("gate", "*"), I("up", "*")], [O("out", "*")],
+        "geglu_forward(out, gate, up, numel(out))",
+        "geglu_backward(d_gate, d_up, d_out, gate, up, numel(out))",
+        "glu.c.j2"),
 ]}
 
 

@@ -5,6 +5,7 @@ installed package carries copies under ``gpt2gen/_data/`` (see setup.py).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -43,11 +44,16 @@ def find_model(model: str | Path) -> Path:
 
 
 def model_label(path: Path) -> str:
-    """How generated files name their model file: relative to the project root when inside it."""
+    """How generated files name their model file: relative to the project root when inside it.
+
+    The label goes into C comments, so anything but plain path characters becomes `?` (a file name
+    with a newline must not be able to end a comment and start code)."""
     path = Path(path).resolve()
+    label = path.name
     for root in (data_root().resolve(), Path.cwd().resolve()):
         try:
-            return str(path.relative_to(root))
+            label = str(path.relative_to(root))
+            break
         except ValueError:
             continue
-    return path.name
+    return re.sub(r"[^A-Za-z0-9_.+\-/]", "?", label)

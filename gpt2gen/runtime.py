@@ -111,7 +111,8 @@ class Model:
                     bad = np.argwhere((arr < 0) | (arr >= hi))[0]
                     raise ValueError(f"`{decl.name}`[{bad[0]}, {bad[1]}] = {int(arr[tuple(bad)])} is out of range "
                                      f"[0, {hi})")
-            arrays.append(np.ascontiguousarray(arr, dtype=np.int32))
+            # a private copy: the C code reads it again in backward, and the caller may reuse its buffer
+            arrays.append(np.array(arr, dtype=np.int32, order="C", copy=True))
         if B is None:
             raise ValueError("no inputs given")
         return arrays, B, T

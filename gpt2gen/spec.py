@@ -234,10 +234,10 @@ class ModelSpec:
 
 def _ident(name: Any, path: Path, line: int, what: str, c_name: bool = True) -> str:
     """Check a name is a plain identifier; ``c_name``: it also becomes a C identifier, so not a reserved one."""
-    if not isinstance(name, str) or not IDENT.match(name):
+    if not isinstance(name, str) or not IDENT.fullmatch(name):
         raise SpecError(f"{what} {name!r} is not a plain identifier", path, line,
                         hint="use letters, digits and underscores, starting with a letter or underscore")
-    if c_name and name in RESERVED or name.startswith(RESERVED_PREFIXES):
+    if c_name and (name in RESERVED or name.startswith(RESERVED_PREFIXES)):
         raise SpecError(f"{what} `{name}` is reserved by the generated code", path, line,
                         hint="rename it (reserved: C keywords, B, T, loop and arena names, and the prefixes "
                              + ", ".join(RESERVED_PREFIXES) + ")")
@@ -329,6 +329,9 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
                             hint="e.g. shape: [B, T, C]")
         dims = tuple(_expr(d, path, ln, f"shape of `{tname}`") for d in raw)
         for d in dims:
+            if _has_float(d):
+                raise SpecError(f"shape of `{tname}` has a non-integer number in `{d.text()}`", path, ln,
+                                hint="dimensions are whole numbers: use integers and config names")
             unknown = d.names() - symbols
             if unknown:
                 raise SpecError(f"shape of `{tname}` uses unknown name(s) {', '.join(sorted(unknown))}", path, ln,
@@ -348,7 +351,10 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
         _ident(k, path, ln, "input name")
         v = _mapping(v, path, ln, f"input `{k}`")
         _only_keys(v, {"shape", "range", "optional"}, path, f"input `{k}`")
-        rng = _expr(v["range"], path, ln, f"range of `{k}`") if "range" in v else None
+        if "range" not in v:
+            raise SpecError(f"input `{k}` needs `range` (its values must be < range)", path, ln,
+                            hint="e.g. range: V for token ids; the runtime checks every value before the C runs")
+        rng = _config_names(_expr(v["range"], path, ln, f"range of `{k}`"), set(config), path, ln, f"range of `{k}`")
         add(k, TensorDecl(k, "input", shape_of(v.get("shape"), ln, k, True), False, ln, range=rng,
                           optional=bool(v.get("optional", False)), dtype="int"))
 
@@ -357,8 +363,11 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
         _ident(k, path, ln, "parameter name")
         v = _mapping(v, path, ln, f"parameter `{k}`")
         _only_keys(v, {"shape", "per_layer", "init", "decay"}, path, f"parameter `{k}`")
+        init = _init(v.get("init", "zeros"), path, ln, k)
+        if init.value is not None:
+            _config_names(init.value, set(config), path, ln, f"init of `{k}`")
         add(k, TensorDecl(k, "param", shape_of(v.get("shape"), ln, k, False), bool(v.get("per_layer", False)), ln,
-                          init=_init(v.get("init", "zeros"), path, ln, k), decay=bool(v.get("decay", True))))
+                          init=init, decay=bool(v.get("decay", True))))
 
     for k, v in _mapping(doc["activations"], path, _line(doc, "activations"), "`activations`").items():
         ln = _line(doc["activations"], k)
@@ -374,10 +383,11 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
     if not isinstance(graph_raw, list) or not graph_raw:
         raise SpecError("`graph` must be a non-empty list of nodes", path, _line(doc, "graph"))
     node_names: set[str] = set()
+    carry_names: set[str] = set()
     graph: list[Node | Repeat] = []
     for item in graph_raw:
         if isinstance(item, dict) and "repeat" in item:
-            graph.append(_repeat(item, path, tensors, symbols, node_names))
+            graph.append(_repeat(item, path, tensors, symbols, node_names, carry_names))
         else:
             graph.append(_node(item, path, node_names, len(node_names)))
 
@@ -405,6 +415,26 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
                      huggingface=hf, lines=lines)
 
 
+def _has_float(e: E.Expr) -> bool:
+    if isinstance(e, E.Num):
+        return isinstance(e.value, float)
+    if isinstance(e, E.BinOp):
+        return _has_float(e.left) or _has_float(e.right)
+    if isinstance(e, E.Neg):
+        return _has_float(e.x)
+    if isinstance(e, E.Call):
+        return e.fn == "sqrt" or any(_has_float(a) for a in e.args)
+    return False
+
+
+def _config_names(e: E.Expr, symbols: set[str], path: Path, line: int, what: str) -> E.Expr:
+    unknown = e.names() - symbols
+    if unknown:
+        raise SpecError(f"{what} uses unknown name(s) {', '.join(sorted(unknown))}", path, line,
+                        hint="it may use config names only")
+    return e
+
+
 def _init(raw: Any, path: Path, line: int, tname: str) -> Init:
     if raw in ("zeros", "ones"):
         return Init(raw)
@@ -421,7 +451,7 @@ def _names(raw: Any, path: Path, line: int, node: str, what: str) -> list[str]:
     if not isinstance(items, list) or not items:
         raise SpecError(f"`{what}` must be a tensor name or a list of them", path, line, node)
     for n in items:
-        if not isinstance(n, str) or not IDENT.match(n):
+        if not isinstance(n, str) or not IDENT.fullmatch(n):
             raise SpecError(f"`{what}` entry {n!r} is not a tensor name", path, line, node,
                             hint="write the name of a declared input, parameter, activation or carry")
     return list(items)
@@ -436,7 +466,7 @@ def _node(raw: Any, path: Path, node_names: set[str], index: int) -> Node:
     if name in node_names:
         raise SpecError(f"two graph nodes are named `{name}`", path, line, name, hint="give each node its own name")
     node_names.add(name)
-    if "op" not in raw or not isinstance(raw["op"], str) or not IDENT.match(raw["op"]):
+    if "op" not in raw or not isinstance(raw["op"], str) or not IDENT.fullmatch(raw["op"]):
         raise SpecError("a graph node needs `op: NAME`", path, line, name)
     for req in ("in", "out"):
         if req not in raw:
@@ -453,21 +483,25 @@ def _node(raw: Any, path: Path, node_names: set[str], index: int) -> Node:
                 _names(raw["out"], path, line, name, "out"), attrs, line)
 
 
-def _repeat(raw: dict, path: Path, tensors: dict[str, TensorDecl], symbols: set[str], node_names: set[str]) -> Repeat:
+def _repeat(raw: dict, path: Path, tensors: dict[str, TensorDecl], symbols: set[str], node_names: set[str],
+            carry_names: set[str]) -> Repeat:
     line = _line(raw)
     _only_keys(raw, {"repeat", "carry", "body", "next"}, path, "a repeat block")
     count = _expr(raw["repeat"], path, line, "repeat count")
-    unknown = count.names() - symbols
+    unknown = count.names() - (symbols - {"B", "T"})
     if unknown:
-        raise SpecError(f"repeat count uses unknown name(s) {', '.join(sorted(unknown))}", path, line)
+        raise SpecError(f"repeat count uses name(s) {', '.join(sorted(unknown))} that are not config names", path, line,
+                        hint="the number of layers is fixed at build time: use a config name such as L")
     carry_raw = _mapping(raw.get("carry") or _LineDict(), path, line, "`carry`")
     next_raw = _mapping(raw.get("next") or _LineDict(), path, line, "`next`")
     carry: dict[str, str] = {}
     for k, v in carry_raw.items():
         ln = _line(carry_raw, k)
         _ident(k, path, ln, "carry name")
-        if k in tensors:
-            raise SpecError(f"carry `{k}` has the name of a declared tensor", path, ln, hint="choose another name")
+        if k in tensors or k in carry_names:
+            raise SpecError(f"carry `{k}` has the name of a declared tensor or of another block's carry", path, ln,
+                            hint="choose another name")
+        carry_names.add(k)
         carry[k] = _ident(v, path, ln, "carry start")
     if set(next_raw) != set(carry):
         raise SpecError("`next` must give every carry its next value (and only those)", path, _line(raw, "next") or line,

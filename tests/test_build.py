@@ -130,3 +130,13 @@ def test_wheel_carries_templates_models_and_sources(tmp_path):
 def test_cache_root_is_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
+
+
+def test_a_changed_binding_changes_every_model_key(monkeypatch):
+    cfg = dict(V=50, L=1, C=16, NH=2, maxT=8, B=1, T=8)
+    before = compile_model("model.yaml", **cfg).key
+    monkeypatch.setattr(builder, "binding_key", lambda tc: "a-new-binding")
+    monkeypatch.setattr(builder, "binding_object", lambda tc: (_ for _ in ()).throw(RuntimeError("would rebuild")))
+    with pytest.raises(RuntimeError, match="would rebuild"):
+        compile_model("model.yaml", **cfg)
+    assert before != builder.digest("a-new-binding")

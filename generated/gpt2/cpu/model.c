@@ -189,8 +189,8 @@ GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
 // ----------------------------------------------------------------------------
 // matmul: out[r,o] = bias[o] + sum_i inp[r,i] * weight[o,i]    (templates/c/ops/matmul.c.j2)
 
-#define MM_TILE_BYTES (64 * 1024)   // weight rows kept hot while the rows of inp stream past
-#define MM_KBLOCK 256               // reduction block of the backward products
+#define GG_MM_TILE_BYTES (64 * 1024)   // weight rows kept hot while the rows of inp stream past
+#define GG_MM_KBLOCK 256               // reduction block of the backward products
 
 // four dot products of length n: x0..x3 against w, and against w + ld, i.e. a 4x2 block
 static inline void mm_dot_4x2(const float* x0, size_t ldx, const float* w, size_t ldw, int n, float s[8]) {
@@ -212,7 +212,7 @@ GG_KERNEL void matmul_forward(float* out,           // (N,OC)
                               const float* weight,  // (OC,C)
                               const float* bias,    // (OC) or NULL
                               int N, int C, int OC) {
-    int tile = (int)(MM_TILE_BYTES / (sizeof(float) * (size_t)C)) & ~1;
+    int tile = (int)(GG_MM_TILE_BYTES / (sizeof(float) * (size_t)C)) & ~1;
     if (tile < 2) tile = 2;
     int n_tiles = (OC + tile - 1) / tile;
     int n_rblocks = (N + 3) / 4;
@@ -284,8 +284,8 @@ static void mm_accumulate(float* out, size_t ldo, int rows, int cols, const floa
     #pragma omp parallel for schedule(static)
     for (int rb = 0; rb < n_rblocks; rb++) {
         int r0 = rb * 4, nk = rows - r0 < 4 ? rows - r0 : 4;
-        for (int q0 = 0; q0 < K; q0 += MM_KBLOCK) {
-            int nq = K - q0 < MM_KBLOCK ? K - q0 : MM_KBLOCK;
+        for (int q0 = 0; q0 < K; q0 += GG_MM_KBLOCK) {
+            int nq = K - q0 < GG_MM_KBLOCK ? K - q0 : GG_MM_KBLOCK;
             const float* ab = a + (size_t)r0 * lda + (size_t)q0 * sa;
             const float* bb = b + (size_t)q0 * ldb;
             for (int j0 = 0; j0 < cols; j0 += 16) {
@@ -444,13 +444,13 @@ GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, siz
 // ----------------------------------------------------------------------------
 // gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
 
-#define GELU_SQRT_2_OVER_PI 0.7978845608028654f
+#define GG_GELU_SQRT_2_OVER_PI 0.7978845608028654f
 
 GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        float u = GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        float u = GG_GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
         out[i] = 0.5f * x * (1.0f + tanhf(u));
     }
 }
@@ -460,10 +460,10 @@ GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp,
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        float u = GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        float u = GG_GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
         float th = tanhf(u);
         float sech2 = 1.0f - th * th;
-        float du_dx = GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+        float du_dx = GG_GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
         d_inp[i] += d_out[i] * (0.5f * (1.0f + th) + 0.5f * x * sech2 * du_dx);
     }
 }

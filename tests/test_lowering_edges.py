@@ -1,0 +1,204 @@
+"""Graph shapes beyond GPT-2's, and the model-file mistakes around them (found by review).
+
+The gradient checks compare each parameter's analytic gradient along a random direction with a central
+finite difference of the loss (fp32, step 2e-3, relative tolerance 1e-2 — a wrong plan is off by far
+more, e.g. a gradient buffer zeroed in every layer loses all but one layer's contribution).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpt2gen
+from gpt2gen import spec as S
+from gpt2gen.lower import lower
+from gpt2gen.render import render_program
+
+HEAD = """
+name: edge
+config: {V: 23, Vp: 32, maxT: 8, L: 3, C: 12, FF: 20}
+batch: {B: 2, T: 5}
+inputs:
+  idx: {shape: [B, T], range: V}
+  targets: {shape: [B, T], range: V, optional: true}
+parameters:
+  wte: {shape: [Vp, C], init: {normal: 0.3}}
+  wpe: {shape: [maxT, C], init: {normal: 0.3}}
+  w1: {shape: [FF, C], per_layer: true, init: {normal: 0.3}}
+  w2: {shape: [C, FF], per_layer: true, init: {normal: 0.3}}
+  wf: {shape: [C, C], init: {normal: 0.3}}
+activations:
+  encoded: [B, T, C]
+  extra: [B, T, C]
+  h: {shape: [B, T, FF], per_layer: true}
+  ga: {shape: [B, T, FF], per_layer: true}
+  o: {shape: [B, T, C], per_layer: true}
+  r: {shape: [B, T, C], per_layer: true}
+  h2: {shape: [B, T, FF], per_layer: true}
+  ga2: {shape: [B, T, FF], per_layer: true}
+  o2: {shape: [B, T, C], per_layer: true}
+  r2: {shape: [B, T, C], per_layer: true}
+  f: [B, T, C]
+  logits: [B, T, Vp]
+  probs: [B, T, Vp]
+  losses: [B, T]
+outputs: {logits: {tensor: logits, columns: V}, loss: losses}
+"""
+LAYER = """
+    body:
+      - {{name: fc{s}, op: matmul, in: [{x}, w1], out: h{s}}}
+      - {{name: act{s}, op: gelu, in: [h{s}], out: ga{s}}}
+      - {{name: proj{s}, op: matmul, in: [ga{s}, w2], out: o{s}}}
+      - {{name: res{s}, op: residual, in: [o{s}, {skip}], out: r{s}}}
+"""
+TAIL = """
+  - {name: final, op: matmul, in: [FINAL, wf], out: f}
+  - {name: head, op: matmul, in: [f, wte], out: logits}
+  - {name: loss, op: softmax_crossentropy, in: [logits, targets], out: [probs, losses], vocab: V}
+"""
+
+GRAPHS = {
+    # a non-per-layer activation read in every layer (an x0-style skip connection)
+    "skip_read_in_every_layer": """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - {name: embed2, op: embedding, in: [idx, wte, wpe], out: extra}
+  - repeat: L
+    carry: {x: encoded}""" + LAYER.format(s="", x="x", skip="extra") + """    next: {x: r}""" + TAIL.replace("FINAL", "x"),
+    # ... and also read after the loop
+    "skip_read_in_and_after_the_loop": """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - {name: embed2, op: embedding, in: [idx, wte, wpe], out: extra}
+  - repeat: L
+    carry: {x: encoded}""" + LAYER.format(s="", x="x", skip="extra") + """    next: {x: r}
+  - {name: mix, op: residual, in: [x, extra], out: f2}""" + TAIL.replace("FINAL", "f2"),
+    # two repeat blocks, one after the other
+    "two_repeat_blocks": """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - repeat: L
+    carry: {x: encoded}""" + LAYER.format(s="", x="x", skip="x") + """    next: {x: r}
+  - {name: copy, op: residual, in: [x, x], out: extra}
+  - repeat: L
+    carry: {y: extra}""" + LAYER.format(s="2", x="y", skip="y") + """    next: {y: r2}""" + TAIL.replace("FINAL", "y"),
+    # no repeat block at all
+    "no_repeat": """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - {name: twice, op: residual, in: [encoded, encoded], out: extra}""" + TAIL.replace("FINAL", "extra"),
+}
+
+
+def write_model(tmp_path, graph: str, head: str = HEAD):
+    text = head.replace("  f: [B, T, C]", "  f: [B, T, C]\n  f2: [B, T, C]") + graph
+    p = tmp_path / "edge.yaml"
+    p.write_text(text)
+    return p
+
+
+def directional_check(model, idx, targets, rng):
+    def loss():
+        return float(model.forward(idx, targets))
+    loss()
+    model.zero_grad()
+    model.backward()
+    for name, p in model.params.items():
+        d = rng.standard_normal(p.shape).astype(np.float32)
+        analytic = float(np.sum(model.grads[name].astype(np.float64) * d))
+        saved = p.copy()
+        eps = 2e-3
+        p[...] = saved + eps * d
+        up = loss()
+        p[...] = saved - eps * d
+        down = loss()
+        p[...] = saved
+        numeric = (up - down) / (2 * eps)
+        scale = max(abs(numeric), abs(analytic), 1e-3)
+        assert abs(analytic - numeric) <= 1e-2 * scale, f"{name}: analytic {analytic:+.5f} vs finite difference {numeric:+.5f}"
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_gradients_of_unusual_graphs(tmp_path, graph):
+    model = gpt2gen.build(write_model(tmp_path, GRAPHS[graph]), seed=1)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 23, (2, 5)).astype(np.int32)
+    targets = rng.integers(0, 23, (2, 5)).astype(np.int32)
+    directional_check(model, idx, targets, rng)
+
+
+def error_of(tmp_path, text: str, **overrides) -> str:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(S.SpecError) as info:
+        spec = S.load(p)
+        program = lower(spec, spec.resolve(overrides))
+        render_program(program)
+    return str(info.value)
+
+
+BASE = HEAD + GRAPHS["skip_read_in_every_layer"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("carry: {x: encoded}", "carry: {x: wf}"), "not an activation of the whole model"),
+    (("{name: res, op: residual, in: [o, extra], out: r}", "{name: res, op: residual, in: [o, extra], out: x}"),
+     "cannot write the carry `x`"),
+    (("repeat: L", "repeat: B"), "not config names"),
+    (("w1: {shape: [FF, C]", "w1: {shape: [FF * 1.0, C]"), "non-integer number"),
+    (("op: gelu, in: [h], out: ga}", "op: gelu, in: [h], out: ga, foo: 1}"), "no attribute `foo`"),
+    (("idx: {shape: [B, T], range: V}", "idx: {shape: [B, T]}"), "needs `range`"),
+    (("idx: {shape: [B, T], range: V}", "idx: {shape: [B, T], range: Vp + 1}"), "indexes `Vt` = 32"),
+    (("targets: {shape: [B, T], range: V,", "targets: {shape: [B, T], range: Vp,"), "indexes `V` = 23"),
+    (("wte: {shape: [Vp, C], init: {normal: 0.3}}", "wte: {shape: [Vp, C], init: {normal: 0.3 * nope}}"),
+     "unknown name(s) nope"),
+    (("config: {V: 23,", "config: {GG_MM_KBLOCK: 8, V: 23,"), "reserved"),
+    (("config: {V: 23,", "config: {matmul_forward: 8, V: 23,"), "kernel function"),
+    (("  extra: [B, T, C]", "  \"extra\\n\": [B, T, C]"), "identifier"),
+])
+def test_model_file_mistakes(tmp_path, edit, message):
+    old, new = edit
+    assert old in BASE, old
+    assert message in error_of(tmp_path, BASE.replace(old, new))
+
+
+def test_infinite_attribute(tmp_path):
+    text = BASE.replace("TAIL", "")
+    text = text.replace("{name: loss, op: softmax_crossentropy", "{name: ln, op: layernorm, in: [f, wf, wf], "
+                        "out: [f2, f2m, f2r], eps: 1e999}\n  - {name: loss, op: softmax_crossentropy")
+    assert "finite" in error_of(tmp_path, text.replace("  f: [B, T, C]", "  f: [B, T, C]\n  f2: [B, T, C]\n"
+                                                       "  f2m: [B, T]\n  f2r: [B, T]"))
+
+
+def test_same_carry_name_in_two_blocks(tmp_path):
+    text = HEAD.replace("  f: [B, T, C]", "  f: [B, T, C]\n  f2: [B, T, C]") + GRAPHS["two_repeat_blocks"]
+    text = text.replace("carry: {y: extra}", "carry: {x: extra}").replace("next: {y: r2}", "next: {x: r2}")
+    text = text.replace("in: [y, w1]", "in: [x, w1]").replace("in: [o2, y]", "in: [o2, x]")
+    assert "another block's carry" in error_of(tmp_path, text)
+
+
+def test_inputs_are_copied(tmp_path):
+    """backward reads the inputs again: a caller reusing its buffer after forward must not change it."""
+    model = gpt2gen.build(write_model(tmp_path, GRAPHS["no_repeat"]), seed=1)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 23, (2, 5)).astype(np.int32)
+    targets = rng.integers(0, 23, (2, 5)).astype(np.int32)
+    model.forward(idx, targets)
+    model.zero_grad()
+    model.backward()
+    want = model.arenas["grads"].copy()
+    model.forward(idx, targets)
+    model.zero_grad()
+    idx[...] = 10 ** 8            # would index far outside wte if the C code saw it
+    targets[...] = 0
+    model.backward()
+    np.testing.assert_array_equal(model.arenas["grads"], want)
+
+
+def test_model_file_name_cannot_break_out_of_a_comment(tmp_path):
+    evil = tmp_path / "m\n#include <stdlib.h>\nstatic int x = system(0);\nint y.yaml"
+    evil.write_text(HEAD.replace("  f: [B, T, C]", "  f: [B, T, C]\n  f2: [B, T, C]") + GRAPHS["no_repeat"])
+    spec = S.load(evil)
+    code = render_program(lower(spec, spec.resolve()))["model.c"]
+    assert not any(line.startswith("static int x") for line in code.splitlines())
+    assert "m??include??stdlib.h??static?int?x???system?0???int?y.yaml" in code   # one line, inert
