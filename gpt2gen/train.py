@@ -1,0 +1,485 @@
+"""Train a model from its YAML file on tokenized text: ``python -m gpt2gen.train`` / ``gpt2gen train``.
+
+With no arguments this is a demo: it prepares tiny Shakespeare if needed, trains a small GPT-2
+(the ``demo`` preset) for a few minutes on the CPU, reports validation loss and prints a sample.
+Every option is listed by ``--help``; docs/training.md explains them.
+
+One optimiser step = ``grad_accum`` micro-batches of B x T tokens, where
+``grad_accum = total_batch_size / (B * T)``; gradients are averaged over the micro-batches, clipped
+to a global norm, and applied with AdamW at a learning rate that warms up linearly and then decays
+along a cosine to ``lr * lr_final_frac``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare
+
+# Shape overrides of the presets (on top of the model file's config). "demo" fits a few minutes of
+# 2-core CPU time; "model" keeps the model file's own sizes (GPT-2 124M for model.yaml).
+PRESETS: dict[str, dict[str, int]] = {
+    "demo": {"L": 4, "C": 128, "NH": 4, "maxT": 64},
+    "model": {},
+}
+DEFAULT_TRAIN = DEFAULT_DATA_DIR / "tinyshakespeare" / "tiny_shakespeare_train.bin"
+DEFAULT_VAL = DEFAULT_DATA_DIR / "tinyshakespeare" / "tiny_shakespeare_val.bin"
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+
+def lr_at(step: int, *, lr: float, warmup: int, steps: int, final_frac: float) -> float:
+    """Learning rate of optimiser step ``step`` (1-based): linear warmup, then cosine decay."""
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    lr_min = lr * final_frac
+    if steps <= warmup:
+        return lr
+    progress = min(1.0, (step - warmup) / (steps - warmup))
+    return lr_min + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - lr_min)
+
+
+def grad_norm(grads: np.ndarray, chunk: int = 1 << 22) -> float:
+    """Global L2 norm of a flat gradient arena, summed in float64 (deterministic)."""
+    total = 0.0
+    for i in range(0, grads.size, chunk):
+        g = grads[i:i + chunk].astype(np.float64)
+        total += float(np.dot(g, g))
+    return math.sqrt(total)
+
+
+def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+                 top_k: int = 0) -> int:
+    """Draw a token id from one row of logits (temperature 0 = greedy, top_k 0 = no cut)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if 0 < top_k < z.size:
+        keep = np.argpartition(z, -top_k)[-top_k:]
+        masked = np.full_like(z, -np.inf)
+        masked[keep] = z[keep]
+        z = masked
+    p = np.exp(z - z.max())
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), z.size - 1))
+
+
+def generate(model, prompt: Sequence[int], n_tokens: int, rng: np.random.Generator, *,
+             temperature: float = 1.0, top_k: int = 0, max_context: int | None = None) -> list[int]:
+    """Sample ``n_tokens`` continuing ``prompt`` (a window of the last ``max_context`` tokens is fed)."""
+    ctx_max = int(max_context or min(model.config["T"], model.config["maxT"]))
+    tokens = [int(t) for t in prompt]
+    out: list[int] = []
+    for _ in range(n_tokens):
+        window = tokens[-ctx_max:]
+        idx = np.asarray(window, dtype=np.int32).reshape(1, -1)
+        model.forward(idx)
+        nxt = sample_token(model.logits[0, len(window) - 1], rng, temperature, top_k)
+        tokens.append(nxt)
+        out.append(nxt)
+    return out
+
+
+def evaluate(model, loader: DataLoader, steps: int) -> float:
+    """Mean loss over the first ``steps`` batches of ``loader`` (sequential from its start)."""
+    loader.reset()
+    n = max(1, min(steps, len(loader)))
+    total = 0.0
+    for _ in range(n):
+        x, y = loader.next_batch()
+        total += float(model.forward(x, y))
+    loader.reset()
+    return total / n
+
+
+class JsonlLog:
+    """Appends one JSON object per line and flushes, so a crash loses at most one record."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fh = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        if self._fh is not None:
+            record.setdefault("time", round(time.time(), 3))
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    step: int
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    samples: list[tuple[int, str]] = field(default_factory=list)
+    log_path: Path | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+def _kv(text: str) -> tuple[str, int | float]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        num: int | float = int(v)
+    except ValueError:
+        try:
+            num = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{k}: {v!r} is not a number") from None
+    return k.strip(), num
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="model.yaml", help="model file")
+    g.add_argument("--target", default="cpu", help="code generation target")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                   help="shape overrides: demo = " + ", ".join(f"{k}={v}" for k, v in
+                                                               PRESETS["demo"].items())
+                   + "; model = the model file's own sizes")
+    g.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=_kv, action="append",
+                   default=[], help="override a config symbol (repeatable), e.g. --set L=6")
+    g.add_argument("--init-from", metavar="PATH", default=None,
+                   help="start from weights: an llm.c model file (.bin) or a HuggingFace "
+                        "directory (its shape replaces the preset); default: random init")
+    g = p.add_argument_group("data")
+    g.add_argument("--train-data", default=str(DEFAULT_TRAIN),
+                   help="training token file (prepared automatically if it is the default)")
+    g.add_argument("--val-data", default=str(DEFAULT_VAL), help="validation token file ('' = none)")
+    g.add_argument("-b", "--batch-size", type=int, default=8, help="micro-batch size B")
+    g.add_argument("-t", "--seq-len", type=int, default=64, help="sequence length T")
+    g.add_argument("--total-batch-size", type=int, default=0,
+                   help="tokens per optimiser step; a multiple of B*T gives gradient "
+                        "accumulation (0 = B*T)")
+    g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve training windows in a shuffled order (per-epoch permutation)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("-n", "--steps", type=int, default=200, help="optimiser steps")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
+    g.add_argument("--lr-final-frac", type=float, default=0.1,
+                   help="cosine decay ends at this fraction of --lr")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the global gradient norm to this (0 = off)")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init, data order and sampling")
+    g = p.add_argument_group("evaluation and sampling")
+    g.add_argument("--val-every", type=int, default=50, help="validate every N steps (0 = only at the end)")
+    g.add_argument("--val-steps", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--sample-every", type=int, default=0,
+                   help="print a sample every N steps (0 = only at the end)")
+    g.add_argument("--sample-tokens", type=int, default=64, help="tokens per sample (0 = no samples)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k likeliest tokens (0 = all)")
+    g.add_argument("--prompt", default="", help="text that samples continue (default: <|endoftext|>)")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--run-name", default=None, help="name of this run (default: train-DATE-TIME)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="save the training state every N steps (0 = off; a final one is saved "
+                        "whenever --checkpoint-dir is given or this is on)")
+    g.add_argument("--checkpoint-dir", default=None, help="where states go (default: out/RUN)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="how many recent training states to keep (0 = all)")
+    g.add_argument("--resume", metavar="PATH", default=None,
+                   help="resume from a training state file, or the newest valid one in a directory")
+    g.add_argument("--stop-after", type=int, default=0, metavar="STEP",
+                   help="stop (saving state) after this step as if interrupted; the schedule still "
+                        "follows --steps (0 = run to the end)")
+    g.add_argument("--export-llmc", metavar="PATH", default=None,
+                   help="write the final weights as an llm.c model file")
+    g.add_argument("--export-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="precision of --export-llmc")
+    g.add_argument("--log", default=None, help="JSONL log file (default: log/RUN.jsonl)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (print a line per validation instead)")
+
+
+DESCRIPTION = ("Train a model from its YAML file on tokenized text. With no arguments: prepare tiny "
+               "Shakespeare if needed and train a small GPT-2 for a few minutes (the demo).")
+
+
+def build_parser(prog: str = "python -m gpt2gen.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=HelpFormatter)
+    add_arguments(p)
+    return p
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` to an argparse subparsers object (handler: ``args.func(args)``)."""
+    p = subparsers.add_parser("train", help="train a model on tokenized text",
+                              description=DESCRIPTION,
+                              formatter_class=HelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_cmd_train)
+    return p
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the uninformative ones (None, flags, empty lists)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"gpt2gen: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+def _latest_state(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume: {path} is neither a training state file nor a directory")
+    for cand in sorted(path.glob("state_*.safetensors"), reverse=True):
+        try:
+            ckpt.read_state_metadata(cand)
+            return cand
+        except ckpt.CheckpointError as e:
+            print(f"warning: skipping unreadable training state {cand}: {e}", file=sys.stderr)
+    raise FileNotFoundError(f"--resume: no valid state_*.safetensors in {path}")
+
+
+def _build_model(args, say, resume_meta):
+    from . import build
+
+    batch = {"B": args.batch_size, "T": args.seq_len}
+    if resume_meta is not None:
+        cfg = dict(resume_meta["config"])
+        say(f"model: {args.model} with the resumed run's config "
+            + " ".join(f"{k}={cfg[k]}" for k in ("L", "NH", "C", "maxT") if k in cfg))
+        return build(model=args.model, target=args.target, seed=None, **cfg)   # the state file has the weights
+    overrides = dict(args.overrides)
+    if args.init_from:
+        src = Path(args.init_from)
+        if src.is_dir():
+            say(f"model: importing HuggingFace weights from {src}")
+            return ckpt.from_hf(src, model=args.model, target=args.target, **batch, **overrides)
+        say(f"model: loading llm.c weights from {src}")
+        return ckpt.from_llmc(src, target=args.target, model=args.model, **batch, **overrides)
+    cfg = {**PRESETS[args.preset], **overrides, **batch}
+    return build(model=args.model, target=args.target, seed=args.seed, **cfg)
+
+
+def _check_args(args) -> int:
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+    bt = args.batch_size * args.seq_len
+    total = args.total_batch_size or bt
+    if total % bt:
+        raise SystemExit(f"error: --total-batch-size {total} is not a multiple of B*T = {bt}")
+    return total // bt
+
+
+def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
+    """Run training as described by ``args`` (from :func:`build_parser`)."""
+    from tqdm import tqdm
+
+    from .tokenizer import get_tokenizer
+
+    t_start = time.time()
+    say = (lambda *a, **k: None) if quiet else (lambda *a, **k: tqdm.write(" ".join(map(str, a))))
+    grad_accum = _check_args(args)
+
+    resume_path = _latest_state(Path(args.resume)) if args.resume else None
+    resume_meta = ckpt.read_state_metadata(resume_path) if resume_path else None
+    prev = (resume_meta or {}).get("extra", {})
+    run_name = args.run_name or prev.get("run_name") or time.strftime("train-%Y%m%d-%H%M%S")
+    log_path = Path(args.log) if args.log else (Path(prev["log"]) if prev.get("log")
+                                                else Path("log") / f"{run_name}.jsonl")
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else (
+        Path(prev["checkpoint_dir"]) if prev.get("checkpoint_dir") else Path("out") / run_name)
+    save_states = args.checkpoint_every > 0 or args.checkpoint_dir is not None
+
+    # data
+    train_path = Path(args.train_data)
+    if not train_path.exists() and train_path == DEFAULT_TRAIN:
+        say("training data not found; preparing tiny Shakespeare ...")
+        prepro_tinyshakespeare(DEFAULT_DATA_DIR, quiet=quiet)
+
+    model = _build_model(args, say, resume_meta)
+    V = int(model.config["V"])
+    loader = DataLoader(train_path, args.batch_size, args.seq_len, shuffle=args.shuffle,
+                        seed=args.seed, vocab_size=V)
+    val_loader = None
+    if args.val_data:
+        val_loader = DataLoader(args.val_data, args.batch_size, args.seq_len, vocab_size=V)
+    rng = np.random.default_rng(args.seed)
+    start = 0
+    if resume_path is not None:
+        meta = ckpt.load_state(resume_path, model)
+        start = meta["step"]
+        loader.load_state_dict(meta["data"]["train"])
+        rng.bit_generator.state = meta["rng"]["sample"]
+        say(f"resumed from {resume_path} at step {start}")
+        if prev.get("steps") not in (None, args.steps):
+            say(f"warning: the resumed run was planned for {prev['steps']} steps, this one for "
+                f"{args.steps}: the learning-rate schedule changes")
+    n_params = sum(int(p.size) for p in model.params.values())
+    say(f"model: {n_params / 1e6:.2f}M parameters ("
+        + ", ".join(f"{k}={model.config[k]}" for k in ("L", "NH", "C", "V", "maxT") if k in model.config)
+        + f"); data: {len(loader.tokens):,} training tokens; B={args.batch_size} T={args.seq_len} "
+        f"grad_accum={grad_accum}")
+
+    tok = get_tokenizer() if args.sample_tokens > 0 else None
+    prompt = [tok.eot] + (tok.encode(args.prompt) if tok and args.prompt else []) if tok else []
+    log = JsonlLog(log_path)
+    log.write(type="config", run=run_name, start_step=start, argv=sys.argv[1:],
+              args={k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                    for k, v in vars(args).items() if k != "func"},
+              config={k: (int(v) if float(v).is_integer() else float(v))
+                      for k, v in model.config.items()}, n_params=n_params,
+              grad_accum=grad_accum)
+    result = TrainResult(model=model, step=start, log_path=log_path)
+    tokens_per_step = grad_accum * args.batch_size * args.seq_len
+    stop = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
+
+    def run_val(step: int) -> None:
+        if val_loader is None:
+            return
+        t0 = time.time()
+        vl = evaluate(model, val_loader, args.val_steps)
+        result.val_losses.append((step, vl))
+        log.write(type="val", step=step, loss=vl, ms=round(1e3 * (time.time() - t0), 1))
+        say(f"step {step:5d} | val loss {vl:.4f}"
+            + (f" | train loss {result.train_losses[-1][1]:.4f}" if result.train_losses else ""))
+
+    def run_sample(step: int) -> None:
+        if tok is None:
+            return
+        ids = generate(model, prompt, args.sample_tokens, rng, temperature=args.temperature,
+                       top_k=args.top_k, max_context=args.seq_len)
+        # <|endoftext|> separates documents; the text before it already ends in a blank line
+        text = tok.decode([i for i in ids if i != tok.eot])
+        result.samples.append((step, text))
+        log.write(type="sample", step=step, text=text)
+        say(f"---- sample at step {step} ----\n{args.prompt}{text}\n" + "-" * 30)
+
+    def save(step: int) -> None:
+        path = ckpt_dir / f"state_{step:06d}.safetensors"
+        ckpt.save_state(path, model, step=step, data={"train": loader.state_dict()},
+                        rng={"sample": rng.bit_generator.state},
+                        extra={"run_name": run_name, "log": str(log_path),
+                               "checkpoint_dir": str(ckpt_dir), "steps": args.steps})
+        result.checkpoints.append(path)
+        log.write(type="checkpoint", step=step, path=str(path))
+        if args.keep_checkpoints > 0:
+            for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+
+    if start == 0:
+        run_val(0)
+    bar = tqdm(total=stop, initial=start, disable=quiet or not args.progress, unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    step = start
+    try:
+        for step in range(start + 1, stop + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=args.lr, warmup=args.warmup_steps, steps=args.steps,
+                       final_frac=args.lr_final_frac)
+            model.zero_grad()
+            loss = 0.0
+            for _ in range(grad_accum):
+                x, y = loader.next_batch()
+                loss += float(model.forward(x, y))
+                model.backward()
+            loss /= grad_accum
+            norm = grad_norm(model.arenas["grads"]) / grad_accum
+            scale = 1.0 / grad_accum
+            if args.grad_clip > 0 and norm > args.grad_clip:
+                scale *= args.grad_clip / norm
+            model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
+                         grad_scale=scale)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {step}")
+            result.train_losses.append((step, loss))
+            result.step = step
+            log.write(type="train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1e3, 2),
+                      tok_s=round(tokens_per_step / dt, 1))
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss:.4f} | {dt * 1e3:.0f} ms/step | "
+                                f"{tokens_per_step / dt:,.0f} tok/s", refresh=False)
+            if args.val_every > 0 and step % args.val_every == 0 and step != args.steps:
+                run_val(step)
+            if args.sample_every > 0 and step % args.sample_every == 0 and step != args.steps:
+                run_sample(step)
+            if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step != stop:
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        if save_states and result.step > start:
+            save(result.step)
+            say(f"interrupted: saved the state at step {result.step} in {ckpt_dir}")
+        log.close()
+        raise
+    bar.close()
+    if result.step == args.steps:
+        run_val(args.steps)
+        if args.sample_tokens > 0:
+            run_sample(args.steps)
+    if (save_states and result.step > start) or args.stop_after:
+        save(result.step)
+    if args.export_llmc:
+        ckpt.save_llmc(model, args.export_llmc, args.export_dtype)
+        say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
+    result.wall_s = time.time() - t_start
+    log.write(type="done", step=result.step, wall_s=round(result.wall_s, 2))
+    log.close()
+    summary = f"done: {result.step} steps in {result.wall_s:.1f} s"
+    if result.train_losses:
+        first = result.train_losses[0][1]
+        summary += f"; train loss {first:.3f} -> {result.train_losses[-1][1]:.3f}"
+    if result.val_losses:
+        summary += f"; val loss {result.val_losses[-1][1]:.3f}"
+    say(summary + f"; log: {log_path}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _cmd_train(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
