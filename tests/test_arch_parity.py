@@ -1,0 +1,212 @@
+"""Llama 2, Mistral and Gemma from their YAML files against HuggingFace transformers.
+
+Each case builds a ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``GemmaForCausalLM`` offline from a
+small random config (eager attention), saves it with ``save_pretrained`` and imports it with
+``gpt2gen.from_hf(directory, model="models/<arch>.yaml")``: the config symbols and weights come through
+the YAML's ``huggingface`` mapping only. Cases cover multi-head, grouped-query and multi-query
+attention, odd head counts, ``head_dim`` != hidden_size / heads (and a config.json without ``head_dim``),
+sequences longer than Mistral's sliding window, and a padding token in the batch.
+
+Checked: logits and loss (rtol 1e-4 / 1e-5), every parameter gradient (atol 1e-4 x the tensor's largest
+|gradient|, rtol 1e-3: sums over B*T positions in another order), and the losses and weights over
+5 AdamW steps (loss rtol 1e-4; weights atol 1e-4 x largest |weight|, rtol 1e-3), as tests/test_model.py.
+Last, each model trains from its YAML file's own init (the loss falls) and a second run repeats the
+losses and weights bit for bit.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2gen
+from helpers import assert_close, scaled_atol
+
+transformers = pytest.importorskip("transformers")
+
+ARCHS = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+}
+
+# (arch, case): HF config fields, batch (B, T), and whether to drop head_dim from config.json
+CASES = {
+    ("llama2", "mha"): dict(hf=dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4), B=2, T=11, drop_head_dim=True),
+    ("llama2", "mqa-odd-heads"): dict(hf=dict(vocab_size=211, hidden_size=30, intermediate_size=44, num_hidden_layers=3,
+                                              num_attention_heads=3, num_key_value_heads=1, pad_token_id=5,
+                                              rope_theta=500.0), B=3, T=9),
+    ("llama2", "gqa-head-dim"): dict(hf=dict(vocab_size=64, hidden_size=24, intermediate_size=36, num_hidden_layers=1,
+                                             num_attention_heads=6, num_key_value_heads=2, head_dim=6,
+                                             rms_norm_eps=1e-5), B=2, T=16),
+    ("mistral", "window-4"): dict(hf=dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=4),
+                                  B=2, T=13),
+    ("mistral", "window-5-odd-heads"): dict(hf=dict(vocab_size=150, hidden_size=30, intermediate_size=40,
+                                                    num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1,
+                                                    head_dim=8, sliding_window=5, rope_theta=1e6), B=1, T=16),
+    ("mistral", "window-longer-than-T"): dict(hf=dict(vocab_size=61, hidden_size=16, intermediate_size=24,
+                                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                      sliding_window=16), B=3, T=9),
+    ("gemma", "mqa-head-dim"): dict(hf=dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=16), B=2, T=11),
+    ("gemma", "mha-odd-heads"): dict(hf=dict(vocab_size=150, hidden_size=30, intermediate_size=40, num_hidden_layers=3,
+                                             num_attention_heads=5, num_key_value_heads=5, head_dim=6), B=2, T=7),
+    ("gemma", "gqa"): dict(hf=dict(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                                   rope_theta=100.0), B=2, T=12),
+}
+IDS = [f"{a}-{c}" for a, c in CASES]
+
+
+def hf_and_ours(arch: str, case: str, directory):
+    """A random HF model for the case, saved to ``directory`` and imported through the YAML mapping."""
+    spec = CASES[(arch, case)]
+    cfg_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
+    torch.manual_seed(len(case))
+    kw = dict(max_position_embeddings=32, initializer_range=0.1) | spec["hf"]
+    hf = model_cls(cfg_cls(**kw, attn_implementation="eager")).eval()
+    with torch.no_grad():     # non-trivial norm weights (HF starts them at 1, Gemma's at 0)
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if arch == "gemma" else 1.0))
+    hf.save_pretrained(directory)
+    if spec.get("drop_head_dim"):     # older config.json files have no head_dim: the YAML's C / NH applies
+        path = directory / "config.json"
+        cfg = json.loads(path.read_text())
+        del cfg["head_dim"]
+        path.write_text(json.dumps(cfg))
+    ours = gpt2gen.from_hf(directory, model=f"models/{arch}.yaml", target="cpu", B=spec["B"], T=spec["T"])
+    return hf, ours
+
+
+def batch(hf, ours, seed=0):
+    B, T = ours.max_batch
+    V = hf.config.vocab_size
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, V, (B, T)).astype(np.int32)
+    targets = rng.integers(0, V, (B, T)).astype(np.int32)
+    if hf.config.pad_token_id is not None:    # the padding token's embedding row gets no gradient from lookups
+        idx[0, 1] = idx[-1, -2] = hf.config.pad_token_id
+    return idx, targets
+
+
+def hf_loss(hf, idx, targets):
+    logits = hf(torch.from_numpy(idx).long()).logits
+    V = logits.shape[-1]
+    return logits, torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.from_numpy(targets).long().reshape(-1))
+
+
+def hf_view(ours, tensors: dict, name: str) -> np.ndarray:
+    """HF's tensor for our parameter ``name`` (per-layer ones stacked over layers), in our orientation."""
+    hp = ours.spec.huggingface.parameters[name]
+    if "{layer}" in hp.name:
+        want = np.stack([tensors[hp.name.format(layer=l)] for l in range(int(ours.config["L"]))])
+    else:
+        want = tensors[hp.name]
+    return np.swapaxes(want, -1, -2) if hp.transpose else want
+
+
+def unpadded(got: np.ndarray, want: np.ndarray, what: str) -> np.ndarray:
+    """Our tensor cut to HF's shape; rows past HF's vocabulary (our padding) must be exactly 0."""
+    if got.shape == want.shape:
+        return got
+    assert got.shape[1:] == want.shape[1:] and got.shape[0] > want.shape[0], (what, got.shape, want.shape)
+    assert not got[want.shape[0]:].any(), f"{what}: the padded vocabulary rows must stay 0"
+    return got[:want.shape[0]]
+
+
+@pytest.mark.parametrize("arch,case", list(CASES), ids=IDS)
+def test_logits_loss_and_gradients_match_transformers(arch, case, tmp_path):
+    hf, ours = hf_and_ours(arch, case, tmp_path)
+    cfg = hf.config
+    assert (ours.config["V"], ours.config["C"], ours.config["L"]) == (cfg.vocab_size, cfg.hidden_size,
+                                                                      cfg.num_hidden_layers)
+    assert (ours.config["NH"], ours.config["NKV"], ours.config["HD"]) == (cfg.num_attention_heads,
+                                                                          cfg.num_key_value_heads, cfg.head_dim)
+    assert ours.config["theta"] == cfg.rope_parameters["rope_theta"] and ours.config["norm_eps"] == cfg.rms_norm_eps
+    idx, targets = batch(hf, ours)
+    logits, loss = hf_loss(hf, idx, targets)
+    loss.backward()
+    got = ours.forward(idx, targets)
+    want = logits.detach().numpy()
+    assert_close("logits vs transformers", ours.logits, want, rtol=1e-4, atol=scaled_atol(want, 1e-5))
+    assert_close("loss vs transformers", got, loss.item(), rtol=1e-5)
+    ours.zero_grad()
+    ours.backward()
+    grads = {k: v.grad.numpy() for k, v in hf.named_parameters()}
+    for name in ours.params:
+        want = hf_view(ours, grads, name)
+        got_g = unpadded(ours.grads[name], want, f"grad {name}")
+        assert_close(f"grad {name} vs transformers", got_g, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
+    if arch == "mistral":     # the window is in force: nothing outside it has weight
+        W, T = int(ours.config["window"]), idx.shape[1]
+        att = ours.acts["att"][:, :idx.shape[0], :, :T, :T]
+        t, t2 = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+        assert not att[..., (t2 <= t - W) | (t2 > t)].any()
+        assert (att[..., (t2 > t - W) & (t2 <= t)] > 0).all()
+
+
+@pytest.mark.parametrize("arch,case", [("llama2", "mqa-odd-heads"), ("mistral", "window-4"), ("gemma", "mqa-head-dim")],
+                         ids=["llama2", "mistral", "gemma"])
+def test_adamw_steps_match_transformers(arch, case, tmp_path):
+    hf, ours = hf_and_ours(arch, case, tmp_path)
+    idx, targets = batch(hf, ours, seed=3)
+    lr, betas, eps, wd, steps = 1e-2, (0.9, 0.95), 1e-8, 0.1, 5
+    # one AdamW group per decay setting, as the YAML marks each parameter
+    decay_of = {}
+    for name, hp in ours.spec.huggingface.parameters.items():
+        for l in range(int(ours.config["L"])) if "{layer}" in hp.name else [None]:
+            decay_of[hp.name.format(layer=l) if l is not None else hp.name] = ours.spec.tensors[name].decay
+    named = dict(hf.named_parameters())
+    assert set(named) == set(decay_of), "every HF parameter is mapped, and nothing else"
+    opt = torch.optim.AdamW([{"params": [p for n, p in named.items() if decay_of[n]], "weight_decay": wd},
+                             {"params": [p for n, p in named.items() if not decay_of[n]], "weight_decay": 0.0}],
+                            lr=lr, betas=betas, eps=eps)
+    ours_losses, hf_losses = [], []
+    for step in range(1, steps + 1):
+        ours_losses.append(ours.forward(idx, targets))
+        ours.zero_grad()
+        ours.backward()
+        ours.update(lr, betas[0], betas[1], eps, wd, step)
+        opt.zero_grad()
+        _, loss = hf_loss(hf, idx, targets)
+        loss.backward()
+        # Adam turns rounding noise into lr-sized steps where the true gradient is exactly 0: there is no
+        # such parameter in these bias-free models (padding rows are exactly 0 on both sides)
+        opt.step()
+        hf_losses.append(loss.item())
+    print(f"{arch} losses (gpt2gen):      ", np.round(ours_losses, 5))
+    print(f"{arch} losses (transformers): ", np.round(hf_losses, 5))
+    assert ours_losses[-1] < ours_losses[0] - 0.1, "training on one batch should drive the loss down"
+    assert_close("loss curve vs transformers", ours_losses, hf_losses, rtol=1e-4)
+    weights = {k: v.detach().numpy() for k, v in named.items()}
+    for name in ours.params:
+        want = hf_view(ours, weights, name)
+        got = unpadded(ours.params[name], want, f"weight {name}")
+        assert_close(f"weight {name} after {steps} AdamW steps", got, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_trains_from_its_yaml_and_repeats_exactly(arch):
+    """From the file's own init: the loss falls over AdamW steps, and a second run repeats it bit for bit."""
+    cfg = dict(V=120, L=2, C=32, NH=4, NKV=2, maxT=16, B=2, T=16) | ({"window": 5} if arch == "mistral" else {})
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, cfg["V"], (2, 16)).astype(np.int32)
+    targets = np.roll(idx, -1, axis=1)
+    runs = []
+    for _ in range(2):
+        model = gpt2gen.build(f"models/{arch}.yaml", seed=1, **cfg)
+        losses = []
+        for step in range(1, 16):
+            losses.append(model.forward(idx, targets))
+            model.zero_grad()
+            model.backward()
+            model.update(3e-3, 0.9, 0.95, 1e-8, 0.1, step)
+        runs.append((losses, model.arenas["params"].copy()))
+    print(f"{arch} losses:", np.round(runs[0][0], 4))
+    assert runs[0][0][-1] < runs[0][0][0] - 0.5
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1]), "training must be deterministic"
