@@ -298,6 +298,17 @@ def _build_model(args, say, resume_meta):
         say(f"model: loading llm.c weights from {src}")
         return ckpt.from_llmc(src, target=args.target, model=args.model, **batch, **overrides)
     cfg = {**PRESETS[args.preset], **overrides, **batch}
+    if "V" not in overrides:
+        # the token files hold GPT-2 token ids and samples are decoded with GPT-2's tokenizer: a model file
+        # with another vocabulary (Llama's 32000, Gemma's 256000) trains here with the tokenizer's
+        from .resources import find_model
+        from .spec import load as load_spec
+        from .tokenizer import N_VOCAB
+        file_v = int(load_spec(find_model(args.model)).resolve(cfg)["V"])
+        if file_v != N_VOCAB:
+            say(f"model: the data is GPT-2 tokenized, so V={N_VOCAB} instead of the model file's V={file_v} "
+                f"(--set V=... to choose)")
+            cfg["V"] = N_VOCAB
     return build(model=args.model, target=args.target, seed=args.seed, **cfg)
 
 

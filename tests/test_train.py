@@ -273,3 +273,18 @@ def test_init_from_llmc_on_the_command_line(tmp_path, real_tokens):
     assert np.array_equal(res.model.arenas["params"], m.arenas["params"])  # (a zero may turn -0.0)
     x, y = D.DataLoader(val, 2, 16).next_batch()
     assert res.val_losses[-1][1] == pytest.approx(m.forward(x, y), rel=1e-6)
+
+
+@needs_core
+@pytest.mark.parametrize("arch", ["llama2", "mistral", "gemma"])
+def test_trainer_runs_other_architectures(tmp_path, real_tokens, arch):
+    """--model models/<arch>.yaml trains on GPT-2-tokenized data (the vocabulary grows to GPT-2's)."""
+    train, val = real_tokens
+    sets = [x for k, v in {**TINY, "NKV": 1}.items() for x in ("--set", f"{k}={v}")]
+    res = TR.train(_args(tmp_path, train, val, "--model", f"models/{arch}.yaml", *sets, "--steps", "6", "-b", "2",
+                         "-t", "16", "--lr", "3e-3", "--warmup-steps", "1", "--val-every", "6", "--val-steps", "1",
+                         "--sample-tokens", "4"), quiet=True)
+    losses = [x for _, x in res.train_losses]
+    assert res.model.config["V"] == 50257 and res.model.spec.name == arch
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(res.samples) == 1
