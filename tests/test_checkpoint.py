@@ -279,18 +279,6 @@ def test_load_hf_errors(tmp_path):
 
 # ------------------------------------------------------------------------------ with the real compiler
 
-def _core():
-    try:
-        from gpt2gen import build  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_core = pytest.mark.skipif(not _core(), reason="compiler core (gpt2gen.build) not available")
-
-
-@needs_core
 def test_llmc_round_trip_real_model(tmp_path):
     import gpt2gen
     # the same shape as the trainer and HF tests, so one compiled extension serves all three
@@ -308,7 +296,6 @@ def test_llmc_round_trip_real_model(tmp_path):
         gpt2gen.from_llmc(tmp_path / "m_fp32.bin", C=64)
 
 
-@needs_core
 def test_from_hf_matches_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

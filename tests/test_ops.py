@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gpt2gen import ops as O
 from gpt2gen.builder import kernels_library
-from helpers import assert_close, scaled_atol
+from helpers import Fl, I, P, Z, assert_close, check_grad, f32, scaled_atol, start_grad
 
 torch.manual_seed(0)
 
@@ -24,36 +24,6 @@ torch.manual_seed(0)
 @pytest.fixture(scope="module")
 def lib():
     return ctypes.CDLL(str(kernels_library(sorted(O.OPS))))
-
-
-def P(a: np.ndarray | None):
-    return None if a is None else a.ctypes.data_as(ctypes.c_void_p)
-
-
-def I(v: int):  # noqa: E743
-    return ctypes.c_int(v)
-
-
-def Z(v: int):
-    return ctypes.c_size_t(v)
-
-
-def Fl(v: float):
-    return ctypes.c_float(v)
-
-
-def f32(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().numpy().astype(np.float32))
-
-
-def start_grad(shape, rng) -> np.ndarray:
-    """A gradient buffer that already holds something, to check that backward accumulates."""
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def check_grad(name, buf, start, ref_grad, rel=1e-5):
-    want = start.astype(np.float64) + ref_grad.detach().numpy().astype(np.float64)
-    assert_close(name, buf, want, rtol=1e-5, atol=scaled_atol(want, rel))
 
 
 SHAPES_BTC = [(1, 1, 1), (1, 1, 7), (2, 3, 13), (3, 5, 8), (2, 7, 33)]

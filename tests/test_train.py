@@ -189,17 +189,6 @@ def test_resume_rejects_other_batch(tmp_path, tokens, fake_build):
 TINY = dict(L=2, C=32, NH=2, maxT=16)  # B=2, T=16: the shape the checkpoint tests build too
 
 
-def _core():
-    try:
-        from gpt2gen import build  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-needs_core = pytest.mark.skipif(not _core(), reason="compiler core (gpt2gen.build) not available")
-
-
 @pytest.fixture
 def real_tokens(tmp_path):
     rng = np.random.default_rng(1)
@@ -208,7 +197,6 @@ def real_tokens(tmp_path):
     return (D.write_tokens(tmp_path / "rt.bin", seq[600:]), D.write_tokens(tmp_path / "rv.bin", seq[:600]))
 
 
-@needs_core
 def test_trainer_real_end_to_end_and_resume(tmp_path, real_tokens):
     train, val = real_tokens
     sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
@@ -259,7 +247,6 @@ def test_main_and_resume_errors(tmp_path, tokens, fake_build, capsys):
         TR.main([*base, "--total-batch-size", "100"])
 
 
-@needs_core
 def test_init_from_llmc_on_the_command_line(tmp_path, real_tokens):
     train, val = real_tokens
     m = gpt2gen.build(model="model.yaml", **TINY, B=2, T=16)
@@ -275,7 +262,6 @@ def test_init_from_llmc_on_the_command_line(tmp_path, real_tokens):
     assert res.val_losses[-1][1] == pytest.approx(m.forward(x, y), rel=1e-6)
 
 
-@needs_core
 @pytest.mark.parametrize("arch", ["llama2", "mistral", "gemma"])
 def test_trainer_runs_other_architectures(tmp_path, real_tokens, arch):
     """--model models/<arch>.yaml trains on GPT-2-tokenized data (the vocabulary grows to GPT-2's)."""
