@@ -46,7 +46,10 @@ def smooth(values: list[float], weight: float) -> list[float]:
 def plot_logs(logs: Sequence[str | Path], output: str | Path = "loss.png", *,
               smoothing: float = 0.0, title: str | None = None, logy: bool = False) -> Path:
     """Plot the loss curves of ``logs`` into the PNG ``output``; returns its path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'gpt2gen[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -94,7 +97,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     try:
         out = plot_logs(args.logs, args.output, smoothing=args.smooth, title=args.title,
                         logy=args.logy)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"gpt2gen: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
