@@ -161,71 +161,15 @@ GG_KERNEL void rmsnorm_backward(float* d_inp,        // (N,C) accumulated
 // ----------------------------------------------------------------------------
 // matmul: out[r,o] = bias[o] + sum_i inp[r,i] * weight[o,i]    (templates/c/ops/matmul.c.j2)
 
-#define GG_MM_TILE_BYTES (64 * 1024)   // weight rows kept hot while the rows of inp stream past
-#define GG_MM_KBLOCK 256               // reduction block of the backward products
+#define GG_MM_KBLOCK 256               // reduction block
+#define GG_MM_NBLOCK 256               // columns packed at a time: GG_MM_KBLOCK x GG_MM_NBLOCK floats
 
-// four dot products of length n: x0..x3 against w, and against w + ld, i.e. a 4x2 block
-static inline void mm_dot_4x2(const float* x0, size_t ldx, const float* w, size_t ldw, int n, float s[8]) {
-    const float *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx, *w1 = w + ldw;
-    float s00 = 0.0f, s01 = 0.0f, s10 = 0.0f, s11 = 0.0f, s20 = 0.0f, s21 = 0.0f, s30 = 0.0f, s31 = 0.0f;
-    #pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
-    for (int i = 0; i < n; i++) {
-        float a = w[i], b = w1[i];
-        s00 += x0[i] * a; s01 += x0[i] * b;
-        s10 += x1[i] * a; s11 += x1[i] * b;
-        s20 += x2[i] * a; s21 += x2[i] * b;
-        s30 += x3[i] * a; s31 += x3[i] * b;
-    }
-    s[0] = s00; s[1] = s01; s[2] = s10; s[3] = s11; s[4] = s20; s[5] = s21; s[6] = s30; s[7] = s31;
-}
-
-GG_KERNEL void matmul_forward(float* out,           // (N,OC)
-                              const float* inp,     // (N,C)
-                              const float* weight,  // (OC,C)
-                              const float* bias,    // (OC) or NULL
-                              int N, int C, int OC) {
-    int tile = (int)(GG_MM_TILE_BYTES / (sizeof(float) * (size_t)C)) & ~1;
-    if (tile < 2) tile = 2;
-    int n_tiles = (OC + tile - 1) / tile;
-    int n_rblocks = (N + 3) / 4;
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int ot = 0; ot < n_tiles; ot++) {
-        for (int rb = 0; rb < n_rblocks; rb++) {
-            int r0 = rb * 4;
-            int o_end = (ot + 1) * tile < OC ? (ot + 1) * tile : OC;
-            for (int o0 = ot * tile; o0 < o_end; o0 += 2) {
-                if (r0 + 4 <= N && o0 + 2 <= o_end) {
-                    float s[8];
-                    mm_dot_4x2(inp + (size_t)r0 * C, (size_t)C, weight + (size_t)o0 * C, (size_t)C, C, s);
-                    float b0 = bias ? bias[o0] : 0.0f, b1 = bias ? bias[o0 + 1] : 0.0f;
-                    for (int k = 0; k < 4; k++) {
-                        out[(size_t)(r0 + k) * OC + o0] = s[2 * k] + b0;
-                        out[(size_t)(r0 + k) * OC + o0 + 1] = s[2 * k + 1] + b1;
-                    }
-                } else {  // the ragged edge: one dot product at a time
-                    for (int r = r0; r < r0 + 4 && r < N; r++) {
-                        for (int o = o0; o < o0 + 2 && o < o_end; o++) {
-                            const float* x = inp + (size_t)r * C;
-                            const float* w = weight + (size_t)o * C;
-                            float s = 0.0f;
-                            #pragma omp simd reduction(+ : s)
-                            for (int i = 0; i < C; i++) s += x[i] * w[i];
-                            out[(size_t)r * OC + o] = s + (bias ? bias[o] : 0.0f);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-// acc[k][j] += sum_{q<nq} a[k*lda + q*sa] * b[q*ldb + j]   for k < 4, j < 16 (a 4x16 register block)
-static inline void mm_block_4x16(float acc[4][16], const float* a, size_t lda, size_t sa,
-                                 const float* b, size_t ldb, int nq) {
+// acc[k][j] = sum_{q<nq} a[q*4 + k] * b[q*16 + j]: a 4x16 block in registers from packed panels
+static inline void mm_kernel_4x16(float acc[4][16], const float* a, const float* b, int nq) {
+    memset(acc, 0, 4 * 16 * sizeof(float));
     for (int q = 0; q < nq; q++) {
-        const float* bq = b + (size_t)q * ldb;
-        float a0 = a[(size_t)q * sa], a1 = a[lda + (size_t)q * sa];
-        float a2 = a[2 * lda + (size_t)q * sa], a3 = a[3 * lda + (size_t)q * sa];
+        const float* bq = b + q * 16;
+        float a0 = a[q * 4], a1 = a[q * 4 + 1], a2 = a[q * 4 + 2], a3 = a[q * 4 + 3];
         #pragma omp simd
         for (int j = 0; j < 16; j++) {
             acc[0][j] += a0 * bq[j];
@@ -236,47 +180,69 @@ static inline void mm_block_4x16(float acc[4][16], const float* a, size_t lda, s
     }
 }
 
-// out[k][j] (+)= sum_q a[k][q] * b[q][j] for one 4-row, 16-column block, any edge sizes
-static void mm_block_edge(float* out, size_t ldo, int nk, int nj, const float* a, size_t lda, size_t sa,
-                          const float* b, size_t ldb, int nq) {
-    for (int k = 0; k < nk; k++) {
-        for (int j = 0; j < nj; j++) {
-            float s = 0.0f;
-            for (int q = 0; q < nq; q++) s += a[k * lda + (size_t)q * sa] * b[(size_t)q * ldb + j];
-            out[k * ldo + j] += s;
-        }
-    }
-}
-
-// out (rows x cols, leading dim ldo) += A (rows x K) . Bm (K x cols), where A[k][q] = a[k*lda + q*sa];
-// rows are split 4 at a time between threads, K is walked in cache-sized blocks.
-static void mm_accumulate(float* out, size_t ldo, int rows, int cols, const float* a, size_t lda, size_t sa,
-                          const float* b, size_t ldb, int K) {
+// out (rows x cols, row stride ldo) += A . Bm, a (rows x K) by (K x cols) product where
+//   A[r][q] = a[r*ar + q*aq]  and  Bm[q][c] = b[q*bq + c*bc],
+// so that any operand may be read transposed. Threads split the rows four at a time, the same rows
+// in every block, and each output element adds its K-blocks in order.
+static void mm_gemm(float* out, size_t ldo, int rows, int cols, const float* a, size_t ar, size_t aq,
+                    const float* b, size_t bq, size_t bc, int K) {
+    float* bpack = (float*)malloc(sizeof(float) * GG_MM_KBLOCK * GG_MM_NBLOCK);
     int n_rblocks = (rows + 3) / 4;
-    #pragma omp parallel for schedule(static)
-    for (int rb = 0; rb < n_rblocks; rb++) {
-        int r0 = rb * 4, nk = rows - r0 < 4 ? rows - r0 : 4;
+    #pragma omp parallel
+    {
+        float apack[GG_MM_KBLOCK * 4];
         for (int q0 = 0; q0 < K; q0 += GG_MM_KBLOCK) {
             int nq = K - q0 < GG_MM_KBLOCK ? K - q0 : GG_MM_KBLOCK;
-            const float* ab = a + (size_t)r0 * lda + (size_t)q0 * sa;
-            const float* bb = b + (size_t)q0 * ldb;
-            for (int j0 = 0; j0 < cols; j0 += 16) {
-                int nj = cols - j0 < 16 ? cols - j0 : 16;
-                float* o = out + (size_t)r0 * ldo + j0;
-                if (nk == 4 && nj == 16) {
-                    float acc[4][16];
-                    memset(acc, 0, sizeof acc);
-                    mm_block_4x16(acc, ab, lda, sa, bb + j0, ldb, nq);
-                    for (int k = 0; k < 4; k++) {
-                        #pragma omp simd
-                        for (int j = 0; j < 16; j++) o[k * ldo + j] += acc[k][j];
+            for (int c0 = 0; c0 < cols; c0 += GG_MM_NBLOCK) {
+                int nc = cols - c0 < GG_MM_NBLOCK ? cols - c0 : GG_MM_NBLOCK;
+                int n_panels = (nc + 15) / 16;
+                // pack Bm[q0:q0+nq, c0:c0+nc] as panels of 16 columns: panel p holds [q][j] at p*nq*16 + q*16 + j
+                #pragma omp for schedule(static)
+                for (int pnl = 0; pnl < n_panels; pnl++) {
+                    float* dst = bpack + (size_t)pnl * nq * 16;
+                    for (int q = 0; q < nq; q++) {
+                        for (int j = 0; j < 16; j++) {
+                            int c = pnl * 16 + j;
+                            dst[q * 16 + j] = c < nc ? b[(size_t)(q0 + q) * bq + (size_t)(c0 + c) * bc] : 0.0f;
+                        }
                     }
-                } else {
-                    mm_block_edge(o, ldo, nk, nj, ab, lda, sa, bb + j0, ldb, nq);
-                }
+                }  // (implicit barrier: every panel is packed before any thread reads one)
+                #pragma omp for schedule(static)
+                for (int rb = 0; rb < n_rblocks; rb++) {
+                    int r0 = rb * 4, nr = rows - r0 < 4 ? rows - r0 : 4;
+                    for (int q = 0; q < nq; q++) {  // pack A[r0:r0+4, q0:q0+nq] as [q][k]
+                        for (int k = 0; k < 4; k++) {
+                            apack[q * 4 + k] = k < nr ? a[(size_t)(r0 + k) * ar + (size_t)(q0 + q) * aq] : 0.0f;
+                        }
+                    }
+                    for (int pnl = 0; pnl < n_panels; pnl++) {
+                        float acc[4][16];
+                        mm_kernel_4x16(acc, apack, bpack + (size_t)pnl * nq * 16, nq);
+                        int cj = c0 + pnl * 16, nj = cols - cj < 16 ? cols - cj : 16;
+                        for (int k = 0; k < nr; k++) {
+                            float* o = out + (size_t)(r0 + k) * ldo + cj;
+                            for (int j = 0; j < nj; j++) o[j] += acc[k][j];
+                        }
+                    }
+                }  // (implicit barrier: the panels are not repacked while a thread still reads them)
             }
         }
     }
+    free(bpack);
+}
+
+GG_KERNEL void matmul_forward(float* out,           // (N,OC)
+                              const float* inp,     // (N,C)
+                              const float* weight,  // (OC,C)
+                              const float* bias,    // (OC) or NULL
+                              int N, int C, int OC) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float* o = out + (size_t)r * OC;
+        for (int j = 0; j < OC; j++) o[j] = bias ? bias[j] : 0.0f;
+    }
+    // out (N,OC) += inp (N,C) . weight^T (C,OC)
+    mm_gemm(out, (size_t)OC, N, OC, inp, (size_t)C, 1, weight, 1, (size_t)C, C);
 }
 
 GG_KERNEL void matmul_backward(float* d_inp,          // (N,C) accumulated
@@ -287,10 +253,10 @@ GG_KERNEL void matmul_backward(float* d_inp,          // (N,C) accumulated
                                const float* weight,   // (OC,C)
                                int N, int C, int OC) {
     if (d_inp) {     // d_inp (N,C) += d_out (N,OC) . weight (OC,C)
-        mm_accumulate(d_inp, (size_t)C, N, C, d_out, (size_t)OC, 1, weight, (size_t)C, OC);
+        mm_gemm(d_inp, (size_t)C, N, C, d_out, (size_t)OC, 1, weight, (size_t)C, 1, OC);
     }
     if (d_weight) {  // d_weight (OC,C) += d_out^T (OC,N) . inp (N,C)
-        mm_accumulate(d_weight, (size_t)C, OC, C, d_out, 1, (size_t)OC, inp, (size_t)C, N);
+        mm_gemm(d_weight, (size_t)C, OC, C, d_out, 1, (size_t)OC, inp, (size_t)C, 1, N);
     }
     if (d_bias) {    // d_bias[o] += sum_r d_out[r,o], each thread a range of o, rows in order
         #pragma omp parallel for schedule(static)
