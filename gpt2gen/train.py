@@ -179,7 +179,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
                    help="serve training windows in a shuffled order (per-epoch permutation)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("-n", "--steps", type=int, default=200, help="optimiser steps")
+    g.add_argument("-n", "--steps", type=int, default=400, help="optimiser steps")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps")
     g.add_argument("--lr-final-frac", type=float, default=0.1,
