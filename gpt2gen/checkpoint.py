@@ -187,6 +187,11 @@ def _check_llmc_params(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_llmc_compatible(model) -> None:
+    """Raise :class:`CheckpointError` unless :func:`save_llmc` can write ``model`` (llm.c's GPT-2 tensors)."""
+    _check_llmc_params(model)
+
+
 def save_llmc(model, path: str | os.PathLike, dtype: str = "fp32") -> Path:
     """Write ``model``'s parameters as an llm.c model file (``dtype`` "fp32" or "bf16"), atomically."""
     if dtype not in ("fp32", "bf16"):
@@ -328,9 +333,11 @@ def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml
     """Import a HuggingFace checkpoint directory through the model YAML's ``huggingface`` mapping.
 
     Reads ``config.json``, turns the mapped keys into build overrides (explicit ``overrides`` win),
-    builds the model and copies every mapped tensor in (transposing where the mapping says so; a
-    tensor with fewer rows than ours, i.e. an unpadded vocabulary, fills the leading rows and the
-    rest are zeroed). Unmapped HF tensors are ignored; a mapped one that is missing is an error.
+    builds the model and copies every mapped tensor in (the first of its ``a | b`` alternative names
+    that the checkpoint holds; transposed where the mapping says so). A tensor the mapping marks
+    ``pad_rows`` (an unpadded vocabulary) may have fewer rows than ours: it fills the leading rows
+    and the rest are zeroed; any other shape difference is an error naming the tensor, both shapes
+    and the file. Unmapped HF tensors are ignored; a mapped one that is missing is an error.
     """
     from . import build
 
@@ -382,30 +389,47 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
                               "model file")
     for ours, hp in mapping.parameters.items():
         dst = m.params[ours]
-        if "{layer}" in hp.name:
-            targets = [(hp.name.format(layer=i), dst[i]) for i in range(dst.shape[0])]
-        else:
-            targets = [(hp.name, dst)]
-        for hf_name, view in targets:
-            if hf_name not in tensors:
-                raise CheckpointError(f"{directory}: tensor {hf_name!r} (for {ours}) is missing from "
+        per_layer = "{layer}" in hp.name
+        layers = range(dst.shape[0]) if per_layer else [None]
+        for layer in layers:
+            view = dst[layer] if per_layer else dst
+            candidates = _hf_names(hp, layer)
+            hf_name = next((n for n in candidates if n in tensors), None)
+            if hf_name is None:
+                tried = " or ".join(repr(n) for n in candidates)
+                raise CheckpointError(f"{directory}: tensor {tried} (for {ours}) is missing from "
                                       f"{', '.join(str(f.name) for f in tensors.files)}")
             t = tensors.get(hf_name)
+            where = tensors.file_of(hf_name)
             if hp.transpose:
                 if t.ndim != 2:
-                    raise CheckpointError(f"{tensors.file_of(hf_name)}: {hf_name} has shape "
+                    raise CheckpointError(f"{where}: {hf_name} has shape "
                                           f"{t.shape}; only 2-D tensors can be transposed")
                 t = t.T
             if t.shape == view.shape:
                 view[...] = t
-            elif (t.ndim == view.ndim and t.ndim >= 1 and t.shape[0] < view.shape[0]
-                  and t.shape[1:] == view.shape[1:]):
+                continue
+            fewer_rows = (t.ndim == view.ndim and t.ndim >= 1 and t.shape[0] < view.shape[0]
+                          and t.shape[1:] == view.shape[1:])
+            if fewer_rows and getattr(hp, "pad_rows", False):
                 view[:t.shape[0]] = t
                 view[t.shape[0]:] = 0.0
-            else:
-                raise CheckpointError(f"{tensors.file_of(hf_name)}: tensor {hf_name} has shape "
-                                      f"{tuple(t.shape)}{' after transposing' if hp.transpose else ''}"
-                                      f", but {ours} needs {tuple(view.shape)}")
+                continue
+            hint = ""
+            if fewer_rows:
+                hint = (f" (it has fewer rows, and the model file does not mark {ours} `pad_rows: true`: "
+                        "was a size such as maxT or V overridden larger than the checkpoint's?)")
+            raise CheckpointError(f"{where}: tensor {hf_name} has shape "
+                                  f"{tuple(t.shape)}{' after transposing' if hp.transpose else ''}"
+                                  f", but {ours} needs {tuple(view.shape)}{hint}")
+
+
+def _hf_names(hp, layer: int | None) -> list[str]:
+    """Candidate HF names of a mapping entry (alternatives in order); works for any HFParam-like object."""
+    if hasattr(hp, "names"):
+        return hp.names(layer)
+    names = [n.strip() for n in hp.name.split("|") if n.strip()]
+    return [n.format(layer=layer) for n in names] if layer is not None else names
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,13 +505,35 @@ def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def _read_state_arrays(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as sf:
+            arrays = {k: sf.get_tensor(k) for k in STATE_ARENAS}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt): {e}") from None
+    if _arena_digest(arrays) != meta["sha256"]:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupt")
+    return arrays
+
+
+def verify_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Fully validate a training state file (format, metadata, tensors, checksum); returns its metadata.
+
+    Needs no model: :func:`load_state` repeats the checks and also compares the model's shape.
+    """
+    path = Path(path)
+    meta = read_state_metadata(path)
+    _read_state_arrays(path, meta)
+    return meta
+
+
 def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     """Load a training state into ``model`` (params and AdamW moments); returns its metadata.
 
     The file is fully validated (format, checksum, config, sizes) before the model is touched.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     meta = read_state_metadata(path)
     cfg = _plain_config(model)
@@ -497,13 +543,7 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
         detail = ", ".join(f"{k}={a} in the file but {b} in the model"
                            for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"{path}: model shape mismatch: {detail}")
-    try:
-        with safe_open(str(path), framework="np") as sf:
-            arrays = {k: sf.get_tensor(k) for k in STATE_ARENAS}
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt): {e}") from None
-    if _arena_digest(arrays) != meta["sha256"]:
-        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupt")
+    arrays = _read_state_arrays(path, meta)
     for k in STATE_ARENAS:
         if arrays[k].shape != model.arenas[k].shape:
             raise CheckpointError(f"{path}: arena {k} has {arrays[k].size} floats, the model "

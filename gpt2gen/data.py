@@ -45,12 +45,21 @@ class DataFormatError(ValueError):
 # --------------------------------------------------------------------------------------------
 # token files
 
+def _check_integer_ids(arr: np.ndarray, what: str) -> None:
+    """Token ids must be an integer array (not float, bool or object: no silent truncation)."""
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be an integer array, got dtype {arr.dtype}")
+
+
 def write_tokens(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> Path:
     """Write ``tokens`` as an llm.c token file (atomically: temp file + rename)."""
     path = Path(path)
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        arr = arr.astype(np.int64)   # [] is float64 to numpy
+    _check_integer_ids(arr, "tokens")
     if arr.size and (arr.min() < 0 or arr.max() > 65535):
         raise ValueError(f"tokens must lie in [0, 65535] to fit uint16; got range "
                          f"[{arr.min()}, {arr.max()}]")
@@ -140,6 +149,12 @@ class DataLoader:
             self.tokens = np.asarray(source)
             if self.tokens.ndim != 1:
                 raise ValueError("token source must be one-dimensional")
+            if self.tokens.size:
+                _check_integer_ids(self.tokens, "token source")
+                if int(self.tokens.min()) < 0:
+                    pos = int(np.argmax(self.tokens < 0))
+                    raise DataFormatError(f"negative token id {int(self.tokens.min())} (first at "
+                                          f"position {pos}) in the token source")
             if vocab_size is not None and self.tokens.size and int(self.tokens.max()) >= vocab_size:
                 raise DataFormatError(f"token {int(self.tokens.max())} out of range for a "
                                       f"vocabulary of {vocab_size}")
@@ -235,9 +250,15 @@ def tokenize_documents(docs: Iterable[str], tokenizer=None) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
+def _check_val_tokens(val_tokens) -> None:
+    if isinstance(val_tokens, bool) or not isinstance(val_tokens, (int, np.integer)) or val_tokens <= 0:
+        raise ValueError(f"--val-tokens must be a positive number of tokens, got {val_tokens!r}")
+
+
 def write_split(tokens: np.ndarray, out_dir: Path, name: str, val_tokens: int = VAL_TOKENS
                 ) -> tuple[Path, Path]:
     """Write the first ``val_tokens`` tokens as ``{name}_val.bin`` and the rest as ``{name}_train.bin``."""
+    _check_val_tokens(val_tokens)
     if len(tokens) <= val_tokens:
         raise ValueError(f"only {len(tokens)} tokens: not enough for {val_tokens} validation tokens "
                          "plus training data (lower --val-tokens)")
@@ -358,6 +379,7 @@ def prepro_text(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike |
     paths = [Path(f) for f in files]
     if not paths:
         raise ValueError("no input files given")
+    _check_val_tokens(val_tokens)
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"no such text file: {p}")
@@ -384,11 +406,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
+    return n
+
+
 def _cli_errors(fn):
     def run(args: argparse.Namespace) -> int:
         try:
             fn(args)
-        except (DataFormatError, ValueError, FileNotFoundError, RuntimeError) as e:
+        except (DataFormatError, ValueError, OSError, RuntimeError) as e:
             print(f"gpt2gen: error: {e}", file=sys.stderr)
             return 1
         return 0
@@ -422,7 +454,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     tx.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
     tx.add_argument("--out-dir", default=None, help="output directory (default: data/NAME)")
     tx.add_argument("--name", default=None, help="file prefix (default: first file's stem)")
-    tx.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
+    tx.add_argument("--val-tokens", type=_positive_int, default=VAL_TOKENS,
                     help="leading tokens that form the validation split")
     tx.set_defaults(func=_cmd_text)
     return p

@@ -150,8 +150,15 @@ class Repeat:
 
 @dataclass
 class HFParam:
-    name: str
-    transpose: bool = False
+    name: str                      # HF tensor name ({layer} = layer index); "a | b" also lists alternatives
+    transpose: bool = False        # HF stores it [in, out] (Conv1D): transpose on import
+    pad_rows: bool = False         # HF may have fewer rows (an unpadded vocabulary): the rest are zeroed
+    alternatives: tuple[str, ...] = ()   # further names, tried in order after `name`
+
+    def names(self, layer: int | None = None) -> list[str]:
+        """The candidate HF tensor names, in the order they are tried (``{layer}`` filled in)."""
+        out = [n.strip() for n in self.name.split("|") if n.strip()] + [a.strip() for a in self.alternatives]
+        return [n.format(layer=layer) if layer is not None else n for n in out]
 
 
 @dataclass
@@ -538,12 +545,21 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
         if k not in tensors or tensors[k].kind != "param":
             raise SpecError(f"huggingface.parameters maps `{k}`, which is not a parameter", path, ln)
         if isinstance(v, str):
-            out_params[k] = HFParam(v)
+            raw_name, transpose, pad_rows = v, False, False
         elif isinstance(v, dict) and isinstance(v.get("name"), str):
-            _only_keys(v, {"name", "transpose"}, path, f"huggingface.parameters `{k}`")
-            out_params[k] = HFParam(v["name"], bool(v.get("transpose", False)))
+            _only_keys(v, {"name", "transpose", "pad_rows"}, path, f"huggingface.parameters `{k}`")
+            for flag in ("transpose", "pad_rows"):
+                if not isinstance(v.get(flag, False), bool):
+                    raise SpecError(f"huggingface.parameters `{k}`: `{flag}` must be true or false", path, ln)
+            raw_name, transpose, pad_rows = v["name"], v.get("transpose", False), v.get("pad_rows", False)
         else:
-            raise SpecError(f"huggingface.parameters `{k}` must be a tensor name or {{name, transpose}}", path, ln)
-        if tensors[k].per_layer and "{layer}" not in out_params[k].name:
-            raise SpecError(f"`{k}` is per-layer, so its HF name needs `{{layer}}`", path, ln)
+            raise SpecError(f"huggingface.parameters `{k}` must be a tensor name or "
+                            f"{{name, transpose, pad_rows}}", path, ln)
+        names = [n.strip() for n in raw_name.split("|")]
+        if not all(names):
+            raise SpecError(f"huggingface.parameters `{k}`: empty tensor name in {raw_name!r}", path, ln)
+        if tensors[k].per_layer and not all("{layer}" in n for n in names):
+            raise SpecError(f"`{k}` is per-layer, so its HF name needs `{{layer}}`"
+                            + (" in every alternative" if len(names) > 1 else ""), path, ln)
+        out_params[k] = HFParam(names[0], transpose, pad_rows, tuple(names[1:]))
     return HFMapping(out_cfg, out_params)

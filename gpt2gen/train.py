@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=2,
                    help="how many recent training states to keep (0 = all)")
     g.add_argument("--resume", metavar="PATH", default=None,
-                   help="resume from a training state file, or the newest valid one in a directory")
+                   help="resume from a training state file, or the newest valid one in a directory; "
+                        "options not given again are taken from the saved run")
     g.add_argument("--stop-after", type=int, default=0, metavar="STEP",
                    help="stop (saving state) after this step as if interrupted; the schedule still "
                         "follows --steps (0 = run to the end)")
@@ -222,6 +225,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bar (print a line per validation instead)")
 
 
+# Training settings a state file records; a resumed run takes these from the state unless given
+# explicitly on its command line (an explicit value that differs is used, with a warning).
+HPARAMS = ("model", "target", "train_data", "val_data", "batch_size", "seq_len", "total_batch_size",
+           "shuffle", "steps", "lr", "warmup_steps", "lr_final_frac", "weight_decay", "beta1", "beta2",
+           "eps", "grad_clip", "seed", "val_every", "val_steps", "sample_every", "sample_tokens",
+           "temperature", "top_k", "prompt", "checkpoint_every", "keep_checkpoints")
+EXPLICIT = "_explicit"   # Namespace attribute: the dests given on the command line
+_TRACKED: dict[type, type] = {}
+
+
+def _tracked(base: type) -> type:
+    """A subclass of the argparse action class ``base`` that records its dest in ``EXPLICIT`` when used."""
+    if base not in _TRACKED:
+        def __call__(self, parser, namespace, values, option_string=None):
+            setattr(namespace, EXPLICIT, frozenset(getattr(namespace, EXPLICIT, frozenset())) | {self.dest})
+            base.__call__(self, parser, namespace, values, option_string)
+        _TRACKED[base] = type(f"Explicit{base.__name__}", (base,), {"__call__": __call__})
+    return _TRACKED[base]
+
+
+def _track_explicit(p: argparse.ArgumentParser) -> None:
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            action.__class__ = _tracked(type(action))
+    p.set_defaults(**{EXPLICIT: frozenset()})
+
+
+def explicit_options(args: argparse.Namespace) -> set[str]:
+    """The options given on the command line (for a Namespace made by hand: those that differ from the defaults)."""
+    if hasattr(args, EXPLICIT):
+        return set(getattr(args, EXPLICIT))
+    defaults = vars(build_parser().parse_args([]))
+    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+
+
 DESCRIPTION = ("Train a model from its YAML file on tokenized text. With no arguments: prepare tiny "
                "Shakespeare if needed and train a small GPT-2 for a few minutes (the demo).")
 
@@ -230,6 +268,7 @@ def build_parser(prog: str = "python -m gpt2gen.train") -> argparse.ArgumentPars
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 formatter_class=HelpFormatter)
     add_arguments(p)
+    _track_explicit(p)
     return p
 
 
@@ -239,6 +278,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION,
                               formatter_class=HelpFormatter)
     add_arguments(p)
+    _track_explicit(p)
     p.set_defaults(func=_cmd_train)
     return p
 
@@ -257,7 +297,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train(args)
     except KeyboardInterrupt:
         return 130
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ckpt.CheckpointError, ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        # CheckpointError and DataFormatError are ValueErrors; OSError covers a full disk, permissions
         print(f"gpt2gen: error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -266,18 +307,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # the trainer
 
-def _latest_state(path: Path) -> Path:
+def _state_step(path: Path) -> int:
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _find_state(path: Path, warn) -> tuple[Path, dict]:
+    """The state to resume from and its metadata: ``path`` itself, or the newest fully valid state in it.
+
+    Candidates in a directory are tried newest first with full validation (metadata and checksum);
+    each one skipped is reported through ``warn`` with the reason.
+    """
     if path.is_file():
-        return path
+        return path, ckpt.verify_state(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--resume: {path} is neither a training state file nor a directory")
-    for cand in sorted(path.glob("state_*.safetensors"), reverse=True):
+    cands = sorted(path.glob("state_*.safetensors"), key=lambda c: (_state_step(c), c.name), reverse=True)
+    for cand in cands:
         try:
-            ckpt.read_state_metadata(cand)
-            return cand
-        except ckpt.CheckpointError as e:
-            print(f"warning: skipping unreadable training state {cand}: {e}", file=sys.stderr)
-    raise FileNotFoundError(f"--resume: no valid state_*.safetensors in {path}")
+            return cand, ckpt.verify_state(cand)
+        except (ckpt.CheckpointError, OSError) as e:
+            warn(f"skipping training state {cand}: {e}; trying an older one")
+    if cands:
+        raise ckpt.CheckpointError(f"--resume: none of the {len(cands)} training states in {path} is usable")
+    raise FileNotFoundError(f"--resume: no state_*.safetensors in {path}")
+
+
+def _apply_saved_settings(args: argparse.Namespace, saved: dict, warn) -> None:
+    """Take the resumed run's settings for everything not given explicitly; warn where an explicit one differs."""
+    explicit = explicit_options(args)
+    for k in HPARAMS:
+        if k not in saved:
+            continue
+        if k not in explicit:
+            setattr(args, k, saved[k])
+        elif getattr(args, k) != saved[k]:
+            note = ": the learning-rate schedule changes" if k in ("steps", "lr", "warmup_steps", "lr_final_frac") else ""
+            warn(f"--{k.replace('_', '-')} is {getattr(args, k)!r}, the resumed run used {saved[k]!r}; "
+                 f"using {getattr(args, k)!r}{note}")
 
 
 def _build_model(args, say, resume_meta):
@@ -331,11 +400,16 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
 
     t_start = time.time()
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: tqdm.write(" ".join(map(str, a))))
-    grad_accum = _check_args(args)
 
-    resume_path = _latest_state(Path(args.resume)) if args.resume else None
-    resume_meta = ckpt.read_state_metadata(resume_path) if resume_path else None
+    def warn(msg: str) -> None:
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+    args = argparse.Namespace(**vars(args))   # resumed settings are filled in below: leave the caller's alone
+    resume_path, resume_meta = _find_state(Path(args.resume), warn) if args.resume else (None, None)
     prev = (resume_meta or {}).get("extra", {})
+    if resume_meta is not None:
+        _apply_saved_settings(args, prev.get("hparams", {}), warn)
+    grad_accum = _check_args(args)
     run_name = args.run_name or prev.get("run_name") or time.strftime("train-%Y%m%d-%H%M%S")
     log_path = Path(args.log) if args.log else (Path(prev["log"]) if prev.get("log")
                                                 else Path("log") / f"{run_name}.jsonl")
@@ -364,9 +438,15 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         loader.load_state_dict(meta["data"]["train"])
         rng.bit_generator.state = meta["rng"]["sample"]
         say(f"resumed from {resume_path} at step {start}")
-        if prev.get("steps") not in (None, args.steps):
-            say(f"warning: the resumed run was planned for {prev['steps']} steps, this one for "
-                f"{args.steps}: the learning-rate schedule changes")
+        if "hparams" not in prev and prev.get("steps") not in (None, args.steps):
+            warn(f"the resumed run was planned for {prev['steps']} steps, this one for "
+                 f"{args.steps}: the learning-rate schedule changes")
+    if args.export_llmc:   # fail now, not after training, when the weights cannot be exported
+        try:
+            ckpt.check_llmc_compatible(model)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--export-llmc: this model cannot be written as an llm.c "
+                                       f"model file: {e}") from None
     n_params = sum(int(p.size) for p in model.params.values())
     say(f"model: {n_params / 1e6:.2f}M parameters ("
         + ", ".join(f"{k}={model.config[k]}" for k in ("L", "NH", "C", "V", "maxT") if k in model.config)
@@ -378,7 +458,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
     log = JsonlLog(log_path)
     log.write(type="config", run=run_name, start_step=start, argv=sys.argv[1:],
               args={k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                    for k, v in vars(args).items() if k != "func"},
+                    for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
               config={k: (int(v) if float(v).is_integer() else float(v))
                       for k, v in model.config.items()}, n_params=n_params,
               grad_accum=grad_accum)
@@ -407,25 +487,72 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         log.write(type="sample", step=step, text=text)
         say(f"---- sample at step {step} ----\n{args.prompt}{text}\n" + "-" * 30)
 
-    def save(step: int) -> None:
+    def save(step: int, data_state: dict | None = None, rng_state: dict | None = None,
+             post_done: bool = True) -> None:
+        """Save the state at ``step``: the model's arenas as they are now, with the given (default:
+        current) loader and sampler states. ``post_done=False``: the step's update is applied but
+        its validation/sample/checkpoint are not, and a resume does them first."""
         path = ckpt_dir / f"state_{step:06d}.safetensors"
-        ckpt.save_state(path, model, step=step, data={"train": loader.state_dict()},
-                        rng={"sample": rng.bit_generator.state},
-                        extra={"run_name": run_name, "log": str(log_path),
-                               "checkpoint_dir": str(ckpt_dir), "steps": args.steps})
+        extra = {"run_name": run_name, "log": str(log_path), "checkpoint_dir": str(ckpt_dir),
+                 "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}}
+        if not post_done:
+            extra["post_step_pending"] = True
+        ckpt.save_state(path, model, step=step,
+                        data={"train": data_state if data_state is not None else loader.state_dict()},
+                        rng={"sample": rng_state if rng_state is not None else rng.bit_generator.state},
+                        extra=extra)
         result.checkpoints.append(path)
         log.write(type="checkpoint", step=step, path=str(path))
         if args.keep_checkpoints > 0:
             for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
                 old.unlink(missing_ok=True)
 
-    if start == 0:
-        run_val(0)
+    def post_step(step: int, *, checkpoint: bool = True) -> None:
+        """What follows a step's update: validation, a sample, a periodic checkpoint (the final
+        validation and sample after the last step)."""
+        final = step == args.steps
+        if (args.val_every > 0 and step % args.val_every == 0) or final:
+            run_val(step)
+        if (args.sample_every > 0 and step % args.sample_every == 0 and not final) or \
+                (final and args.sample_tokens > 0):
+            run_sample(step)
+        if checkpoint and args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step != stop:
+            save(step)
+
+    # Exact resume after Ctrl-C: the first Ctrl-C only sets a flag, checked between steps, so the
+    # current step (with its validation, sample and checkpoint) completes and its state is saved. A
+    # KeyboardInterrupt that still lands mid-step (a second Ctrl-C) saves the last state known to be
+    # consistent: `snap` after the last completed step, or -- once a step's update has been applied
+    # -- `pending`, that step with its post-step work marked as still to do.
+    interrupt = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if interrupt["requested"]:
+            raise KeyboardInterrupt
+        interrupt["requested"] = True
+        tqdm.write("interrupt: finishing the current step, then saving and stopping "
+                   "(Ctrl-C again to stop at once)", file=sys.stderr)
+
+    old_handler = None
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
     bar = tqdm(total=stop, initial=start, disable=quiet or not args.progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     step = start
+    snap: dict[str, Any] = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
+    pending: dict[str, Any] | None = None
     try:
+        if start == 0:
+            run_val(0)
+        elif prev.get("post_step_pending"):
+            pending = dict(snap)
+            post_step(start, checkpoint=False)
+            pending = None
+            snap = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
         for step in range(start + 1, stop + 1):
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
             t0 = time.perf_counter()
             lr = lr_at(step, lr=args.lr, warmup=args.warmup_steps, steps=args.steps,
                        final_frac=args.lr_final_frac)
@@ -440,8 +567,10 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
             scale = 1.0 / grad_accum
             if args.grad_clip > 0 and norm > args.grad_clip:
                 scale *= args.grad_clip / norm
+            data_after = loader.state_dict()
             model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
                          grad_scale=scale)
+            pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {step}")
@@ -452,24 +581,24 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
             bar.update(1)
             bar.set_postfix_str(f"loss {loss:.4f} | {dt * 1e3:.0f} ms/step | "
                                 f"{tokens_per_step / dt:,.0f} tok/s", refresh=False)
-            if args.val_every > 0 and step % args.val_every == 0 and step != args.steps:
-                run_val(step)
-            if args.sample_every > 0 and step % args.sample_every == 0 and step != args.steps:
-                run_sample(step)
-            if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step != stop:
-                save(step)
+            post_step(step)
+            snap = {"step": step, "data": loader.state_dict(), "rng": rng.bit_generator.state}
+            pending = None
     except KeyboardInterrupt:
         bar.close()
-        if save_states and result.step > start:
-            save(result.step)
-            say(f"interrupted: saved the state at step {result.step} in {ckpt_dir}")
+        if save_states:
+            if pending is not None and pending["step"] > start:
+                save(pending["step"], pending["data"], pending["rng"], post_done=False)
+                say(f"interrupted: saved the state at step {pending['step']} in {ckpt_dir}")
+            elif snap["step"] > start:
+                save(snap["step"], snap["data"], snap["rng"])
+                say(f"interrupted: saved the state at step {snap['step']} in {ckpt_dir}")
         log.close()
         raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     bar.close()
-    if result.step == args.steps:
-        run_val(args.steps)
-        if args.sample_tokens > 0:
-            run_sample(args.steps)
     if (save_states and result.step > start) or args.stop_after:
         save(result.step)
     if args.export_llmc:

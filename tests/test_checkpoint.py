@@ -27,6 +27,15 @@ class FakeGPT2:
             off += k
 
 
+class _FakeWithSpec(FakeGPT2):
+    """A FakeGPT2 shaped like a real model (C, L, V from it) carrying its spec's HF mapping."""
+
+    def __init__(self, real, **kw):
+        cfg = {k: int(real.config[k]) for k in ("V", "Vp", "maxT", "L", "NH", "C")}
+        super().__init__(**{**cfg, **kw})
+        self.spec = real.spec
+
+
 def _llmc_reference_writer(path, hdr, tensors, version=3):
     """An independent writer of llm.c's layout (header of 256 int32, tensors in order)."""
     with open(path, "wb") as fh:
@@ -197,7 +206,7 @@ def test_state_errors(tmp_path):
 
 # ------------------------------------------------------------------------------ HuggingFace import
 
-def _gpt2_mapping():
+def _gpt2_mapping(prefix="transformer."):
     from types import SimpleNamespace
 
     from gpt2gen.spec import HFParam
@@ -206,17 +215,17 @@ def _gpt2_mapping():
                  "attprojb": "attn.c_proj.bias", "ln2w": "ln_2.weight", "ln2b": "ln_2.bias",
                  "fcw": "mlp.c_fc.weight", "fcb": "mlp.c_fc.bias", "fcprojw": "mlp.c_proj.weight",
                  "fcprojb": "mlp.c_proj.bias"}
-    params = {"wte": HFParam("transformer.wte.weight"), "wpe": HFParam("transformer.wpe.weight"),
-              "lnfw": HFParam("transformer.ln_f.weight"), "lnfb": HFParam("transformer.ln_f.bias")}
+    params = {"wte": HFParam(prefix + "wte.weight", pad_rows=True), "wpe": HFParam(prefix + "wpe.weight"),
+              "lnfw": HFParam(prefix + "ln_f.weight"), "lnfb": HFParam(prefix + "ln_f.bias")}
     for k, v in per_layer.items():
-        params[k] = HFParam("transformer.h.{layer}." + v, transpose=k.endswith("w") and "ln" not in k)
+        params[k] = HFParam(prefix + "h.{layer}." + v, transpose=k.endswith("w") and "ln" not in k)
     return SimpleNamespace(config={"V": "vocab_size", "maxT": "n_positions", "L": "n_layer",
                                    "NH": "n_head", "C": "n_embd"}, parameters=params)
 
 
-def _hf_state_for(m, V):
+def _hf_state_for(m, V, prefix="transformer."):
     """HF-style tensors (Conv1D weights transposed, unpadded vocabulary) from a FakeGPT2."""
-    mp = _gpt2_mapping()
+    mp = _gpt2_mapping(prefix)
     out = {}
     for ours, hp in mp.parameters.items():
         t = m.params[ours]
@@ -227,8 +236,8 @@ def _hf_state_for(m, V):
                 out[hp.name.format(layer=i)] = np.ascontiguousarray(t[i].T if hp.transpose else t[i])
         else:
             out[hp.name] = np.ascontiguousarray(t)
-    out["lm_head.weight"] = out["transformer.wte.weight"]  # ignored (tied)
-    out["transformer.h.0.attn.bias"] = np.ones((1, 1, 16, 16), np.float32)  # ignored buffer
+    out["lm_head.weight"] = out[prefix + "wte.weight"]  # ignored (tied)
+    out[prefix + "h.0.attn.bias"] = np.ones((1, 1, 16, 16), np.float32)  # ignored buffer
     return out
 
 
@@ -275,6 +284,104 @@ def test_load_hf_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ck.CheckpointError, match="cannot read safetensors"):
         ck.load_hf_into(m, tmp_path, _gpt2_mapping())
+
+
+def _alt_mapping():
+    """The GPT-2 mapping with "transformer.X | X" alternatives, as model.yaml writes it."""
+    from gpt2gen.spec import HFParam
+    mp = _gpt2_mapping()
+    for k, hp in mp.parameters.items():
+        short = hp.name[len("transformer."):]
+        mp.parameters[k] = HFParam(f"{hp.name} | {short}", hp.transpose, hp.pad_rows)
+    return mp
+
+
+def test_load_hf_name_alternatives(tmp_path):
+    """GPT2Model / hub-style names (no `transformer.` prefix) load through `a | b` alternatives."""
+    from safetensors.numpy import save_file
+    src = FakeGPT2(seed=11)
+    save_file(_hf_state_for(src, V=100, prefix=""), str(tmp_path / "model.safetensors"))
+    m = FakeGPT2(seed=12)
+    ck.load_hf_into(m, tmp_path, _alt_mapping())
+    for k in ck.LLMC_ORDER:
+        n = 100 if k == "wte" else None
+        assert np.array_equal(m.params[k][:n], src.params[k][:n]), k
+    with pytest.raises(ck.CheckpointError, match="transformer.wte.weight.*missing"):   # no alternative
+        ck.load_hf_into(FakeGPT2(), tmp_path, _gpt2_mapping())
+    t = _hf_state_for(src, V=100, prefix="")
+    del t["h.1.ln_2.bias"]
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ck.CheckpointError, match=r"'transformer.h.1.ln_2.bias' or 'h.1.ln_2.bias' \(for ln2b\) "
+                                                  r"is missing from model.safetensors"):
+        ck.load_hf_into(FakeGPT2(), tmp_path, _alt_mapping())
+
+
+def test_load_hf_pads_rows_only_where_the_mapping_says(tmp_path):
+    from safetensors.numpy import save_file
+    from gpt2gen.spec import HFParam
+    src = FakeGPT2(seed=11, maxT=16)
+    save_file(_hf_state_for(src, V=100), str(tmp_path / "model.safetensors"))
+    # maxT overridden larger than the checkpoint's positions: wpe has too few rows -> an error, not zeros
+    m = FakeGPT2(maxT=32, seed=3)
+    before = m.params["wpe"].copy()
+    with pytest.raises(ck.CheckpointError, match=r"model.safetensors: tensor transformer.wpe.weight has shape "
+                                                  r"\(16, 8\), but wpe needs \(32, 8\).*pad_rows"):
+        ck.load_hf_into(m, tmp_path, _gpt2_mapping())
+    assert np.array_equal(m.params["wpe"], before)
+    # the vocabulary without pad_rows is an error too
+    mp = _gpt2_mapping()
+    mp.parameters["wte"] = HFParam("transformer.wte.weight")
+    with pytest.raises(ck.CheckpointError, match=r"transformer.wte.weight has shape \(100, 8\), but wte needs "
+                                                  r"\(128, 8\)"):
+        ck.load_hf_into(FakeGPT2(), tmp_path, mp)
+    # more rows than ours is an error even with pad_rows
+    with pytest.raises(ck.CheckpointError, match=r"transformer.wte.weight has shape \(100, 8\), but wte needs "
+                                                  r"\(64, 8\)"):
+        ck.load_hf_into(FakeGPT2(V=60, Vp=64), tmp_path, _gpt2_mapping())
+
+
+def test_shipped_mappings_pad_only_vocabulary_tables():
+    from gpt2gen import spec
+    for f in ("model.yaml", "models/llama2.yaml", "models/mistral.yaml", "models/gemma.yaml"):
+        hf = spec.load(f).huggingface
+        padded = sorted(k for k, hp in hf.parameters.items() if hp.pad_rows)
+        assert padded == (["lmheadw", "wte"] if "lmheadw" in hf.parameters else ["wte"]), f
+    hf = spec.load("model.yaml").huggingface
+    for k, hp in hf.parameters.items():   # every GPT-2 tensor has the prefixed and the hub's name
+        names = hp.names(3 if "{layer}" in hp.name else None)
+        assert len(names) == 2 and names[0] == "transformer." + names[1], k
+        assert "{layer}" not in "".join(names)
+
+
+def test_spec_parses_hf_alternatives_and_pad_rows():
+    from gpt2gen import spec
+    src = open(spec.__file__.replace("gpt2gen/spec.py", "model.yaml")).read()
+    assert "pad_rows: true" in src
+    s = spec.loads(src.replace('wpe: "transformer.wpe.weight | wpe.weight"',
+                               'wpe: {name: " a.w |b.w ", pad_rows: true}'), "m.yaml")
+    hp = s.huggingface.parameters["wpe"]
+    assert (hp.name, hp.alternatives, hp.pad_rows, hp.transpose) == ("a.w", ("b.w",), True, False)
+    assert hp.names() == ["a.w", "b.w"]
+    for bad, match in [('wpe: {name: a, pad_rows: 1}', "`pad_rows` must be true or false"),
+                       ('wpe: {name: a, pad: true}', "pad"),
+                       ('wpe: "a | "', "empty tensor name"),
+                       ('ln1w: "transformer.h.{layer}.ln_1.weight | ln_1.weight"', "every alternative")]:
+        key = bad.split(":")[0]
+        head, hf = src.split("\nhuggingface:", 1)
+        line = next(ln for ln in hf.splitlines() if ln.strip().startswith(key + ":"))
+        with pytest.raises(spec.SpecError, match=match):
+            spec.loads(head + "\nhuggingface:" + hf.replace(line, "    " + bad), "m.yaml")
+
+
+def test_verify_state_checks_the_checksum(tmp_path):
+    p = ck.save_state(tmp_path / "s.safetensors", FakeGPT2(), step=3)
+    assert ck.verify_state(p)["step"] == 3
+    raw = bytearray(p.read_bytes())
+    raw[-5] ^= 0xFF   # tensor bytes: the file still parses, only the checksum tells
+    p.write_bytes(bytes(raw))
+    assert ck.read_state_metadata(p)["step"] == 3
+    with pytest.raises(ck.CheckpointError, match="checksum mismatch"):
+        ck.verify_state(p)
 
 
 # ------------------------------------------------------------------------------ with the real compiler
@@ -325,3 +432,33 @@ def test_from_hf_matches_transformers(tmp_path):
     (d2 / "config.json").write_text((tmp_path / "config.json").read_text())
     m2 = gpt2gen.from_hf(d2, B=2, T=16)
     assert m2.arenas["params"].tobytes() == m.arenas["params"].tobytes()
+
+
+def test_from_hf_gpt2model_unprefixed_names(tmp_path):
+    """The hub's `gpt2` checkpoints (and GPT2Model.save_pretrained) store `wte.weight`, `h.0....`."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import gpt2gen
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    base = transformers.GPT2Model(cfg).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    base.save_pretrained(tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as sf:
+        keys = set(sf.keys())
+    assert "wte.weight" in keys and "h.0.attn.c_attn.weight" in keys
+    assert not any(k.startswith("transformer.") for k in keys)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()   # transformers loads it too
+    m = gpt2gen.from_hf(tmp_path, B=2, T=16)
+    idx = np.random.default_rng(1).integers(0, 50257, (2, 16)).astype(np.int32)
+    m.forward(idx)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(idx.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(m.logits, ref, rtol=1e-4, atol=2e-4)
+    # maxT overridden past the checkpoint's 16 positions: wpe cannot be padded, so it is an error
+    with pytest.raises(ck.CheckpointError, match=r"wpe.weight has shape \(16, 32\), but wpe needs \(32, 32\)"):
+        ck.load_hf_into(_FakeWithSpec(m, maxT=32), tmp_path)

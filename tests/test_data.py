@@ -39,6 +39,23 @@ def test_write_rejects_out_of_range(tmp_path):
     assert not (tmp_path / "x.bin").exists()
 
 
+def test_write_and_loader_reject_negative_and_non_integer_ids(tmp_path):
+    for bad, match in [(np.array([1, -1, 2]), "65535"), (np.array([1.0, 2.5]), "integer array"),
+                       (np.array([1.0, 2.0]), "integer array"), (np.array([True, False]), "integer array")]:
+        with pytest.raises(ValueError, match=match):
+            D.write_tokens(tmp_path / "x.bin", bad)
+    assert not (tmp_path / "x.bin").exists()
+    good = np.arange(100) % 50
+    with pytest.raises(D.DataFormatError, match="negative token id -3 .*position 7"):
+        D.DataLoader(np.where(np.arange(100) == 7, -3, good), 2, 4)
+    with pytest.raises(ValueError, match="integer array"):
+        D.DataLoader(good.astype(np.float32), 2, 4)
+    with pytest.raises(ValueError, match="integer array"):
+        D.DataLoader(list(good + 0.5), 2, 4)
+    x, _ = D.DataLoader(good.astype(np.uint16), 2, 4).next_batch()   # unsigned and signed ints are fine
+    assert x.dtype == np.int32 and x[0, 0] == 0
+
+
 def _corrupt(path, *, magic=None, version=None, count=None):
     raw = bytearray(path.read_bytes())
     h = np.frombuffer(raw[:1024], dtype="<i4").copy()
@@ -170,6 +187,10 @@ def test_prepro_text(tmp_path):
     assert allt == expected
     with pytest.raises(ValueError, match="not enough"):
         D.prepro_text([src], tmp_path / "o2", val_tokens=10**6, quiet=True)
+    for bad in (0, -5):   # an empty or negative validation split is an error, not a silent slice
+        with pytest.raises(ValueError, match="--val-tokens must be a positive"):
+            D.prepro_text([src], tmp_path / "o3", val_tokens=bad, quiet=True)
+    assert not (tmp_path / "o3").exists()
 
 
 def test_prepro_subcommand_parsing():
@@ -179,6 +200,9 @@ def test_prepro_subcommand_parsing():
     assert a.func is D._cmd_tinyshakespeare and a.data_dir == "d" and not a.force
     a = parser.parse_args(["prepro", "text", "a.txt", "b.txt", "--val-tokens", "5"])
     assert a.func is D._cmd_text and a.files == ["a.txt", "b.txt"] and a.val_tokens == 5
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["prepro", "text", "a.txt", "--val-tokens", bad])
 
 
 def test_prepro_tinyshakespeare_canonical(tmp_path, monkeypatch):

@@ -184,6 +184,171 @@ def test_resume_rejects_other_batch(tmp_path, tokens, fake_build):
                        "--resume", str(tmp_path / "ck")), quiet=True)
 
 
+INTERRUPT_COMMON = ["--steps", "10", "--lr", "0.05", "-b", "4", "-t", "16", "--warmup-steps", "2",
+                    "--val-every", "4", "--val-steps", "2", "--sample-tokens", "4", "--sample-every", "3",
+                    "--total-batch-size", "128"]   # 2 micro-batches per step
+
+
+def _interrupted_then_resumed(tmp_path, train, val, monkeypatch, method, nth, action):
+    """Run INTERRUPT_COMMON with Bigram.<method>'s nth call doing ``action`` (raise or signal), then resume."""
+    calls = [0]
+    orig = getattr(Bigram, method)
+
+    def hooked(self, *a, **k):
+        if method != "forward" or (len(a) < 2 or a[1] is None):   # forward: only sampling (no targets)
+            calls[0] += 1
+            if calls[0] == nth:
+                action()
+        return orig(self, *a, **k)
+    monkeypatch.setattr(Bigram, method, hooked)
+    with pytest.raises(KeyboardInterrupt):
+        TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--checkpoint-dir", str(tmp_path / "ck"),
+                       "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    monkeypatch.setattr(Bigram, method, orig)
+    states = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    rest = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--resume", str(tmp_path / "ck"),
+                          "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    return states, rest
+
+
+def _raise():
+    raise KeyboardInterrupt
+
+
+def _check_matches_full(full, rest, first_step):
+    assert rest.train_losses == [(s, x) for s, x in full.train_losses if s >= first_step]
+    assert rest.samples == [(s, t) for s, t in full.samples if s >= first_step - 1][-len(rest.samples):]
+    assert rest.val_losses[-1] == full.val_losses[-1]
+    assert rest.model.arenas["params"].tobytes() == full.model.arenas["params"].tobytes()
+
+
+def test_interrupt_mid_step_resumes_exactly(tmp_path, tokens, fake_build, monkeypatch):
+    """Ctrl-C landing inside a step (after the loader advanced) saves the last completed step."""
+    train, val = tokens
+    full = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    # backward #9 = the first micro-batch of step 5, its batch already drawn
+    states, rest = _interrupted_then_resumed(tmp_path, train, val, monkeypatch, "backward", 9, _raise)
+    assert states == ["state_000004.safetensors"]
+    assert rest.train_losses[0][0] == 5
+    _check_matches_full(full, rest, 5)
+    assert [s for s, _ in rest.samples] == [6, 9, 10]
+
+
+def test_interrupt_while_sampling_resumes_exactly(tmp_path, tokens, fake_build, monkeypatch):
+    """Ctrl-C during step 6's sample (the update applied, the RNG part used) resumes by redoing the sample."""
+    train, val = tokens
+    full = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    # sampling forwards: 4 per sample; #7 is the 3rd token of step 6's sample
+    states, rest = _interrupted_then_resumed(tmp_path, train, val, monkeypatch, "forward", 7, _raise)
+    assert states == ["state_000006.safetensors"]
+    assert ck.read_state_metadata(tmp_path / "ck" / states[0])["extra"]["post_step_pending"]
+    assert [s for s, _ in rest.samples] == [6, 9, 10]   # step 6's sample is redone, from the saved RNG
+    _check_matches_full(full, rest, 7)
+
+
+def test_first_ctrl_c_finishes_the_step(tmp_path, tokens, fake_build, monkeypatch):
+    """A real SIGINT only sets a flag: the step (with its sample) completes, then the state is saved."""
+    import os
+    import signal
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by someone else here")
+    train, val = tokens
+    full = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    states, rest = _interrupted_then_resumed(tmp_path, train, val, monkeypatch, "backward", 11,
+                                             lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert states == ["state_000006.safetensors"]   # step 6 (backward #11, #12) completed, sample included
+    assert "post_step_pending" not in ck.read_state_metadata(tmp_path / "ck" / states[0])["extra"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+    _check_matches_full(full, rest, 7)
+    assert [s for s, _ in rest.samples] == [9, 10]
+
+
+def test_resume_keeps_the_saved_settings(tmp_path, tokens, fake_build, capsys):
+    """Options not repeated on resume come from the state; explicit different ones win with a warning."""
+    train, val = tokens
+    common = ["--steps", "12", "--lr", "0.05", "-b", "4", "-t", "16", "--warmup-steps", "3",
+              "--lr-final-frac", "0.3", "--weight-decay", "0.01", "--beta1", "0.8", "--beta2", "0.9",
+              "--eps", "1e-6", "--grad-clip", "0.5", "--seed", "7", "--val-every", "5", "--val-steps", "2",
+              "--sample-tokens", "3", "--sample-every", "4", "--temperature", "1.3", "--top-k", "5",
+              "--total-batch-size", "128", "--no-shuffle"]
+    full = TR.train(_args(tmp_path, train, val, *common, "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    TR.train(_args(tmp_path, train, val, *common, "--stop-after", "5", "--checkpoint-dir", str(tmp_path / "ck"),
+                   "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    saved = ck.read_state_metadata(tmp_path / "ck" / "state_000005.safetensors")["extra"]["hparams"]
+    assert saved["lr"] == 0.05 and saved["beta2"] == 0.9 and saved["train_data"] == str(train)
+    assert set(saved) == set(TR.HPARAMS)
+    capsys.readouterr()
+    args = TR.build_parser().parse_args(["--resume", str(tmp_path / "ck"), "--no-progress",
+                                         "--log", str(tmp_path / "b.jsonl")])
+    rest = TR.train(args, quiet=True)
+    assert rest.train_losses == full.train_losses[5:] and rest.samples == full.samples[1:]
+    assert rest.model.arenas["params"].tobytes() == full.model.arenas["params"].tobytes()
+    assert "warning" not in capsys.readouterr().err
+    assert args.lr == 2e-3   # the caller's Namespace is left alone
+    # explicit values win; each one that differs from the saved run is warned about
+    TR.train(TR.build_parser().parse_args([
+        "--resume", str(tmp_path / "ck" / "state_000005.safetensors"), "--lr", "2e-3", "--steps", "14",
+        "--top-k", "5", "--log", str(tmp_path / "c.jsonl"), "--no-progress"]), quiet=True)
+    err = capsys.readouterr().err
+    assert "--lr is 0.002, the resumed run used 0.05" in err and "--steps is 14" in err
+    assert "schedule changes" in err and "--top-k" not in err
+
+
+def test_export_llmc_is_checked_before_training(tmp_path, tokens, fake_build, capsys):
+    train, val = tokens
+    log = tmp_path / "l.jsonl"
+    rc = TR.main(["--train-data", str(train), "--val-data", str(val), "--no-progress", "--steps", "50",
+                  "-b", "4", "-t", "16", "--sample-tokens", "0", "--log", str(log),
+                  "--export-llmc", str(tmp_path / "out.bin")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "gpt2gen: error: --export-llmc" in err and "'wte'" in err
+    assert not log.exists() or '"train"' not in log.read_text()
+    assert not (tmp_path / "out.bin").exists()
+
+
+def test_resume_falls_back_past_a_corrupt_newest_state(tmp_path, tokens, fake_build, capsys):
+    train, val = tokens
+    base = ["--train-data", str(train), "--val-data", str(val), "--no-progress", "--steps", "6", "-b", "4",
+            "-t", "16", "--sample-tokens", "0", "--val-every", "0", "--log", str(tmp_path / "l.jsonl")]
+    assert TR.main([*base, "--checkpoint-every", "2", "--keep-checkpoints", "0",
+                    "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    states = sorted((tmp_path / "ck").glob("state_*.safetensors"))
+    for st in states[1:]:   # the two newest: intact headers and metadata, flipped tensor bytes
+        raw = bytearray(st.read_bytes())
+        raw[-3] ^= 0x55
+        st.write_bytes(bytes(raw))
+    capsys.readouterr()
+    res = TR.train(TR.build_parser().parse_args([*base, "--resume", str(tmp_path / "ck")]), quiet=True)
+    assert [s for s, _ in res.train_losses] == [3, 4, 5, 6]
+    err = capsys.readouterr().err
+    for st in states[1:]:
+        assert f"skipping training state {st}" in err
+    assert err.count("checksum mismatch") == 2
+    for st in states:
+        st.write_bytes(b"junk")
+    assert TR.main([*base, "--resume", str(tmp_path / "ck")]) == 1
+    assert "none of the 3 training states" in capsys.readouterr().err
+
+
+def test_cmd_train_reports_os_and_data_errors(tmp_path, tokens, fake_build, capsys, monkeypatch):
+    import errno
+    train, val = tokens
+    base = ["--val-data", str(val), "--no-progress", "--steps", "2", "-b", "4", "-t", "16",
+            "--sample-tokens", "0", "--log", str(tmp_path / "l.jsonl")]
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck, "save_state", full_disk)
+    assert TR.main(["--train-data", str(train), *base, "--checkpoint-dir", str(tmp_path / "ck")]) == 1
+    err = capsys.readouterr().err
+    assert "gpt2gen: error: [Errno 28] No space left on device" in err and "Traceback" not in err
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\0" * 2000)
+    assert TR.main(["--train-data", str(bad), *base]) == 1
+    err = capsys.readouterr().err
+    assert "gpt2gen: error:" in err and "bad magic" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------ with the real compiler
 
 TINY = dict(L=2, C=32, NH=2, maxT=16)  # B=2, T=16: the shape the checkpoint tests build too
@@ -239,8 +404,11 @@ def test_main_and_resume_errors(tmp_path, tokens, fake_build, capsys):
     states[-1].write_bytes(states[-1].read_bytes()[:200])
     res = TR.train(TR.build_parser().parse_args([*base, "--resume", str(tmp_path / "ck")]), quiet=True)
     assert [s for s, _ in res.train_losses] == [5, 6]
-    assert "skipping unreadable" in capsys.readouterr().err
-    # ... and named explicitly it is a clear error
+    assert "skipping training state" in capsys.readouterr().err
+    # ... and named explicitly it is a clear error (the resumed run kept --checkpoint-every 2 and
+    # rewrote state 6, so corrupt it again)
+    assert ck.verify_state(states[-1])["step"] == 6
+    states[-1].write_bytes(states[-1].read_bytes()[:200])
     assert TR.main([*base, "--resume", str(states[-1])]) == 1
     assert "truncated or corrupt" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="multiple of B\\*T"):
