@@ -18,6 +18,7 @@ disk never leaves a half-written file where a good one was. Nothing is unpickled
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -301,6 +302,9 @@ class _HFTensors:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        return list(self._where)
+
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
@@ -355,6 +359,11 @@ def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml
         raise CheckpointError(f"{getattr(spec, 'path', model)}: the model file has no huggingface "
                               "section, so HuggingFace checkpoints cannot be mapped onto it")
     build_cfg: dict[str, Any] = {}
+    problems = mapping.unsupported(hf_cfg)
+    if problems:
+        raise CheckpointError(f"{cfg_path}: the checkpoint uses what {spec.path} cannot represent: "
+                              + "; ".join(problems)
+                              + ". Importing it would give a different model; write a model file that has it.")
     for sym in mapping.config:
         value = mapping.config_value(hf_cfg, sym)   # nested keys and alternatives; None: keep the file's value
         if value is None or sym in overrides:
@@ -387,6 +396,7 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
     if unmapped:
         raise CheckpointError(f"model parameters {unmapped} have no huggingface mapping in the "
                               "model file")
+    used: set[str] = set()
     for ours, hp in mapping.parameters.items():
         dst = m.params[ours]
         per_layer = "{layer}" in hp.name
@@ -399,6 +409,7 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
                 tried = " or ".join(repr(n) for n in candidates)
                 raise CheckpointError(f"{directory}: tensor {tried} (for {ours}) is missing from "
                                       f"{', '.join(str(f.name) for f in tensors.files)}")
+            used.add(hf_name)
             t = tensors.get(hf_name)
             where = tensors.file_of(hf_name)
             if hp.transpose:
@@ -422,6 +433,16 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
             raise CheckpointError(f"{where}: tensor {hf_name} has shape "
                                   f"{tuple(t.shape)}{' after transposing' if hp.transpose else ''}"
                                   f", but {ours} needs {tuple(view.shape)}{hint}")
+
+
+    left = sorted(n for n in tensors.names() if n not in used
+                  and not any(fnmatch.fnmatchcase(n, pat) for pat in getattr(mapping, "ignore", ())))
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        raise CheckpointError(f"{directory}: the checkpoint has tensors the model file does not map: "
+                              f"{', '.join(left[:5])}{more}. Importing without them would give a different "
+                              f"model; map them in the model file (or list them under huggingface.ignore if "
+                              f"they carry no weights)")
 
 
 def _hf_names(hp, layer: int | None) -> list[str]:

@@ -161,23 +161,51 @@ class HFParam:
         return [n.format(layer=layer) if layer is not None else n for n in out]
 
 
+_ABSENT = object()
+
+
+def _lookup(hf_config: Mapping[str, Any], key: str) -> Any:
+    """config.json's value at a dotted key: the value, None for an explicit null, or _ABSENT."""
+    node: Any = hf_config
+    for part in key.strip().split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
 @dataclass
 class HFMapping:
     config: dict[str, str]          # our symbol -> config.json key: "a.b" reads a nested key, "x | y" tries x then y
     parameters: dict[str, HFParam]
+    config_null: dict[str, Any] = field(default_factory=dict)   # symbol -> its value when config.json says null
+    require: dict[str, list] = field(default_factory=dict)      # config.json key -> the values this file represents
+    ignore: tuple[str, ...] = ()    # checkpoint tensors that carry no weights of ours (fnmatch patterns)
 
     def config_value(self, hf_config: Mapping[str, Any], symbol: str) -> Any:
-        """The value config.json gives for our ``symbol``, or None when it gives none (keep the file's value)."""
+        """The value config.json gives for our ``symbol``; None when it gives none (keep the file's value).
+
+        An explicit null counts as a value where the file says what null means (``{key: ..., if_null: 0}``)."""
+        explicit_null = False
         for key in self.config[symbol].split("|"):
-            node: Any = hf_config
-            for part in key.strip().split("."):
-                if not isinstance(node, Mapping) or node.get(part) is None:
-                    node = None
-                    break
-                node = node[part]
-            if node is not None:
-                return node
+            value = _lookup(hf_config, key)
+            if value is None:
+                explicit_null = True
+            elif value is not _ABSENT:
+                return value
+        if explicit_null and symbol in self.config_null:
+            return self.config_null[symbol]
         return None
+
+    def unsupported(self, hf_config: Mapping[str, Any]) -> list[str]:
+        """What config.json asks for that this model file cannot represent (its `require` entries)."""
+        problems = []
+        for key, allowed in self.require.items():
+            value = _lookup(hf_config, key)
+            if value is _ABSENT or value in allowed:
+                continue
+            problems.append(f"{key} = {value!r} (this model file represents {' or '.join(map(repr, allowed))})")
+        return problems
 
 
 @dataclass
@@ -529,15 +557,33 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
     if raw is None:
         return None
     raw = _mapping(raw, path, line, "`huggingface`")
-    _only_keys(raw, {"config", "parameters"}, path, "`huggingface`")
+    _only_keys(raw, {"config", "parameters", "require", "ignore"}, path, "`huggingface`")
     cfg = _mapping(raw.get("config") or _LineDict(), path, line, "`huggingface.config`")
     out_cfg: dict[str, str] = {}
+    config_null: dict[str, Any] = {}
     for k, v in cfg.items():
         if k not in config:
             raise SpecError(f"huggingface.config maps `{k}`, which is not a config name", path, _line(cfg, k))
+        if isinstance(v, dict) and isinstance(v.get("key"), str) and "if_null" in v:
+            _only_keys(v, {"key", "if_null"}, path, f"huggingface.config `{k}`")
+            if isinstance(v["if_null"], bool) or not isinstance(v["if_null"], (int, float)):
+                raise SpecError(f"huggingface.config `{k}`: `if_null` must be a number", path, _line(cfg, k))
+            config_null[k] = v["if_null"]
+            v = v["key"]
         if not isinstance(v, str):
-            raise SpecError(f"huggingface.config `{k}` must name a config.json key", path, _line(cfg, k))
+            raise SpecError(f"huggingface.config `{k}` must name a config.json key, or be "
+                            f"{{key: KEY, if_null: VALUE}}", path, _line(cfg, k))
         out_cfg[k] = v
+    require: dict[str, list] = {}
+    req = _mapping(raw.get("require") or _LineDict(), path, line, "`huggingface.require`")
+    for k, v in req.items():
+        values = list(v) if isinstance(v, list) else [v]
+        if not all(x is None or isinstance(x, (str, int, float, bool)) for x in values):
+            raise SpecError(f"huggingface.require `{k}` must be a value or a list of values", path, _line(req, k))
+        require[str(k)] = values
+    ignore = raw.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise SpecError("huggingface.ignore must be a list of tensor-name patterns", path, _line(raw, "ignore"))
     params = _mapping(raw.get("parameters") or _LineDict(), path, line, "`huggingface.parameters`")
     out_params: dict[str, HFParam] = {}
     for k, v in params.items():
@@ -562,4 +608,4 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
             raise SpecError(f"`{k}` is per-layer, so its HF name needs `{{layer}}`"
                             + (" in every alternative" if len(names) > 1 else ""), path, ln)
         out_params[k] = HFParam(names[0], transpose, pad_rows, tuple(names[1:]))
-    return HFMapping(out_cfg, out_params)
+    return HFMapping(out_cfg, out_params, config_null, require, tuple(ignore))

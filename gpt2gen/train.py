@@ -373,11 +373,18 @@ def _build_model(args, say, resume_meta):
         from .resources import find_model
         from .spec import load as load_spec
         from .tokenizer import N_VOCAB
-        file_v = int(load_spec(find_model(args.model)).resolve(cfg)["V"])
+        spec = load_spec(find_model(args.model))
+        file_v = int(spec.resolve(cfg)["V"])
         if file_v != N_VOCAB:
             say(f"model: the data is GPT-2 tokenized, so V={N_VOCAB} instead of the model file's V={file_v} "
                 f"(--set V=... to choose)")
             cfg["V"] = N_VOCAB
+            # the file's padding token belongs to its own tokenizer; GPT-2 has none (Gemma's 0 is GPT-2's "!")
+            hf = spec.huggingface
+            for sym, key in (hf.config.items() if hf else ()):
+                if "pad_token_id" in [k.strip() for k in key.split("|")] and sym not in overrides:
+                    cfg[sym] = -1
+                    say(f"model: {sym}=-1 (no padding token in GPT-2's vocabulary)")
     return build(model=args.model, target=args.target, seed=args.seed, **cfg)
 
 

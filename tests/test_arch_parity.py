@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import gpt2gen
+from gpt2gen.checkpoint import CheckpointError
 from helpers import assert_close, scaled_atol
 
 transformers = pytest.importorskip("transformers")
@@ -210,3 +211,56 @@ def test_trains_from_its_yaml_and_repeats_exactly(arch):
     print(f"{arch} losses:", np.round(runs[0][0], 4))
     assert runs[0][0][-1] < runs[0][0][0] - 0.5
     assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1]), "training must be deterministic"
+
+
+# ---- what a model file cannot represent is refused, not imported as a different model ---------------------
+
+SMALL = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1)
+
+
+def save_hf(arch: str, directory, **fields):
+    cfg_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
+    torch.manual_seed(0)
+    getattr(transformers, model_cls.__name__)(cfg_cls(**{**SMALL, **fields})).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("arch,fields,word", [
+    ("llama2", dict(attention_bias=True), "attention_bias = True"),
+    ("llama2", dict(mlp_bias=True), "mlp_bias = True"),
+    ("llama2", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
+    ("llama2", dict(tie_word_embeddings=True), "tie_word_embeddings = True"),
+    ("llama2", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+     "rope_parameters.rope_type = 'linear'"),
+    ("gemma", dict(tie_word_embeddings=False), "tie_word_embeddings = False"),
+])
+def test_unrepresentable_configs_are_refused(arch, fields, word, tmp_path):
+    save_hf(arch, tmp_path, **fields)
+    with pytest.raises(CheckpointError, match="cannot represent") as info:
+        gpt2gen.from_hf(tmp_path, model=f"models/{arch}.yaml")
+    assert word in str(info.value)
+
+
+def test_unmapped_checkpoint_tensors_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    save_hf("llama2", tmp_path)
+    path = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(str(path))
+    tensors["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, np.float32)   # a weight we have no place for
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="does not map: model.layers.0.self_attn.q_norm"):
+        gpt2gen.from_hf(tmp_path, model="models/llama2.yaml")
+
+
+def test_mistral_without_a_sliding_window(tmp_path):
+    """config.json's `"sliding_window": null` means full causal attention (window 0), as transformers runs it."""
+    save_hf("mistral", tmp_path, sliding_window=None)
+    assert json.loads((tmp_path / "config.json").read_text())["sliding_window"] is None
+    ours = gpt2gen.from_hf(tmp_path, model="models/mistral.yaml", B=1, T=12)
+    assert ours.config["window"] == 0
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    idx = np.random.default_rng(0).integers(0, 50, (1, 12)).astype(np.int32)
+    ours.forward(idx)
+    want = hf(torch.from_numpy(idx).long()).logits.detach().numpy()
+    assert_close("logits (no window)", ours.logits, want, rtol=1e-4, atol=scaled_atol(want, 1e-5))

@@ -220,7 +220,8 @@ def _gpt2_mapping(prefix="transformer."):
     for k, v in per_layer.items():
         params[k] = HFParam(prefix + "h.{layer}." + v, transpose=k.endswith("w") and "ln" not in k)
     return SimpleNamespace(config={"V": "vocab_size", "maxT": "n_positions", "L": "n_layer",
-                                   "NH": "n_head", "C": "n_embd"}, parameters=params)
+                                   "NH": "n_head", "C": "n_embd"}, parameters=params,
+                           ignore=("lm_head.weight", "*.attn.bias", "*.attn.masked_bias"))
 
 
 def _hf_state_for(m, V, prefix="transformer."):

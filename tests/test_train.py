@@ -440,5 +440,6 @@ def test_trainer_runs_other_architectures(tmp_path, real_tokens, arch):
                          "--sample-tokens", "4"), quiet=True)
     losses = [x for _, x in res.train_losses]
     assert res.model.config["V"] == 50257 and res.model.spec.name == arch
+    assert res.model.config["pad_id"] == -1       # the file's padding id is not a GPT-2 token
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert len(res.samples) == 1

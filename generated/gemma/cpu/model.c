@@ -948,7 +948,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "4c66d88535eb3a3d21bc"; }
+const char* gg_signature(void) { return "d15709b0a13097c60ab0"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
