@@ -49,7 +49,7 @@ def _llmc_reference_writer(path, hdr, tensors, version=3):
 
 
 def test_bf16_rounding_matches_torch():
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-5, 5, 10000),
                         np.array([0.0, -0.0, 1.0, np.inf, -np.inf, 3.4e38, 1e-40,
@@ -250,7 +250,7 @@ def test_load_hf_into_fake(tmp_path, fmt):
         from safetensors.numpy import save_file
         save_file({k: v.copy() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
     else:
-        torch = pytest.importorskip("torch")
+        import torch
         torch.save({k: torch.from_numpy(v.copy()) for k, v in tensors.items()},
                    tmp_path / "pytorch_model.bin")
     m = FakeGPT2(seed=12)
@@ -405,8 +405,8 @@ def test_llmc_round_trip_real_model(tmp_path):
 
 
 def test_from_hf_matches_transformers(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     import gpt2gen
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=2)
@@ -437,8 +437,8 @@ def test_from_hf_matches_transformers(tmp_path):
 
 def test_from_hf_gpt2model_unprefixed_names(tmp_path):
     """The hub's `gpt2` checkpoints (and GPT2Model.save_pretrained) store `wte.weight`, `h.0....`."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     import gpt2gen
     torch.manual_seed(1)
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=2)

@@ -148,7 +148,7 @@ def sm():
 
 
 def test_warp_softmax(sm):
-    torch = pytest.importorskip("torch")
+    import torch
     rows, cols = 37, 300
     x = (np.random.default_rng(6).standard_normal((rows, cols)) * 4).astype(np.float32)
     y = np.zeros_like(x)
@@ -158,7 +158,7 @@ def test_warp_softmax(sm):
 
 
 def test_layernorm_float4(sm):
-    torch = pytest.importorskip("torch")
+    import torch
     rows, C = 9, 768
     rng = np.random.default_rng(7)
     x = rng.standard_normal((rows, C)).astype(np.float32) * 3 + 1
@@ -172,7 +172,7 @@ def test_layernorm_float4(sm):
 
 @pytest.mark.parametrize("cols", [1000, 20000])  # 20000 floats = 80 KB: needs the opt-in attribute
 def test_block_softmax_dynamic_shared_on_stream(sm, cols):
-    torch = pytest.importorskip("torch")
+    import torch
     rows = 3
     x = np.random.default_rng(cols).standard_normal((rows, cols)).astype(np.float32)
     y = np.zeros_like(x)
@@ -240,7 +240,7 @@ def _special_floats() -> np.ndarray:
 
 
 def test_fp16_bf16_conversions_and_rounding(hp):
-    torch = pytest.importorskip("torch")
+    import torch
     x = _special_floats()
     n = x.size
     bits = np.zeros((n, 4), np.uint16)
@@ -289,7 +289,7 @@ def test_half_arithmetic_correctly_rounded(hp):
 
 
 def test_bf16_arithmetic_correctly_rounded(hp):
-    torch = pytest.importorskip("torch")
+    import torch
     rng = np.random.default_rng(12)
     n = 4000
     a, b, c = (torch.from_numpy(_operands(rng, n, np.float32)).to(torch.bfloat16) for _ in range(3))
@@ -306,7 +306,7 @@ def test_bf16_arithmetic_correctly_rounded(hp):
 
 
 def test_paired_types_and_16bit_shuffles(hp):
-    torch = pytest.importorskip("torch")
+    import torch
     x = np.random.default_rng(13).uniform(0.5, 2, 64).astype(np.float32)
     out = np.zeros((32, 6), np.float32)
     assert hp.run_pairs(x, out) == 0
@@ -326,7 +326,7 @@ def test_paired_types_and_16bit_shuffles(hp):
 
 
 def test_mixed_precision_bf16_dot(hp):
-    torch = pytest.importorskip("torch")
+    import torch
     rows, k = 20, 333
     g = torch.Generator().manual_seed(14)
     a = torch.randn(rows, k, generator=g).to(torch.bfloat16)
@@ -368,7 +368,7 @@ def test_runtime_api():
 
 
 def test_load_is_cached_and_accepts_torch_tensors(red):
-    torch = pytest.importorskip("torch")
+    import torch
     assert cuda_emu.load(KERNELS / "reductions.cu") is red
     t0 = time.perf_counter()
     cuda_emu.build(KERNELS / "reductions.cu")

@@ -181,7 +181,7 @@ def test_gqa_attention(lib, B, T, H, K, D, window):
 
 def test_gqa_attention_window_matches_transformers_mask(lib):
     """The window means what transformers' sliding_window_causal_mask_function means."""
-    masking_utils = pytest.importorskip("transformers.masking_utils")
+    from transformers import masking_utils
     fn = masking_utils.sliding_window_causal_mask_function(3)
     T = 7
     tt = torch.tensor
