@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from . import expr as E
@@ -30,8 +30,7 @@ from .spec import ModelSpec, Node, Repeat, SpecError, TensorDecl
 @dataclass
 class Call:
     fn: str
-    args: list[str]
-    comments: list[str]       # one per argument: what it is and its shape
+    args: list[str]           # C expressions
     node: str
     line: int
     op: str
@@ -96,7 +95,6 @@ class Program:
     ops_used: list[str]
     inputs: list[TensorDecl]
     loss_numel: str | None
-    grad_plan: list[tuple[str, str, int, int, str]] = field(default_factory=list)  # (grad, slot, start, end, shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,11 +288,8 @@ def layer_stride_c(t: TensorDecl) -> str:
 
 
 def runtime_numel_c(t: TensorDecl) -> str:
-    dims = list(t.shape)
-    if not dims:
-        return "1"
-    parts = [d.to_c() for d in dims]
-    return "(size_t)" + " * ".join(parts)
+    """C for the number of elements of ``t`` at the run-time B and T."""
+    return E.product_c(list(t.shape))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,6 +341,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
     available: set[str] = {t.name for t in spec.of_kind("input")} | {t.name for t in spec.of_kind("param")}
     bound: dict[str, Bound] = {}
     conditional: set[str] = set()             # tensors that exist only when an optional input is given
+    guarded: set[str] = set()                 # nodes that run only when the optional inputs are given
     optional_inputs = {t.name for t in spec.of_kind("input") if t.optional}
 
     def resolve_in(rep: Repeat | None):
@@ -410,6 +406,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                     raise ctx.err(f"node writes `{name}`, which is a {t.kind}, not an activation", n)
             if any(x in optional_inputs or x in conditional for x in n.inputs):
                 conditional.update(n.outputs)
+                guarded.add(n.name)
         if rep:
             for c, nxt in rep.next.items():
                 if nxt not in available:
@@ -437,45 +434,24 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             return f"g->{name}"
         return f"d_{carry or name}"
 
-    def call_for(b: Bound, template: str, in_body: bool, backward: bool) -> Call:
+    def call_for(b: Bound, template: str, in_body: bool) -> Call:
+        """A kernel call from an op's call template, with every name replaced by its C expression."""
         fn, args = O.parse_call(template)
-        names = {}
-        comments = {}
+        names = {"B": "B", "T": "T"}
         for o in b.op.inputs + b.op.outputs:
             t = b.tensors[o.name]
-            carry = b.carries.get(o.name)
             if t is None:
-                names[o.name] = "NULL"
-                names["d_" + o.name] = "NULL"
-                comments[o.name] = comments["d_" + o.name] = f"{o.name}: none"
+                names[o.name] = names["d_" + o.name] = "NULL"
                 continue
+            carry = b.carries.get(o.name)
             names[o.name] = ptr(t.name, t, carry, in_body)
-            shown = carry or t.name
-            comments[o.name] = f"{o.name}: {shown} {shape_comment(t)}"
-            if o.grad and o.dtype == "float":
-                names["d_" + o.name] = gptr(t.name, t, carry, in_body)
-                comments["d_" + o.name] = f"d_{o.name}: grad of {shown} {shape_comment(t)}"
-            else:
-                names["d_" + o.name] = "NULL"
-            names["numel__" + o.name] = runtime_numel_c(t)
-            comments["numel__" + o.name] = f"numel({shown})"
+            names["d_" + o.name] = gptr(t.name, t, carry, in_body) if o.grad and o.dtype == "float" else "NULL"
+            names["numel__" + o.name] = E.product_c(list(t.shape))
         for letter, (ex, _) in b.dims.items():
             names[letter] = ex.to_c()
-            comments[letter] = f"{letter}"
-        names["B"], names["T"] = "B", "T"
-        comments["B"], comments["T"] = "B", "T"
         for k, v in b.values.items():
             names[k] = str(v) if isinstance(v, int) else repr(float(v)) + "f"
-            comments[k] = k
-        out_args, out_comments = [], []
-        for a in args:
-            if isinstance(a, E.Name):
-                out_args.append(names[a.id])
-                out_comments.append(comments.get(a.id, a.id))
-            else:
-                out_args.append(_render_arg(a, names))
-                out_comments.append(str(a))
-        return Call(fn, out_args, out_comments, b.node.name, b.node.line, b.op.name)
+        return Call(fn, [_render_arg(a, names) for a in args], b.node.name, b.node.line, b.op.name)
 
     def layer_decls(items: list[Node], rep: Repeat, used: set[str]) -> list[Stmt]:
         """Declarations at the top of a layer: this layer's slices of the stacked tensors it uses."""
@@ -515,9 +491,8 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
 
     for item in spec.graph:
         if isinstance(item, Repeat):
-            calls = _guarded([(call_for(bound[n.name], bound[n.name].op.forward, True, False),
-                               any(x in optional_inputs or x in conditional for x in n.inputs)) for n in item.body],
-                             optional_inputs)
+            calls = _guarded([(call_for(bound[n.name], bound[n.name].op.forward, True), n.name in guarded)
+                              for n in item.body], optional_inputs)
             body: list[Stmt] = carry_decls(item) + layer_decls(item.body, item, used_names(calls)) + calls
             fwd.append(Loop("l", item.count.to_c(), False, body, "layers"))
             for c in item.carry:
@@ -525,14 +500,11 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                 fwd.append(Decl(c, f"a->{nx.name} + (size_t)({item.count.to_c()} - 1) * {layer_stride_c(nx)}",
                                 f"{shape_comment(nx)} carry `{c}` after the last layer"))
         else:
-            fwd += _guarded([(call_for(bound[item.name], bound[item.name].op.forward, False, False),
-                              any(x in optional_inputs or x in conditional for x in item.inputs))], optional_inputs)
+            fwd += _guarded([(call_for(bound[item.name], bound[item.name].op.forward, False), item.name in guarded)],
+                            optional_inputs)
 
     # ---- backward: reverse walk, gradient buffers by live interval ----------------------------------------------
     loss_t = tensors.get(spec.loss) if spec.loss else None
-    grads_needed: dict[str, TensorDecl] = {}
-    for t in spec.of_kind("act"):
-        grads_needed[t.name] = t
     events: dict[str, list[int]] = {}           # grad buffer key -> positions of use
     body_local: dict[str, Repeat] = {}          # grad key -> repeat whose body owns it (per-layer acts, carries in body)
     steps: list[tuple] = []
@@ -555,7 +527,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                 steps.append(("node", bound[n.name], True, pos))
                 for o, name in _pairs(bound[n.name]):
                     t = bound[n.name].tensors[o.name]
-                    if t is None or t.kind != "act" or not o.grad or o.dtype != "float":
+                    if not _has_act_grad(o, t):
                         continue
                     key = t.name
                     if name in item.carry:
@@ -582,7 +554,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             steps.append(("node", b, False, pos))
             for o, name in _pairs(b):
                 t = b.tensors[o.name]
-                if t is None or t.kind != "act" or not o.grad or o.dtype != "float":
+                if not _has_act_grad(o, t):
                     continue
                 key = name if name in carries_init else t.name
                 note(key, pos)
@@ -630,11 +602,6 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
     sizes = {k: align(layout.numel_max(grad_tensor(k))) for k in keys}
     slots, assignment = plan_intervals([(k, sizes[k], *interval(k)) for k in keys])
     layout.set_grad_slots(slots)
-    plan = []
-    for k in keys:
-        s, e = interval(k)
-        plan.append((f"d_{k.split('@')[0]}" + ("" if "@" not in k else f" ({k.split('@')[1]})"), f"dslot{assignment[k]}",
-                     s, e, shape_comment(grad_tensor(k))))
 
     def slot_ptr(key: str) -> str:
         return f"da + DSLOT_{assignment[key]}"
@@ -659,14 +626,14 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
     def backward_call(b: Bound, in_body: bool, rep: Repeat | None, out: list[Stmt]) -> None:
         for o, name in _pairs(b):
             t = b.tensors[o.name]
-            if t is None or t.kind != "act" or not o.grad or o.dtype != "float":
+            if not _has_act_grad(o, t):
                 continue
             if rep and name in rep.carry:
                 continue   # zeroed at the top of the layer
             if rep and name in rep.next.values():
                 continue   # the incoming gradient from the layer above
             zero_first(name, f"d_{name}", out)
-        out.append(call_for(b, b.op.backward, in_body, True))
+        out.append(call_for(b, b.op.backward, in_body))
 
     loss_numel = None
     for st in steps:
@@ -686,8 +653,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             for n in reversed(rep.body):
                 for o, name in _pairs(bound[n.name]):
                     t = bound[n.name].tensors[o.name]
-                    if (t is not None and t.kind == "act" and o.grad and o.dtype == "float" and not t.per_layer
-                            and name not in rep.carry):
+                    if _has_act_grad(o, t) and not t.per_layer and name not in rep.carry:
                         zero_first(name, f"d_{name}", bwd)
             body: list[Stmt] = []
             for c, nx in rep.next.items():
@@ -724,7 +690,12 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
         for n in (item.body if isinstance(item, Repeat) else [item]):
             if n.op not in used:
                 used.append(n.op)
-    return Program(spec, config, layout, fwd, bwd, used, inputs, loss_numel, plan)
+    return Program(spec, config, layout, fwd, bwd, used, inputs, loss_numel)
+
+
+def _has_act_grad(o: O.Operand, t: TensorDecl | None) -> bool:
+    """Whether operand ``o``, bound to ``t``, carries a gradient through an activation-gradient buffer."""
+    return t is not None and t.kind == "act" and o.grad and o.dtype == "float"
 
 
 def _pairs(b: Bound) -> list[tuple[O.Operand, str]]:
@@ -739,7 +710,10 @@ def _render_arg(e: E.Expr, names: dict[str, str]) -> str:
         return e.to_c()
     if isinstance(e, E.BinOp):
         op = "/" if e.op == "//" else e.op
-        return f"{_render_arg(e.left, names)} {op} {_render_arg(e.right, names)}"
+
+        def side(x: E.Expr) -> str:   # a nested sum or product keeps its parentheses
+            return f"({_render_arg(x, names)})" if isinstance(x, E.BinOp) else _render_arg(x, names)
+        return f"{side(e.left)} {op} {side(e.right)}"
     if isinstance(e, E.Neg):
         return f"-{_render_arg(e.x, names)}"
     return e.to_c()

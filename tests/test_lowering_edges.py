@@ -202,3 +202,12 @@ def test_model_file_name_cannot_break_out_of_a_comment(tmp_path):
     code = render_program(lower(spec, spec.resolve()))["model.c"]
     assert not any(line.startswith("static int x") for line in code.splitlines())
     assert "m??include??stdlib.h??static?int?x???system?0???int?y.yaml" in code   # one line, inert
+
+
+def test_call_arguments_keep_their_parentheses():
+    from gpt2gen import expr as E
+    from gpt2gen.lower import _render_arg
+    names = {"a": "x", "b": "y", "c": "z"}
+    assert _render_arg(E.parse("(a + b) * c"), names) == "(x + y) * z"
+    assert _render_arg(E.parse("a - (b - c)"), names) == "x - (y - z)"
+    assert _render_arg(E.parse("B * T"), {"B": "B", "T": "T"}) == "B * T"
