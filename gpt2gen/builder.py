@@ -22,6 +22,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import lower as _lower
 from . import render as _render
@@ -124,6 +125,27 @@ def _python_includes() -> list[str]:
     return [inc, pybind11.get_include()]
 
 
+def _build_once(product: Path, make: Callable[[Path], None]) -> bool:
+    """Build ``product`` unless the cache has it; returns whether this call built it.
+
+    ``make(tmp)`` writes the product to a temporary name, which is renamed into place when complete;
+    builders of the same product take a file lock and re-check, so concurrent builds compile it once
+    and nobody sees half a file. A failed build leaves no temporary behind.
+    """
+    if product.exists():
+        return False
+    with file_lock(product.parent / ".lock"):
+        if product.exists():
+            return False
+        tmp = product.with_name(f".{product.stem}.{os.getpid()}{product.suffix}")
+        try:
+            make(tmp)
+            os.replace(tmp, product)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return True
+
+
 def binding_key(tc: dict[str, str]) -> str:
     import pybind11
     return digest((csrc_dir() / "binding.cpp").read_text(), (csrc_dir() / "gpt2gen_abi.h").read_text(), tc["cxx"],
@@ -134,16 +156,12 @@ def binding_object(tc: dict[str, str]) -> Path:
     """The compiled binding, shared by every model (built once per toolchain and Python)."""
     src = csrc_dir() / "binding.cpp"
     obj = cache_root() / "binding" / binding_key(tc) / "binding.o"
-    if obj.exists():
-        return obj
-    with file_lock(obj.parent / ".lock"):
-        if obj.exists():
-            return obj
-        includes = _python_includes()
-        tmp = obj.with_name(f".binding.{os.getpid()}.o")
-        cmd = [tc["cxx"], *CXX_FLAGS, *[f"-I{i}" for i in includes], f"-I{csrc_dir()}", "-c", str(src), "-o", str(tmp)]
-        _run(cmd, "compiling the Python binding", src)
-        os.replace(tmp, obj)
+
+    def make(tmp: Path) -> None:
+        includes = [f"-I{i}" for i in _python_includes()]
+        _run([tc["cxx"], *CXX_FLAGS, *includes, f"-I{csrc_dir()}", "-c", str(src), "-o", str(tmp)],
+             "compiling the Python binding", src)
+    _build_once(obj, make)
     return obj
 
 
@@ -166,24 +184,22 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
     if out is not None:
         _render.write_sources(sources, Path(out))
     tc = toolchain()
+    ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = digest(*[f"{k}\n{v}" for k, v in sorted(sources.items())], *[f"{k}={v}" for k, v in sorted(tc.items())],
-                 " ".join(C_FLAGS + LINK_FLAGS), sysconfig.get_config_var("EXT_SUFFIX") or ".so", binding_key(tc))
+                 " ".join(C_FLAGS + LINK_FLAGS), ext_suffix, binding_key(tc))
     directory = cache_root() / "models" / f"{program.spec.name}-{target}-{key}"
     module = f"gg_{key}"
-    ext = directory / (module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    ext = directory / (module + ext_suffix)
     if ext.exists():
         return Built(program, target, key, directory, ext, sources, False)
     _check_openmp(tc)
     binding = binding_object(tc)
-    with file_lock(directory / ".lock"):
-        if ext.exists():
-            return Built(program, target, key, directory, ext, sources, False)
+
+    def make(tmp: Path) -> None:
         t0 = time.perf_counter()
         for name, text in sources.items():
             write_if_changed(directory / name, text)
         src = directory / _render.renderer_for(target).source_name
-        obj = directory / f".model.{os.getpid()}.o"
-        _run([tc["cc"], *C_FLAGS, f"-I{csrc_dir()}", "-c", str(src), "-o", str(obj)], "compiling the generated model", src)
         # Python finds a module by the name in its file, and a process may load many models: give each
         # build its own module name with a two-line init that forwards to the shared binding's.
         shim = directory / "module_init.c"
@@ -191,17 +207,19 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
                                f"extern void* PyInit_{MODULE}(void);\n"
                                f"__attribute__((visibility(\"default\"))) void* PyInit_{module}(void) "
                                f"{{ return PyInit_{MODULE}(); }}\n")
-        shim_obj = directory / f".module_init.{os.getpid()}.o"
-        _run([tc["cc"], "-fPIC", "-c", str(shim), "-o", str(shim_obj)], "compiling the module init")
-        tmp = directory / f".{module}.{os.getpid()}.so"
-        _run([tc["cxx"], *LINK_FLAGS, str(binding), str(obj), str(shim_obj), "-o", str(tmp)],
-             "linking the model extension")
-        os.replace(tmp, ext)
-        obj.unlink(missing_ok=True)
-        shim_obj.unlink(missing_ok=True)
+        objs = [tmp.with_suffix(".model.o"), tmp.with_suffix(".init.o")]
+        try:
+            _run([tc["cc"], *C_FLAGS, f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
+                 "compiling the generated model", src)
+            _run([tc["cc"], "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
+            _run([tc["cxx"], *LINK_FLAGS, str(binding), *map(str, objs), "-o", str(tmp)], "linking the model extension")
+        finally:
+            for o in objs:
+                o.unlink(missing_ok=True)
         if verbose:
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
-    return Built(program, target, key, directory, ext, sources, True)
+    compiled = _build_once(ext, make)
+    return Built(program, target, key, directory, ext, sources, compiled)
 
 
 def load_extension(path: Path):
@@ -239,12 +257,10 @@ def kernels_library(op_names: list[str], target: str = "cpu") -> Path:
     if lib.exists():
         return lib
     _check_openmp(tc)
-    with file_lock(lib.parent / ".lock"):
-        if lib.exists():
-            return lib
+
+    def make(tmp: Path) -> None:
         src = lib.with_name("kernels.c")
         write_if_changed(src, source)
-        tmp = lib.with_name(f".kernels.{os.getpid()}.so")
         _run([tc["cc"], *C_FLAGS, "-shared", str(src), "-o", str(tmp)], "compiling the op kernels", src)
-        os.replace(tmp, lib)
+    _build_once(lib, make)
     return lib
