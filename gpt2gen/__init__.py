@@ -5,6 +5,7 @@ A YAML model file (``model.yaml``) is loaded and checked (``spec``), lowered aga
 compiled and cached (``builder``) and driven from Python (``runtime``).
 """
 __version__ = "0.1.0"
+__all__ = ["build", "from_hf", "from_llmc", "__version__"]
 
 
 from .builder import build  # noqa: E402  (gpt2gen.build(model, target, **overrides) -> Model)

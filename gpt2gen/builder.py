@@ -27,7 +27,7 @@ from typing import Callable
 from . import lower as _lower
 from . import render as _render
 from . import spec as _spec
-from .cache import cache_root, digest, file_lock, write_if_changed
+from .cache import atomic_path, cache_root, digest, file_lock, write_if_changed
 from .resources import csrc_dir, find_model
 
 C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-fno-math-errno"]  # errno is never read
@@ -137,12 +137,8 @@ def _build_once(product: Path, make: Callable[[Path], None]) -> bool:
     with file_lock(product.parent / ".lock"):
         if product.exists():
             return False
-        tmp = product.with_name(f".{product.stem}.{os.getpid()}{product.suffix}")
-        try:
+        with atomic_path(product) as tmp:
             make(tmp)
-            os.replace(tmp, product)
-        finally:
-            tmp.unlink(missing_ok=True)
     return True
 
 

@@ -17,15 +17,16 @@ disk never leaves a half-written file where a good one was. Nothing is unpickled
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+
+from .cache import atomic_path, atomic_write_bytes
 
 LLMC_MAGIC = 20240326
 LLMC_FP32 = 3
@@ -43,42 +44,6 @@ STATE_ARENAS = ("params", "m", "v")
 
 class CheckpointError(ValueError):
     """A checkpoint file is truncated, corrupt, of the wrong kind, or does not fit the model."""
-
-
-# --------------------------------------------------------------------------------------------
-# atomic writes
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is fsynced and renamed over ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Atomically create ``path`` by calling ``write(filehandle)``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            write(fh)
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------

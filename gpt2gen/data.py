@@ -25,6 +25,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .cache import atomic_write_bytes
+
 DATA_MAGIC = 20240520
 DATA_VERSION = 1
 HEADER_INTS = 256
@@ -67,19 +69,10 @@ def write_tokens(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) ->
         raise ValueError(f"too many tokens for one file ({arr.size}); llm.c's header holds an int32")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = DATA_MAGIC, DATA_VERSION, arr.size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(header.tobytes())
-            fh.write(arr.astype("<u2").tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    def write(fh) -> None:
+        fh.write(header.tobytes())
+        fh.write(arr.astype("<u2").tobytes())
+    return atomic_write_bytes(path, write)
 
 
 def read_header(path: str | os.PathLike) -> int:
