@@ -163,8 +163,7 @@ def test_model_file_mistakes(tmp_path, edit, message):
 
 
 def test_infinite_attribute(tmp_path):
-    text = BASE.replace("TAIL", "")
-    text = text.replace("{name: loss, op: softmax_crossentropy", "{name: ln, op: layernorm, in: [f, wf, wf], "
+    text = BASE.replace("{name: loss, op: softmax_crossentropy", "{name: ln, op: layernorm, in: [f, wf, wf], "
                         "out: [f2, f2m, f2r], eps: 1e999}\n  - {name: loss, op: softmax_crossentropy")
     assert "finite" in error_of(tmp_path, text.replace("  f: [B, T, C]", "  f: [B, T, C]\n  f2: [B, T, C]\n"
                                                        "  f2m: [B, T]\n  f2r: [B, T]"))
