@@ -11,7 +11,7 @@ every gradient it is given, so the lowering decides where gradient buffers start
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import expr as E
 
@@ -45,7 +45,6 @@ class OpDef:
     template: str
     attrs: tuple[Attr, ...] = ()
     checks: tuple[tuple[str, str], ...] = ()   # (relation over letters, what it means) e.g. ("C % NH", ...)
-    kernels: tuple[str, ...] = field(default=())  # other kernel templates this one needs
 
     def operand(self, name: str) -> Operand:
         for o in self.inputs + self.outputs:

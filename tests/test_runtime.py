@@ -111,3 +111,15 @@ def test_update_counts_steps(model):
     assert model.step == 2
     with pytest.raises(ValueError, match="step must be >= 1"):
         model.update(1e-3, step=0)
+
+
+def test_state_dict_round_trip(model):
+    saved = model.state_dict()
+    assert set(saved) == set(model.params) and not np.shares_memory(saved["wte"], model.arenas["params"])
+    model.params["wte"][...] += 1.0
+    model.load_state_dict(saved)
+    np.testing.assert_array_equal(model.params["wte"], saved["wte"])
+    with pytest.raises(KeyError, match="unknown parameter `nope`"):
+        model.load_state_dict({"nope": saved["wte"]})
+    with pytest.raises(ValueError, match="has shape"):
+        model.load_state_dict({"wte": saved["wte"][:3]})
