@@ -55,6 +55,20 @@ GG_KERNEL float gg_mean(const float* x, size_t n) {  // summed in double, in ord
     return (float)(s / (double)n);
 }
 
+// GELU, tanh approximation (GPT-2's, and torch's approximate="tanh"), and its derivative
+#define GG_SQRT_2_OVER_PI 0.7978845608028654f
+
+static inline float gg_gelu_tanh(float x) {
+    float u = GG_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+
+static inline float gg_gelu_tanh_grad(float x) {
+    float th = tanhf(GG_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x));
+    float du_dx = GG_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du_dx;
+}
+
 // ----------------------------------------------------------------------------
 // embedding: out[b,t,:] = table[idx[b,t],:] + pos[t,:]          (templates/c/ops/embedding.c.j2)
 
@@ -410,14 +424,10 @@ GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, siz
 // ----------------------------------------------------------------------------
 // gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
 
-#define GG_GELU_SQRT_2_OVER_PI 0.7978845608028654f
-
 GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float u = GG_GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-        out[i] = 0.5f * x * (1.0f + tanhf(u));
+        out[i] = gg_gelu_tanh(inp[i]);
     }
 }
 
@@ -425,12 +435,7 @@ GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp,
     if (!d_inp) return;
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
-        float u = GG_GELU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
-        float sech2 = 1.0f - th * th;
-        float du_dx = GG_GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
-        d_inp[i] += d_out[i] * (0.5f * (1.0f + th) + 0.5f * x * sech2 * du_dx);
+        d_inp[i] += d_out[i] * gg_gelu_tanh_grad(inp[i]);
     }
 }
 

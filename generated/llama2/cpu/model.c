@@ -59,6 +59,20 @@ GG_KERNEL float gg_mean(const float* x, size_t n) {  // summed in double, in ord
     return (float)(s / (double)n);
 }
 
+// GELU, tanh approximation (GPT-2's, and torch's approximate="tanh"), and its derivative
+#define GG_SQRT_2_OVER_PI 0.7978845608028654f
+
+static inline float gg_gelu_tanh(float x) {
+    float u = GG_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(u));
+}
+
+static inline float gg_gelu_tanh_grad(float x) {
+    float th = tanhf(GG_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x));
+    float du_dx = GG_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du_dx;
+}
+
 // ----------------------------------------------------------------------------
 // token_embedding: out[b,t,:] = table[idx[b,t],:] * scale          (templates/c/ops/token_embedding.c.j2)
 
@@ -447,8 +461,6 @@ GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, siz
 // ----------------------------------------------------------------------------
 // swiglu: out = silu(gate) * up;  geglu: out = gelu_tanh(gate) * up   (templates/c/ops/glu.c.j2)
 
-#define GG_GLU_SQRT_2_OVER_PI 0.7978845608028654f
-
 GG_KERNEL void swiglu_forward(float* out, const float* gate, const float* up, size_t n) {  // all (n)
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
@@ -473,9 +485,7 @@ GG_KERNEL void swiglu_backward(float* d_gate, float* d_up, const float* d_out, c
 GG_KERNEL void geglu_forward(float* out, const float* gate, const float* up, size_t n) {  // all (n)
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float x = gate[i];
-        float u = GG_GLU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-        out[i] = (0.5f * x * (1.0f + tanhf(u))) * up[i];
+        out[i] = gg_gelu_tanh(gate[i]) * up[i];
     }
 }
 
@@ -483,15 +493,8 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
                               const float* up, size_t n) {  // all (n)
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
-        float x = gate[i];
-        float u = GG_GLU_SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
-        if (d_up) d_up[i] += d_out[i] * (0.5f * x * (1.0f + th));
-        if (d_gate) {
-            float du_dx = GG_GLU_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
-            float dgelu = 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * du_dx;
-            d_gate[i] += d_out[i] * up[i] * dgelu;
-        }
+        if (d_up) d_up[i] += d_out[i] * gg_gelu_tanh(gate[i]);
+        if (d_gate) d_gate[i] += d_out[i] * up[i] * gg_gelu_tanh_grad(gate[i]);
     }
 }
 
