@@ -368,7 +368,7 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
         layers = range(dst.shape[0]) if per_layer else [None]
         for layer in layers:
             view = dst[layer] if per_layer else dst
-            candidates = _hf_names(hp, layer)
+            candidates = hp.names(layer)
             hf_name = next((n for n in candidates if n in tensors), None)
             if hf_name is None:
                 tried = " or ".join(repr(n) for n in candidates)
@@ -408,14 +408,6 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
                               f"{', '.join(left[:5])}{more}. Importing without them would give a different "
                               f"model; map them in the model file (or list them under huggingface.ignore if "
                               f"they carry no weights)")
-
-
-def _hf_names(hp, layer: int | None) -> list[str]:
-    """Candidate HF names of a mapping entry (alternatives in order); works for any HFParam-like object."""
-    if hasattr(hp, "names"):
-        return hp.names(layer)
-    names = [n.strip() for n in hp.name.split("|") if n.strip()]
-    return [n.format(layer=layer) for n in names] if layer is not None else names
 
 
 # --------------------------------------------------------------------------------------------
