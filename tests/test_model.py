@@ -2,7 +2,9 @@
 
 Checked: logits, loss, every parameter gradient, and the losses and weights over 10 AdamW steps.
 Tolerances (fp32): logits and loss rtol 1e-4; gradients atol 1e-4 x the largest |gradient| of that
-tensor (sums over B*T positions in another order); the training curve rtol 1e-4.
+tensor (sums over B*T positions in another order); the training curve rtol 1e-4 and the weights within
+the error that gradient tolerance propagates to through AdamW (helpers.AdamWErrorBound), against a
+float64 run so that the bound does not depend on which kernels PyTorch picks on this CPU.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpt2gen
-from helpers import assert_close, scaled_atol
+from helpers import AdamWErrorBound, assert_close, scaled_atol
 from reference import adamw, gpt2_forward, params_to_torch
 
 CONFIGS = {
@@ -59,39 +61,42 @@ def test_smaller_batch_needs_no_rebuild():
 
 
 def test_training_steps_match_pytorch_adamw():
+    """10 AdamW steps against PyTorch's AdamW run in float64 (the exact trajectory, to fp32's eyes).
+
+    Losses: rtol 1e-4. Gradients at every step: within 1e-4 x the tensor's largest |gradient| of the exact
+    ones. Weights: within the bound that this gradient error propagates to through AdamW, element by
+    element (helpers.AdamWErrorBound says how it is derived); a fixed tolerance cannot work here, since an
+    element whose gradient is at rounding level takes a step of about lr set by the rounding noise alone,
+    which differs with the summation order of whichever CPU kernels run.
+    """
     cfg = CONFIGS["odd"]
     model = gpt2gen.build("model.yaml", **cfg)
     idx, targets = batch(model, cfg["B"], cfg["T"], seed=3)
-    p = params_to_torch(model.params)
+    p = {k: t.detach().double().requires_grad_() for k, t in params_to_torch(model.params).items()}
     decay = {t.name: t.decay for t in model.spec.of_kind("param")}
     lr, betas, eps, wd = 3e-3, (0.9, 0.95), 1e-8, 0.1
     opt = adamw(p, decay, lr, betas, eps, wd)
+    bound = AdamWErrorBound(lr, betas, eps, gamma=1e-4)
     ours, theirs = [], []
     for step in range(1, 11):
         ours.append(model.forward(idx, targets))
         model.zero_grad()
         model.backward()
-        model.update(lr, betas[0], betas[1], eps, wd, step)
         opt.zero_grad()
         _, loss = gpt2_forward(p, idx, model.config, targets)
         loss.backward()
-        opt.step()
         theirs.append(loss.item())
-    print("losses (gpt2gen):", np.round(ours, 5))
-    print("losses (pytorch):", np.round(theirs, 5))
+        for name, t in p.items():
+            bound.check_grad(name, model.grads[name], t.grad.numpy())
+        model.update(lr, betas[0], betas[1], eps, wd, step)
+        opt.step()
+        bound.add_step({name: opt.state[t]["exp_avg_sq"].numpy() for name, t in p.items()})
+    print("losses (gpt2gen):        ", np.round(ours, 5))
+    print("losses (pytorch float64):", np.round(theirs, 5))
     assert ours[-1] < ours[0] - 0.5, "training on one batch should drive the loss down"
     assert_close("loss curve", ours, theirs, rtol=1e-4)
-    C = model.config["C"]
     for name, t in p.items():
-        got, want = model.params[name].copy(), t.detach().numpy().copy()
-        if name == "qkvb":
-            # The key bias adds the same amount to every score of a query, which softmax ignores: its true
-            # gradient is exactly 0, so both sides hand Adam rounding noise, which Adam turns into steps of
-            # up to lr. Those entries can only be bounded; all the others must match.
-            k_got, k_want = got[:, C:2 * C], want[:, C:2 * C]
-            assert np.abs(k_got).max() <= 10 * lr and np.abs(k_want).max() <= 10 * lr
-            got[:, C:2 * C] = want[:, C:2 * C] = 0
-        assert_close(f"param {name} after 10 steps", got, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
+        bound.check_weight(name, model.params[name], t.detach().numpy())
 
 
 def test_gpt2_124m_shape():
