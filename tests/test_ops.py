@@ -18,8 +18,6 @@ from gpt2gen import ops as O
 from gpt2gen.builder import kernels_library
 from helpers import Fl, I, P, Z, assert_close, check_grad, f32, scaled_atol, start_grad
 
-torch.manual_seed(0)
-
 
 @pytest.fixture(scope="module")
 def lib():
@@ -74,12 +72,19 @@ def test_layernorm(lib, B, T, C):
     natural = float(np.abs(f32(dout) * f32(w)).max() * rstd.max())
     want = dx0.astype(np.float64) + x.grad.numpy()
     assert_close("d_inp", dx, want, rtol=1e-5, atol=1e-5 * max(natural, float(np.abs(want).max())))
-    check_grad("d_weight", dw, dw0, w.grad)
+    # d_weight sums d_out * (x - mean) * rstd: where x - mean cancels (C = 1: exactly 0) autograd returns the
+    # rounding of its own centering, up to a few ulps of |x| times rstd per row, summed over the rows
+    want = dw0.astype(np.float64) + w.grad.numpy()
+    centering = float((np.abs(f32(dout)) * np.abs(f32(x)) * rstd[:, None]).sum(0).max()) * 8 * 2.0 ** -24
+    assert_close("d_weight", dw, want, rtol=1e-5, atol=scaled_atol(want, 1e-5) + centering)
     check_grad("d_bias", db, db0, b.grad)
 
 
 @pytest.mark.parametrize("N,C,OC,bias", [(1, 1, 1, True), (1, 7, 3, False), (5, 13, 7, True), (8, 16, 6, True),
-                                         (9, 33, 5, False), (12, 64, 130, True)])
+                                         (9, 33, 5, False), (12, 64, 130, True),
+                                         # past one reduction block (256) and one packed column block (384),
+                                         # with partial register blocks on every side
+                                         (37, 300, 530, True), (61, 520, 45, False), (14, 257, 385, True)])
 def test_matmul(lib, N, C, OC, bias):
     rng = np.random.default_rng(3)
     x = torch.randn(N, C, requires_grad=True)
