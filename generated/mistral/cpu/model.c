@@ -176,73 +176,125 @@ GG_KERNEL void rmsnorm_backward(float* d_inp,        // (N,C) accumulated
 // matmul: out[r,o] = bias[o] + sum_i inp[r,i] * weight[o,i]    (templates/c/ops/matmul.c.j2)
 
 #define GG_MM_KBLOCK 256               // reduction block
-#define GG_MM_NBLOCK 256               // columns packed at a time: GG_MM_KBLOCK x GG_MM_NBLOCK floats
+#define GG_MM_NBLOCK 384               // columns packed at a time: GG_MM_KBLOCK x GG_MM_NBLOCK floats (384 KiB)
 
-// acc[k][j] = sum_{q<nq} a[q*4 + k] * b[q*16 + j]: a 4x16 block in registers from packed panels
-static inline void mm_kernel_4x16(float acc[4][16], const float* a, const float* b, int nq) {
-    memset(acc, 0, 4 * 16 * sizeof(float));
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define GG_MM_MR 12
+#define GG_MM_NR 32
+// acc = sum_{q<nq} a[q*MR + k] * b[q*NR + j] for a 12 x 32 block: 24 zmm accumulators, two B vectors a step
+static inline void mm_kernel(float* restrict acc, const float* restrict a, const float* restrict b, int nq) {
+    __m512 c[GG_MM_MR][2];
+    for (int k = 0; k < GG_MM_MR; k++) c[k][0] = c[k][1] = _mm512_setzero_ps();
     for (int q = 0; q < nq; q++) {
-        const float* bq = b + q * 16;
-        float a0 = a[q * 4], a1 = a[q * 4 + 1], a2 = a[q * 4 + 2], a3 = a[q * 4 + 3];
-        #pragma omp simd
-        for (int j = 0; j < 16; j++) {
-            acc[0][j] += a0 * bq[j];
-            acc[1][j] += a1 * bq[j];
-            acc[2][j] += a2 * bq[j];
-            acc[3][j] += a3 * bq[j];
+        __m512 b0 = _mm512_load_ps(b + q * GG_MM_NR), b1 = _mm512_load_ps(b + q * GG_MM_NR + 16);
+        const float* aq = a + q * GG_MM_MR;
+        for (int k = 0; k < GG_MM_MR; k++) {     // unrolled by the compiler: MR is a constant
+            __m512 ak = _mm512_set1_ps(aq[k]);
+            c[k][0] = _mm512_fmadd_ps(ak, b0, c[k][0]);
+            c[k][1] = _mm512_fmadd_ps(ak, b1, c[k][1]);
+        }
+    }
+    for (int k = 0; k < GG_MM_MR; k++) {
+        _mm512_store_ps(acc + k * GG_MM_NR, c[k][0]);
+        _mm512_store_ps(acc + k * GG_MM_NR + 16, c[k][1]);
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define GG_MM_MR 6
+#define GG_MM_NR 16
+// the 6 x 16 block: 12 ymm accumulators, two B vectors and one broadcast (15 of 16 registers)
+static inline void mm_kernel(float* restrict acc, const float* restrict a, const float* restrict b, int nq) {
+    __m256 c[GG_MM_MR][2];
+    for (int k = 0; k < GG_MM_MR; k++) c[k][0] = c[k][1] = _mm256_setzero_ps();
+    for (int q = 0; q < nq; q++) {
+        __m256 b0 = _mm256_load_ps(b + q * GG_MM_NR), b1 = _mm256_load_ps(b + q * GG_MM_NR + 8);
+        const float* aq = a + q * GG_MM_MR;
+        for (int k = 0; k < GG_MM_MR; k++) {
+            __m256 ak = _mm256_broadcast_ss(aq + k);
+            c[k][0] = _mm256_fmadd_ps(ak, b0, c[k][0]);
+            c[k][1] = _mm256_fmadd_ps(ak, b1, c[k][1]);
+        }
+    }
+    for (int k = 0; k < GG_MM_MR; k++) {
+        _mm256_store_ps(acc + k * GG_MM_NR, c[k][0]);
+        _mm256_store_ps(acc + k * GG_MM_NR + 8, c[k][1]);
+    }
+}
+#else
+#define GG_MM_MR 4
+#define GG_MM_NR 16
+static inline void mm_kernel(float* restrict acc, const float* restrict a, const float* restrict b, int nq) {
+    memset(acc, 0, GG_MM_MR * GG_MM_NR * sizeof(float));
+    for (int q = 0; q < nq; q++) {
+        const float* bq = b + q * GG_MM_NR;
+        for (int k = 0; k < GG_MM_MR; k++) {
+            float ak = a[q * GG_MM_MR + k];
+            #pragma omp simd
+            for (int j = 0; j < GG_MM_NR; j++) acc[k * GG_MM_NR + j] += ak * bq[j];
         }
     }
 }
+#endif
+
+// The packed panels of the shared operand: one buffer per calling thread, allocated on first use.
+static _Thread_local float* gg_mm_bpack;
 
 // out (rows x cols, row stride ldo) += A . Bm, a (rows x K) by (K x cols) product where
 //   A[r][q] = a[r*ar + q*aq]  and  Bm[q][c] = b[q*bq + c*bc],
-// so that any operand may be read transposed. Threads split the rows four at a time, the same rows
+// so that any operand may be read transposed. Threads split the rows MR at a time, the same rows
 // in every block, and each output element adds its K-blocks in order.
 static void mm_gemm(float* out, size_t ldo, int rows, int cols, const float* a, size_t ar, size_t aq,
                     const float* b, size_t bq, size_t bc, int K) {
-    float* bpack = (float*)malloc(sizeof(float) * GG_MM_KBLOCK * GG_MM_NBLOCK);
-    int n_rblocks = (rows + 3) / 4;
+    if (!gg_mm_bpack) {
+        gg_mm_bpack = (float*)aligned_alloc(64, sizeof(float) * GG_MM_KBLOCK * GG_MM_NBLOCK);
+        if (!gg_mm_bpack) abort();       // 384 KiB: only an exhausted machine gets here
+    }
+    float* bpack = gg_mm_bpack;
+    int n_rblocks = (rows + GG_MM_MR - 1) / GG_MM_MR;
     #pragma omp parallel
     {
-        float apack[GG_MM_KBLOCK * 4];
+        float apack[GG_MM_KBLOCK * GG_MM_MR] __attribute__((aligned(64)));
+        float acc[GG_MM_MR * GG_MM_NR] __attribute__((aligned(64)));
         for (int q0 = 0; q0 < K; q0 += GG_MM_KBLOCK) {
             int nq = K - q0 < GG_MM_KBLOCK ? K - q0 : GG_MM_KBLOCK;
             for (int c0 = 0; c0 < cols; c0 += GG_MM_NBLOCK) {
                 int nc = cols - c0 < GG_MM_NBLOCK ? cols - c0 : GG_MM_NBLOCK;
-                int n_panels = (nc + 15) / 16;
-                // pack Bm[q0:q0+nq, c0:c0+nc] as panels of 16 columns: panel p holds [q][j] at p*nq*16 + q*16 + j
+                int n_panels = (nc + GG_MM_NR - 1) / GG_MM_NR;
+                // pack Bm[q0:q0+nq, c0:c0+nc] as panels of NR columns: panel p holds [q][j] at (p*nq + q)*NR + j
                 #pragma omp for schedule(static)
                 for (int pnl = 0; pnl < n_panels; pnl++) {
-                    float* dst = bpack + (size_t)pnl * nq * 16;
+                    float* dst = bpack + (size_t)pnl * nq * GG_MM_NR;
+                    int nj = nc - pnl * GG_MM_NR < GG_MM_NR ? nc - pnl * GG_MM_NR : GG_MM_NR;
+                    const float* src = b + (size_t)q0 * bq + (size_t)(c0 + pnl * GG_MM_NR) * bc;
                     for (int q = 0; q < nq; q++) {
-                        for (int j = 0; j < 16; j++) {
-                            int c = pnl * 16 + j;
-                            dst[q * 16 + j] = c < nc ? b[(size_t)(q0 + q) * bq + (size_t)(c0 + c) * bc] : 0.0f;
-                        }
+                        for (int j = 0; j < nj; j++) dst[q * GG_MM_NR + j] = src[(size_t)q * bq + (size_t)j * bc];
+                        for (int j = nj; j < GG_MM_NR; j++) dst[q * GG_MM_NR + j] = 0.0f;
                     }
                 }  // (implicit barrier: every panel is packed before any thread reads one)
                 #pragma omp for schedule(static)
                 for (int rb = 0; rb < n_rblocks; rb++) {
-                    int r0 = rb * 4, nr = rows - r0 < 4 ? rows - r0 : 4;
-                    for (int q = 0; q < nq; q++) {  // pack A[r0:r0+4, q0:q0+nq] as [q][k]
-                        for (int k = 0; k < 4; k++) {
-                            apack[q * 4 + k] = k < nr ? a[(size_t)(r0 + k) * ar + (size_t)(q0 + q) * aq] : 0.0f;
-                        }
+                    int r0 = rb * GG_MM_MR, nr = rows - r0 < GG_MM_MR ? rows - r0 : GG_MM_MR;
+                    const float* src = a + (size_t)r0 * ar + (size_t)q0 * aq;
+                    for (int q = 0; q < nq; q++) {  // pack A[r0:r0+MR, q0:q0+nq] as [q][k]
+                        for (int k = 0; k < nr; k++) apack[q * GG_MM_MR + k] = src[(size_t)k * ar + (size_t)q * aq];
+                        for (int k = nr; k < GG_MM_MR; k++) apack[q * GG_MM_MR + k] = 0.0f;
                     }
                     for (int pnl = 0; pnl < n_panels; pnl++) {
-                        float acc[4][16];
-                        mm_kernel_4x16(acc, apack, bpack + (size_t)pnl * nq * 16, nq);
-                        int cj = c0 + pnl * 16, nj = cols - cj < 16 ? cols - cj : 16;
+                        mm_kernel(acc, apack, bpack + (size_t)pnl * nq * GG_MM_NR, nq);
+                        int cj = c0 + pnl * GG_MM_NR, nj = cols - cj < GG_MM_NR ? cols - cj : GG_MM_NR;
                         for (int k = 0; k < nr; k++) {
                             float* o = out + (size_t)(r0 + k) * ldo + cj;
-                            for (int j = 0; j < nj; j++) o[j] += acc[k][j];
+                            const float* ak = acc + k * GG_MM_NR;
+                            #pragma omp simd
+                            for (int j = 0; j < nj; j++) o[j] += ak[j];
                         }
                     }
                 }  // (implicit barrier: the panels are not repacked while a thread still reads them)
             }
         }
     }
-    free(bpack);
 }
 
 GG_KERNEL void matmul_forward(float* out,           // (N,OC)
