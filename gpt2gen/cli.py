@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only report files that are out of date (exit 1 if any)")
     p.set_defaults(func=cmd_generate)
 
-    for module in ("data", "train", "plot"):
+    for module in ("data", "train", "plot", "bench"):
         try:
             mod = __import__(f"gpt2gen.{module}", fromlist=["add_subcommand"])
         except ImportError:
