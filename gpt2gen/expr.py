@@ -10,6 +10,11 @@ Grammar (all a model file can say in an expression)::
 Functions: ``sqrt``, ``min``, ``max``, ``round_up(x, m)`` (smallest multiple of m >= x).
 ``/`` divides exactly: on integers it must leave no remainder where an integer is needed.
 An expression evaluates to a Python int or float and renders to C over named constants.
+
+Every value an expression can produce is one the generated C can hold: literals and every
+intermediate result are finite, and whole numbers stay within C's 64-bit range (a result outside it
+is an ``ExprError``, never an ``inf`` that would render as ``inff``). Expressions are bounded in
+length and nesting, so a hostile model file cannot exhaust the parser's recursion.
 """
 from __future__ import annotations
 
@@ -22,11 +27,59 @@ Number = Union[int, float]
 
 FUNCTIONS = {"sqrt": 1, "min": 2, "max": 2, "round_up": 2}
 
+# Bounds on one expression: far beyond any real shape or scale (the shipped models' longest is ~70
+# characters and 3 levels deep), and far below what the recursive parser and evaluator can take.
+MAX_CHARS = 1000
+MAX_TOKENS = 256
+MAX_NESTING = 32
+INT_LIMIT = 2 ** 63            # whole numbers must fit C's long long (config constants render as one)
+FLT_MAX = 3.4028234663852886e38          # the largest finite C float
+FLT_MIN = 1.1754943508222875e-38         # the smallest normal C float
+
 _TOKEN = re.compile(r"\s*(?:(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)|(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(//|[-+*/%(),]))")
 
 
 class ExprError(ValueError):
     """A malformed expression or one that cannot be evaluated (unknown name, inexact division, ...)."""
+
+
+class ExprRangeError(ExprError):
+    """A number or a result the generated C cannot hold (infinite, NaN, beyond 64 bits), or an expression
+    too long or too deeply nested to parse."""
+
+
+def checked(value: Number, where: "Expr | str") -> Number:
+    """``value`` if the generated C can hold it: finite, and a whole number within 64 bits.
+
+    Every literal and every intermediate result passes through here, so an overflow is reported at the
+    operation that caused it instead of surfacing later as ``inf``/``nan`` in the C source."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ExprRangeError(f"`{where}` is {value}: not a finite number (a value must stay within about 1e308)")
+    if isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+        raise ExprRangeError(f"`{where}` is too large: whole numbers must stay within +-2**63 (C's long long)")
+    return value
+
+
+C_INT_MAX = 2 ** 31 - 1        # kernels take dimensions and int attributes as C `int`
+
+
+def c_int(value: int, what: str) -> int:
+    """``value`` if a kernel's C ``int`` parameter can take it; beyond that it would silently wrap around."""
+    if not -C_INT_MAX - 1 <= value <= C_INT_MAX:
+        raise ExprRangeError(f"{what} = {value} is beyond the range of the kernels' C int (at most 2**31 - 1)")
+    return value
+
+
+def c_float_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a C ``float`` constant, or None: beyond FLT_MAX it would be infinite, and
+    a non-zero value below FLT_MIN would be flushed to zero or lose its precision."""
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if abs(value) > FLT_MAX:
+        return f"{value!r} is beyond the range of a C float (at most about 3.4e38)"
+    if value != 0 and abs(value) < FLT_MIN:
+        return f"{value!r} is too small for a C float (it would become 0 or lose precision; at least about 1.2e-38)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,6 +112,15 @@ class Expr:
 @dataclass(frozen=True)
 class Num(Expr):
     value: Number
+
+    def __post_init__(self):
+        v = self.value
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ExprRangeError(f"the number {v} is not finite (YAML's .inf, .nan, or a literal beyond about 1e308)")
+        if isinstance(v, int) and not -INT_LIMIT < v < INT_LIMIT:
+            text = repr(v)
+            raise ExprRangeError(f"the number {text if len(text) <= 24 else text[:20] + '...'} is too large "
+                                 f"(whole numbers must stay within +-2**63)")
 
     def eval(self, env):
         return self.value
@@ -97,7 +159,7 @@ class Neg(Expr):
     x: Expr
 
     def eval(self, env):
-        return -self.x.eval(env)
+        return checked(-self.x.eval(env), self)
 
     def names(self):
         return self.x.names()
@@ -116,7 +178,9 @@ class BinOp(Expr):
     right: Expr
 
     def eval(self, env):
-        a, b = self.left.eval(env), self.right.eval(env)
+        return checked(self._apply(self.left.eval(env), self.right.eval(env)), self)
+
+    def _apply(self, a: Number, b: Number) -> Number:
         if self.op == "+":
             return a + b
         if self.op == "-":
@@ -150,7 +214,9 @@ class Call(Expr):
     args: tuple[Expr, ...]
 
     def eval(self, env):
-        v = [a.eval(env) for a in self.args]
+        return checked(self._apply([a.eval(env) for a in self.args]), self)
+
+    def _apply(self, v: list[Number]) -> Number:
         if self.fn == "sqrt":
             if v[0] < 0:
                 raise ExprError(f"sqrt of a negative number in `{self}`")
@@ -185,8 +251,11 @@ class Call(Expr):
 
 class _Parser:
     def __init__(self, text: str):
+        if len(text) > MAX_CHARS:
+            raise ExprRangeError(f"an expression of {len(text)} characters is too long (at most {MAX_CHARS})")
         self.text = text
         self.toks: list[tuple[str, str]] = []
+        self.depth = 0
         pos = 0
         stripped = text.rstrip()
         while pos < len(stripped):
@@ -203,7 +272,15 @@ class _Parser:
             else:
                 self.toks.append(("op", op))
             pos = m.end()
+        if len(self.toks) > MAX_TOKENS:
+            raise ExprRangeError(f"an expression of {len(self.toks)} tokens is too long (at most {MAX_TOKENS})")
         self.i = 0
+
+    def nested(self) -> None:
+        """Enter one level of parentheses, unary minus or call (the parser recurses once per level)."""
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ExprRangeError(f"expression `{self.text}` is nested more than {MAX_NESTING} levels deep")
 
     def peek(self) -> tuple[str, str] | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
@@ -243,34 +320,52 @@ class _Parser:
         t = self.peek()
         if t and t[1] == "-":
             self.take()
-            return Neg(self.unary())
+            self.nested()
+            e = Neg(self.unary())
+            self.depth -= 1
+            return e
         return self.atom()
 
     def atom(self) -> Expr:
         kind, val = self.take()
-        if kind == "int":
-            return Num(int(val))
-        if kind == "num":
-            return Num(float(val))
+        if kind in ("int", "num"):
+            return self.number(kind, val)
         if kind == "name":
             if (t := self.peek()) and t[1] == "(":
                 if val not in FUNCTIONS:
                     raise ExprError(f"unknown function `{val}` in expression `{self.text}` (known: {', '.join(FUNCTIONS)})")
                 self.take("(")
+                self.nested()
                 args = [self.expr()]
                 while (t := self.peek()) and t[1] == ",":
                     self.take()
                     args.append(self.expr())
                 self.take(")")
+                self.depth -= 1
                 if len(args) != FUNCTIONS[val]:
                     raise ExprError(f"`{val}` takes {FUNCTIONS[val]} argument(s) in expression `{self.text}`")
                 return Call(val, tuple(args))
             return Name(val)
         if val == "(":
+            self.nested()
             e = self.expr()
             self.take(")")
+            self.depth -= 1
             return e
         raise ExprError(f"unexpected `{val}` in expression `{self.text}`")
+
+    def number(self, kind: str, val: str) -> Num:
+        """A literal, refused when C could not hold it (``1e999`` would otherwise render as ``inff``)."""
+        if kind == "int" and len(val.lstrip("0")) > 19:      # int() of thousands of digits is slow or refused
+            raise ExprRangeError(f"the number {val[:24]}... in expression `{self.text}` is too large "
+                                 f"(whole numbers must stay within +-2**63)")
+        value = int(val) if kind == "int" else float(val)
+        try:
+            return Num(value)
+        except ExprError:
+            raise ExprRangeError(f"the number {val} in expression `{self.text}` is too large: "
+                                 + ("it is infinite as a float" if kind == "num"
+                                    else "whole numbers must stay within +-2**63")) from None
 
 
 def parse(text: str | int | float) -> Expr:
@@ -278,7 +373,7 @@ def parse(text: str | int | float) -> Expr:
     if isinstance(text, bool):
         raise ExprError(f"expected a number or an expression, got {text!r}")
     if isinstance(text, (int, float)):
-        return Num(text)
+        return Num(text)        # a YAML number: checked like a literal (`.inf`, `.nan` and 1e999 are refused)
     if not isinstance(text, str):
         raise ExprError(f"expected a number or an expression, got {type(text).__name__}")
     return _Parser(text).parse()
@@ -290,3 +385,62 @@ def product_c(dims: list[Expr]) -> str:
         return "1"
     parts = [d.to_c() for d in dims]
     return "(size_t)" + " * ".join(parts)
+
+
+def failed_relation(rel: str, values: Mapping[str, Number],
+                    labels: Mapping[str, str] | None = None) -> tuple[str, str | None] | None:
+    """Check a relation between letters, ``C % NH == 0`` or ``T <= P``: None when it holds, else what
+    fails, with every letter's value, and a hint that says which value to change and to what.
+
+    ``labels`` name each letter as the model file does (``heads: NKV`` binds an op's ``K`` to ``NKV``);
+    a hint can only suggest ``--set`` for a letter whose label is a config name."""
+    labels = dict(labels or {})
+    cmp = "<=" if "<=" in rel else "=="
+    lhs, rhs = (parse(side) for side in rel.split(cmp))
+    try:
+        a, b = lhs.eval(values), rhs.eval(values)
+    except ExprError as err:                     # e.g. `C % NH` where NH is 0
+        return f"{rel}, which cannot be evaluated: {err}", None
+    if (a <= b) if cmp == "<=" else (a == b):
+        return None
+    letters = list(dict.fromkeys(re.findall(r"[A-Za-z_]\w*", rel)))
+
+    def label(n: str) -> str:
+        return labels.get(n, n)
+    shown = ", ".join(f"{n} = {values[n]}" if label(n) == n else f"{n} = {label(n)} = {values[n]}" for n in letters)
+    text = f"{rel}, which does not hold: {shown}"
+    if not isinstance(lhs, (Name, Num)):
+        text += f" ({lhs.text()} = {a})"
+    return text, _relation_hint(lhs, rhs, cmp, values, label)
+
+
+def _relation_hint(lhs: Expr, rhs: Expr, cmp: str, values: Mapping[str, Number], label) -> str | None:
+    """What to change so that ``x % y == 0`` or ``x <= y`` holds, in the model file's names."""
+    def setting(e: Expr, goal: str, examples: list[int] = ()) -> str:
+        name = label(e.id) if isinstance(e, Name) else e.text()
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            return f"make `{name}` {goal}"
+        eg = " or ".join(f"--set {name}={v}" for v in examples)
+        return f"set {name} to {goal}" + (f" (e.g. {eg})" if eg else "")
+
+    if cmp == "==" and isinstance(lhs, BinOp) and lhs.op == "%" and rhs == Num(0):
+        x, y = lhs.left.eval(values), lhs.right.eval(values)
+        if not (isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0):
+            return None
+        near = [d for d in range(y - 1, max(y - 10_000, 0), -1) if x % d == 0][:1]
+        near += [d for d in range(y + 1, min(y + 10_000, x) + 1) if x % d == 0][:1]
+        parts = []
+        if not isinstance(lhs.right, Num):
+            parts.append(setting(lhs.right, f"a divisor of {x}", near))
+        if not isinstance(lhs.left, Num):
+            parts.append(setting(lhs.left, f"a multiple of {y}", [-(-x // y) * y]))
+        return ", or ".join(parts) or None
+    if cmp == "<=":
+        x, y = lhs.eval(values), rhs.eval(values)
+        parts = []
+        if not isinstance(lhs, Num):
+            parts.append(setting(lhs, f"at most {y}"))
+        if not isinstance(rhs, Num):
+            parts.append(setting(rhs, f"at least {x}"))
+        return ", or ".join(parts) or None
+    return None

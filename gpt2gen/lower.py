@@ -13,7 +13,6 @@ and in ``gpt2gen.layout``.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -126,7 +125,7 @@ class _Ctx:
         out = []
         for d in t.shape:
             try:
-                v = d.eval_int(self.env, f"a dimension of `{t.name}`")
+                v = E.c_int(d.eval_int(self.env, f"a dimension of `{t.name}`"), f"dimension `{d.text()}`")
             except E.ExprError as err:
                 raise self.err(f"shape of `{t.name}`: {err}", node, t.line) from None
             if v < 1:
@@ -184,14 +183,16 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
         try:
             if a.kind == "int":
                 v = ex.eval_int(ctx.env, f"attribute `{a.name}`") if ex is not None else int(a.default)
+                E.c_int(v, f"`{a.name}`")
                 if a.binds:
                     dims[a.binds] = (ex if ex is not None else E.Num(v), v)
                 else:
                     attr_values[a.name] = v
             else:
                 attr_values[a.name] = float(ex.eval(ctx.env)) if ex is not None else float(a.default)
-                if not math.isfinite(attr_values[a.name]):
-                    raise ctx.err(f"attribute `{a.name}` = {attr_values[a.name]} is not a finite number", node)
+                problem = E.c_float_problem(attr_values[a.name])   # it is passed to the kernel as a C float
+                if problem:
+                    raise ctx.err(f"attribute `{a.name}`: {problem}", node)
         except E.ExprError as err:
             raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
 
@@ -251,14 +252,11 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
             raise ctx.err(f"`{t.name}` indexes `{operand.indexes}` = {limit} of `{op.name}`, but its range is {rng}", node,
                           hint=f"declare `{t.name}` with a range of at most {limit} (line {t.line})")
     env = {k: val for k, (_, val) in dims.items()} | {"B": ctx.config["B"], "T": ctx.config["T"]}
+    labels = {k: ex.text() for k, (ex, _) in dims.items()}
     for rel, meaning in op.checks:
-        for cmp in ("<=", "=="):
-            if cmp in rel:
-                lhs, rhs = (E.parse(s) for s in rel.split(cmp))
-                a, b = lhs.eval(env), rhs.eval(env)
-                ok = a <= b if cmp == "<=" else a == b
-                if not ok:
-                    raise ctx.err(f"`{op.name}` requires {rel} ({meaning}), but {lhs} = {a} and {rhs} = {b}", node)
+        failed = E.failed_relation(rel, env, labels)
+        if failed:
+            raise ctx.err(f"`{op.name}` requires {failed[0]}: {meaning}", node, hint=failed[1])
     return Bound(node, op, tensors, carries, dims, attr_values)
 
 

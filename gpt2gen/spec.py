@@ -1,14 +1,20 @@
 """The model file: load a YAML model description safely and check its structure.
 
-A model file is untrusted input. It is read with a safe YAML loader that records line numbers; every
-name must be a plain identifier that cannot collide with the generated C; every shape, config value and
-init scale is parsed by ``gpt2gen.expr`` (never ``eval``). Errors are ``SpecError``s that name the file,
-the line, the node and what to do. Op-level checks (arity, shapes) happen in ``gpt2gen.lower``.
+A model file is untrusted input. It is read with a safe YAML loader that records line numbers and bounds
+what a small file can make it build (size, nesting, values after alias expansion); every name must be a
+plain identifier that cannot collide with the generated C or the headers it includes; every shape,
+config value and init scale is parsed by ``gpt2gen.expr`` (never ``eval``) and must be a number the C
+can hold. Errors are ``SpecError``s that name the file, the line, the node and what to do, and show a
+bad value only briefly (``describe``). Op-level checks (arity, shapes) happen in ``gpt2gen.lower``.
 See docs/model-format.md for the format, field by field.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +25,141 @@ import yaml
 from . import expr as E
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NAME_CHARS = 63             # C guarantees 63 significant characters in an identifier
 
-# Names the generated C uses for itself, and C keywords: a model may not name a tensor or a symbol so.
-C_KEYWORDS = set("""auto break case char const continue default do double else enum extern float for goto if inline int
-long register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
-_Bool _Complex _Imaginary bool true false NULL size_t main""".split())
-RESERVED = C_KEYWORDS | {
-    "B", "T", "B_MAX", "T_MAX", "L_REPEAT", "l", "p", "g", "a", "da", "m", "v", "i", "n", "ar", "inputs", "loss",
-    "step", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_scale", "sqrtf", "expf",
+# Bounds on what a model file may make the loader build (the shipped ones are ~7 KB, ~740 values, 6 levels
+# deep): a small file must not be able to exhaust memory, the stack or minutes of parsing.
+MAX_FILE_BYTES = 1 << 20
+MAX_YAML_VALUES = 50_000        # counting each alias as the values it repeats
+MAX_YAML_DEPTH = 32
+
+# ---------------------------------------------------------------------------------------------------
+# Names the C target reserves. A config name becomes a C constant at file scope and a tensor or carry
+# name a local variable of gg_forward/gg_backward, so none may be a C keyword, a name of the headers the
+# generated model.c includes, or a name the generated code declares itself. The keywords and the
+# headers' names are listed (they cannot be read off anything in this repository; tests check the list
+# against the machine's own headers); the generated code's names are read off its templates, the ABI
+# header and the op table, so a new kernel or helper is reserved the moment it exists.
+
+C_KEYWORDS = frozenset("""auto break case char const continue default do double else enum extern float for goto if
+inline int long register restrict return short signed sizeof static struct switch typedef union unsigned void
+volatile while _Alignas _Alignof _Atomic _Bool _Complex _Generic _Imaginary _Noreturn _Static_assert _Thread_local
+alignas alignof bool constexpr false nullptr static_assert thread_local true typeof typeof_unqual asm main""".split())
+
+_MATH_FUNCTIONS = """acos asin atan atan2 cos sin tan acosh asinh atanh cosh sinh tanh exp exp2 expm1 frexp ilogb ldexp
+log log10 log1p log2 logb modf scalbn scalbln cbrt fabs hypot pow sqrt erf erfc lgamma tgamma ceil floor nearbyint rint
+lrint llrint round lround llround trunc fmod remainder remquo copysign nan nextafter nexttoward fdim fmax fmin
+fma""".split()
+
+# ISO C11's names in the standard headers model.c includes (it is compiled with -std=c11, where glibc adds
+# only the POSIX rand_r and strtok_r, and immintrin.h's mm_malloc.h posix_memalign). Every other name of the
+# intrinsics headers starts with an underscore, and omp.h's with omp_ (see RESERVED_PREFIXES).
+C_LIBRARY: dict[str, frozenset[str]] = {
+    "math.h": frozenset([f + suffix for f in _MATH_FUNCTIONS for suffix in ("", "f", "l")] + """float_t double_t
+        HUGE_VAL HUGE_VALF HUGE_VALL INFINITY NAN FP_INFINITE FP_NAN FP_NORMAL FP_SUBNORMAL FP_ZERO FP_FAST_FMA
+        FP_FAST_FMAF FP_FAST_FMAL FP_ILOGB0 FP_ILOGBNAN MATH_ERRNO MATH_ERREXCEPT math_errhandling fpclassify
+        isfinite isinf isnan isnormal signbit isgreater isgreaterequal isless islessequal islessgreater
+        isunordered""".split()),
+    "stddef.h": frozenset("ptrdiff_t size_t max_align_t wchar_t NULL offsetof".split()),
+    "stdlib.h": frozenset("""size_t wchar_t div_t ldiv_t lldiv_t quot rem NULL EXIT_FAILURE EXIT_SUCCESS RAND_MAX
+        MB_CUR_MAX atof atoi atol atoll strtod strtof strtold strtol strtoll strtoul strtoull rand srand rand_r
+        aligned_alloc calloc free malloc realloc posix_memalign abort atexit at_quick_exit exit getenv quick_exit system bsearch
+        qsort abs labs llabs div ldiv lldiv mblen mbtowc wctomb mbstowcs wcstombs""".split()),
+    "string.h": frozenset("""size_t NULL memcpy memmove strcpy strncpy strcat strncat memcmp strcmp strcoll strncmp
+        strxfrm memchr strchr strcspn strpbrk strrchr strspn strstr strtok strtok_r memset strerror
+        strlen""".split()),
 }
-# Prefixes the generated C reserves for gradients and arena offsets.
-RESERVED_PREFIXES = ("d_", "gg_", "GG_", "OFF_", "DSLOT_")
+
+# Names render.py and lower.py write into the C themselves (the batch maxima that size the arenas).
+GENERATOR_NAMES = frozenset({"B", "T", "B_MAX", "T_MAX"})
+
+# Prefixes the generated C reserves: gradients, helpers and macros, arena offsets and slots; OpenMP's API.
+RESERVED_PREFIXES = ("d_", "gg_", "GG_", "OFF_", "DSLOT_", "omp_", "ompt_", "ompd_")
+
+_C_TOKEN = re.compile(r"(?P<skip>//[^\n]*|/\*.*?\*/|\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'|\.?\d(?:[eEpP][-+]|[\w.])*)"
+                      r"|(?P<name>[A-Za-z_]\w*)|(?P<brace>[{}()])|(?P<member>->|\.)", re.S)
+_JINJA = re.compile(r"\{#.*?#\}|\{\{.*?\}\}|\{%.*?%\}", re.S)
+_DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*(\w+)[ \t]*([A-Za-z_]\w*)?[^\n]*", re.M)
+
+
+def _c_names(source: str, file_scope_only: bool) -> set[str]:
+    """The identifiers a C source (a template with its Jinja tags removed) declares or uses.
+
+    ``file_scope_only``: only those outside every function body and parameter list -- a kernel's own
+    locals and parameters may share a name with a config constant (the inner one shadows it), its
+    functions, types, globals and macros may not. Macros count wherever they are defined; other
+    directives (#include, #pragma) are dropped."""
+    text = _JINJA.sub(" ", source)
+    names: set[str] = set()
+
+    def directive(m: re.Match) -> str:
+        if m.group(1) in ("define", "ifdef", "ifndef", "undef") and m.group(2):
+            names.add(m.group(2))
+        return ""
+    text = _DIRECTIVE.sub(directive, text)
+    depth, parens, stack, last = 0, 0, [], ""
+    for m in _C_TOKEN.finditer(text):
+        if m.group("skip"):
+            continue
+        tok = m.group("name") or m.group("brace") or m.group("member")
+        if tok == "{":
+            stack.append(last != "extern")   # extern "C" { ... } opens no scope
+            depth += stack[-1]
+        elif tok == "}":
+            depth -= stack.pop() if stack else 0
+        elif tok == "(":
+            parens += 1
+        elif tok == ")":
+            parens = max(parens - 1, 0)
+        elif tok in ("->", "."):
+            pass
+        elif last in ("->", "."):
+            pass                             # a struct member: its own namespace
+        elif not file_scope_only or (depth == 0 and parens == 0):
+            names.add(tok)
+        last = tok
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def generated_c_names() -> dict[str, str]:
+    """Every name the generated C declares or uses for itself -> where it comes from.
+
+    Read off the sources the C is made of: the whole-model templates (``model.*.j2``: everything in them,
+    since that is the scope the model's own names are declared in), the kernel templates and the ABI
+    header (their file-scope names), and the op table's kernel calls."""
+    from . import ops as O
+    from .resources import csrc_dir, templates_dir
+    out: dict[str, str] = {}
+    root = templates_dir()
+    for path in sorted(root.rglob("*.j2")):
+        whole = path.name.startswith("model.")
+        for name in _c_names(path.read_text(), file_scope_only=not whole):
+            out.setdefault(name, f"a name of the generated C (templates/{path.relative_to(root).as_posix()})")
+    for name in _c_names((csrc_dir() / "gpt2gen_abi.h").read_text(), file_scope_only=True):
+        out.setdefault(name, "a name of the generated C's ABI (gpt2gen/csrc/gpt2gen_abi.h)")
+    for op in O.OPS.values():
+        for call in (op.forward, op.backward):
+            out[O.parse_call(call)[0]] = f"a kernel function of op `{op.name}`"
+    return out
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why ``name`` cannot be a C identifier of a model (a config, tensor or carry name), or None."""
+    if name in C_KEYWORDS:
+        return "a C keyword"
+    if name.startswith("_"):
+        return "C reserves names that start with an underscore (at file scope, where config names are declared)"
+    for header, names in C_LIBRARY.items():
+        if name in names:
+            return f"declared by <{header}>, which the generated C includes"
+    for prefix in RESERVED_PREFIXES:
+        if name.startswith(prefix):
+            owner = "OpenMP (omp.h)" if prefix.startswith("omp") else "the generated C"
+            return f"the prefix `{prefix}` is reserved by {owner}"
+    if name in GENERATOR_NAMES:
+        return "a name of the generated C (the batch shape and its build-time maxima)"
+    return generated_c_names().get(name)
 
 
 class SpecError(ValueError):
@@ -63,8 +193,108 @@ class _LineList(list):
     line: int = 0
 
 
+def describe(value: Any, limit: int = 60) -> str:
+    """A short, bounded description of a value read from a file, for error messages.
+
+    Error messages never format a whole value: YAML aliases let a few hundred bytes stand for a structure
+    far too large to print (an alias bomb), and ``repr`` would expand all of it. This shows the start of a
+    string or number, and the type, length and first few items of a list or mapping."""
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit - 4]}...' ({len(value):,} characters)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a whole number of about {int(value.bit_length() * 0.30103):,} digits"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        items = [f"{_brief(k)}: {_brief(v)}" for k, v in itertools.islice(value.items(), 3)]
+        more = ", ..." if len(value) > 3 else ""
+        return f"a mapping {{{', '.join(items)}{more}}} of {len(value):,} entries"
+    if isinstance(value, (list, tuple)):
+        items = [_brief(v) for v in value[:3]]
+        more = ", ..." if len(value) > 3 else ""
+        return f"a list [{', '.join(items)}{more}] of {len(value):,} items"
+    return f"a {type(value).__name__}"
+
+
+def _brief(value: Any) -> str:
+    """One item inside ``describe``: a short scalar, or just the kind of a nested container."""
+    if isinstance(value, Mapping):
+        return "{...}"
+    if isinstance(value, (list, tuple)):
+        return "[...]"
+    return describe(value, 24)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that remembers where each mapping and sequence starts and rejects duplicate keys."""
+    """SafeLoader that remembers where each mapping and sequence starts and rejects duplicate keys.
+
+    It also bounds what a small file can make it build, while composing and before anything is
+    constructed: the nesting depth (the composer and constructor recurse once per level), and the number
+    of values with every alias counted as the values it repeats (nine lines of anchors can otherwise
+    stand for a billion values)."""
+
+    def __init__(self, stream: str, name: str):
+        super().__init__(stream)
+        self.name = name
+        self._depth = 0
+        self._values = 0
+        self._weights: dict[int, int] = {}    # id(node) -> values it stands for, once composed
+
+    def _count(self, n: int, mark: yaml.Mark) -> None:
+        self._values += n
+        if self._values > MAX_YAML_VALUES:
+            raise SpecError(f"the file holds more than {MAX_YAML_VALUES:,} values, counting each YAML alias as the "
+                            f"values it repeats", self.name, mark.line + 1,
+                            hint="a model file needs a few thousand at most; remove the anchors and aliases "
+                                 "(&name, *name) that repeat large blocks")
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            weight = self._weights.get(id(node))
+            if weight is None:
+                raise SpecError("a YAML alias refers to the block that contains it (a structure that contains "
+                                "itself)", self.name, mark.line + 1, hint="an alias may repeat only a finished block")
+            self._count(weight, mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise SpecError(f"the YAML is nested more than {MAX_YAML_DEPTH} levels deep", self.name, mark.line + 1,
+                            hint="a model file nests about 6 levels; look for unclosed or repeated brackets")
+        self._count(1, mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._weights[id(node)] = 1 + sum(self._weights[id(c)] for c in _children(node))
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """Python's own errors from PyYAML's constructors -- an int beyond Python's digit limit, a date like
+        2024-13-45, a tag that does not fit its value (``!!seq x``) -- become SpecErrors at the value's line."""
+        try:
+            return super().construct_object(node, deep)
+        except (SpecError, yaml.YAMLError):
+            raise
+        except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as err:
+            what = describe(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            tag = node.tag.rsplit(":", 1)[-1]
+            why = (str(err).split(":")[0] if isinstance(node, yaml.ScalarNode) and isinstance(err, (ValueError, OverflowError))
+                   else "the tag does not fit it")
+            raise SpecError(f"cannot read {what} as YAML {tag}: {why}", self.name, node.start_mark.line + 1,
+                            hint="remove the tag (!!...), or quote the value to make it a string") from None
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
@@ -75,7 +305,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, (str, int, float)):
-            raise SpecError(f"a mapping key must be a plain name, not {type(key).__name__}",
+            raise SpecError(f"a mapping key must be a plain name, not {describe(key)}",
                             loader.name, key_node.start_mark.line + 1)
         if key in out:
             raise SpecError(f"duplicate key `{key}`", loader.name, key_node.start_mark.line + 1,
@@ -181,6 +411,7 @@ class HFMapping:
     config_null: dict[str, Any] = field(default_factory=dict)   # symbol -> its value when config.json says null
     require: dict[str, list] = field(default_factory=dict)      # config.json key -> the values this file represents
     ignore: tuple[str, ...] = ()    # checkpoint tensors that carry no weights of ours (fnmatch patterns)
+    ignore_config: tuple[str, ...] = ()   # config.json keys that change nothing we compute (fnmatch, dotted)
 
     def config_value(self, hf_config: Mapping[str, Any], symbol: str) -> Any:
         """The value config.json gives for our ``symbol``; None when it gives none (keep the file's value).
@@ -204,8 +435,14 @@ class HFMapping:
             value = _lookup(hf_config, key)
             if value is _ABSENT or value in allowed:
                 continue
-            problems.append(f"{key} = {value!r} (this model file represents {' or '.join(map(repr, allowed))})")
+            problems.append(f"{key} = {_json_value(value)} (this model file represents "
+                            f"{' or '.join(_json_value(a) for a in allowed)})")
         return problems
+
+
+def _json_value(value: Any) -> str:
+    """A config.json value in a message: a scalar as Python writes it, a container briefly (``describe``)."""
+    return repr(value) if value is None or isinstance(value, (bool, int, float)) else describe(value)
 
 
 @dataclass
@@ -223,6 +460,7 @@ class ModelSpec:
     loss: str | None
     huggingface: HFMapping | None = None
     lines: dict[str, int] = field(default_factory=dict)
+    output_lines: dict[str, int] = field(default_factory=dict)   # `outputs` entry -> its line
 
     @property
     def digest(self) -> str:
@@ -248,14 +486,24 @@ class ModelSpec:
                 line = self.config_lines.get(name)
                 if name in overrides:
                     v = overrides[name]
-                    if isinstance(v, bool) or not isinstance(v, (int, float)):
-                        raise SpecError(f"override {name}={v!r} is not a number", self.path, line)
+                    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                        raise SpecError(f"override {name}={describe(v)} is not a number", self.path, line)
+                    v = int(v) if isinstance(v, numbers.Integral) else float(v)
+                    problem = _c_constant_problem(v)
+                    if problem:
+                        raise SpecError(f"override {name}={v}: {problem}", self.path, line, hint=_RANGE_HINT)
                 else:
                     try:
                         v = ex.eval(env)
                     except E.ExprError as err:
                         raise SpecError(f"{section} `{name}`: {err}", self.path, line,
-                                        hint="a value may use only names defined above it") from None
+                                        hint=_RANGE_HINT if isinstance(err, E.ExprRangeError) else
+                                        "a value may use only names defined above it"
+                                        if str(err).startswith("unknown name") else None) from None
+                    problem = _c_constant_problem(v)
+                    if problem:
+                        raise SpecError(f"{section} `{name}` = {ex.text()}: {problem}", self.path, line,
+                                        hint=_RANGE_HINT)
                 if isinstance(v, float) and v.is_integer() and section == "batch":
                     v = int(v)
                 env[name] = v
@@ -264,24 +512,99 @@ class ModelSpec:
             if not isinstance(v, int) or v < 1:
                 raise SpecError(f"batch `{name}` must be a positive whole number, got {v}", self.path,
                                 self.config_lines.get(name))
+        self._check_values(env)
         return env
+
+    def _check_values(self, env: Mapping[str, int | float]) -> None:
+        """The other values that depend on the config, at their lines: every init value must be a float the
+        parameters can hold (a std of 1e39 would fill them with inf), every input range a positive whole
+        number, and the logits' columns a whole number no wider than the logits."""
+        for t in self.of_kind("input"):
+            if t.range is None:
+                continue
+            try:
+                v = t.range.eval_int(env, f"range of `{t.name}`")
+            except E.ExprError as err:
+                raise SpecError(f"range of `{t.name}`: {err}", self.path, t.line) from None
+            if v < 1:
+                raise SpecError(f"range of `{t.name}` = {_shown(t.range, v)}: it must be positive (every value "
+                                f"of `{t.name}` must be >= 0 and < range)", self.path, t.line)
+        if self.logits_columns is not None and self.logits in self.tensors:
+            line = self.output_lines.get("logits")
+            try:
+                cols = self.logits_columns.eval_int(env, "logits columns")
+                width = self.tensors[self.logits].shape[-1].eval_int(env)
+            except E.ExprError as err:
+                raise SpecError(f"outputs.logits: {err}", self.path, line) from None
+            if not 1 <= cols <= width:
+                raise SpecError(f"outputs.logits columns = {_shown(self.logits_columns, cols)}, but `{self.logits}` "
+                                f"has {width} columns", self.path, line,
+                                hint=f"columns must be between 1 and {width} (the last dimension of `{self.logits}`)")
+        for t in self.of_kind("param"):
+            if t.init is None or t.init.value is None:
+                continue
+            try:
+                v = t.init.value.eval(env)
+            except E.ExprError as err:
+                raise SpecError(f"init of `{t.name}`: {err}", self.path, t.line) from None
+            problem = E.c_float_problem(float(v))
+            if problem is None and t.init.kind == "normal" and v < 0:
+                problem = f"a standard deviation of {v} is negative"
+            if problem:
+                raise SpecError(f"init of `{t.name}` = {t.init.value.text()}: {problem}", self.path, t.line)
+
+
+def _shown(e: E.Expr, value: int | float) -> str:
+    """``4 * C = 3072``, or just ``7`` where the expression is the number."""
+    return str(value) if e.text() == str(value) else f"{e.text()} = {value}"
+
+
+_RANGE_HINT = ("a value must be one the generated C can hold: finite, whole numbers within 64 bits, other numbers "
+               "C floats (about 1.2e-38 to 3.4e38); expressions short and at most 32 levels deep")
+
+
+def _c_constant_problem(v: int | float) -> str | None:
+    """Why a config value cannot be the C constant render.py writes for it, or None.
+
+    Whole numbers (ints, and floats such as 1e3) become integer constants, so they must fit in 64 bits;
+    other floats become ``float`` constants, so they must be finite and within float's range."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{v} is not a finite number"
+    if isinstance(v, int) or v.is_integer():
+        if not -E.INT_LIMIT < int(v) < E.INT_LIMIT:
+            return "too large for the generated C (whole numbers become 64-bit integer constants: at most 2**63 - 1)"
+        return None
+    return E.c_float_problem(v)
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and len(name) <= MAX_NAME_CHARS and bool(IDENT.fullmatch(name))
 
 
 def _ident(name: Any, path: Path, line: int, what: str, c_name: bool = True) -> str:
     """Check a name is a plain identifier; ``c_name``: it also becomes a C identifier, so not a reserved one."""
-    if not isinstance(name, str) or not IDENT.fullmatch(name):
-        raise SpecError(f"{what} {name!r} is not a plain identifier", path, line,
+    if not _plain_name(name):
+        too_long = isinstance(name, str) and IDENT.fullmatch(name)
+        raise SpecError(f"{what} {describe(name)} is " + (f"longer than {MAX_NAME_CHARS} characters" if too_long
+                                                         else "not a plain identifier"), path, line,
                         hint="use letters, digits and underscores, starting with a letter or underscore")
-    if c_name and (name in RESERVED or name.startswith(RESERVED_PREFIXES)):
-        raise SpecError(f"{what} `{name}` is reserved by the generated code", path, line,
-                        hint="rename it (reserved: C keywords, B, T, loop and arena names, and the prefixes "
-                             + ", ".join(RESERVED_PREFIXES) + ")")
+    reason = reserved_reason(name) if c_name else None
+    if reason:
+        raise SpecError(f"{what} `{name}` is reserved: {reason}", path, line,
+                        hint="rename it: this name becomes a C identifier in the generated model.c, so it may not "
+                             "be a C keyword, a name of the C headers it includes or of the generated code itself, "
+                             "or start with " + ", ".join(RESERVED_PREFIXES) + " (docs/model-format.md)")
     return name
 
 
 def _expr(text: Any, path: Path, line: int, what: str) -> E.Expr:
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise SpecError(f"{what}: expected a number or an expression, got {describe(text)}", path, line,
+                        hint="e.g. 768, 4 * C or 0.02 / sqrt(2 * L)")
     try:
         return E.parse(text)
+    except E.ExprRangeError as err:
+        raise SpecError(f"{what}: {err}", path, line, hint=_RANGE_HINT) from None
     except E.ExprError as err:
         raise SpecError(f"{what}: {err}", path, line,
                         hint="expressions use numbers, config names, + - * / // %, parentheses and "
@@ -290,7 +613,7 @@ def _expr(text: Any, path: Path, line: int, what: str) -> E.Expr:
 
 def _mapping(obj: Any, path: Path, line: int, what: str) -> _LineDict:
     if not isinstance(obj, dict):
-        raise SpecError(f"{what} must be a mapping, got {type(obj).__name__}", path, _line(obj, default=line))
+        raise SpecError(f"{what} must be a mapping, got {describe(obj)}", path, _line(obj, default=line))
     return obj
 
 
@@ -304,30 +627,77 @@ def _only_keys(obj: Mapping, allowed: set[str], path: Path, what: str, node: str
 def load(path: str | Path) -> ModelSpec:
     """Load and structurally validate a model file."""
     path = Path(path)
+    return loads(_read(path), path)
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes, at most MAX_FILE_BYTES + 1 of them (so /dev/zero or a huge file cannot hang it);
+    every OS error becomes a SpecError that says what to pass instead."""
     try:
-        text = path.read_text()
+        if path.is_dir():
+            inside = path / "model.yaml"
+            raise SpecError("this is a directory, not a model file", path,
+                            hint=f"pass the model file itself, e.g. {inside}" if inside.is_file()
+                            else "pass the path of a .yaml model file")
+        with open(path, "rb") as f:
+            return f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError("model file not found", path,
                         hint="pass --model PATH, or run from the directory holding model.yaml") from None
-    return loads(text, path)
+    except PermissionError:
+        raise SpecError("the model file cannot be read: permission denied", path,
+                        hint="check the file's permissions (it needs to be readable)") from None
+    except OSError as err:
+        raise SpecError(f"the model file cannot be read: {err.strerror or err}", path) from None
 
 
-def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
-    path = Path(path)
+def _check_size(size: int, unit: str, path: Path) -> None:
+    if size > MAX_FILE_BYTES:
+        raise SpecError(f"the file is too large for a model file: more than {MAX_FILE_BYTES:,} {unit}", path,
+                        hint="the shipped model files are under 8 KB (a model describes its layers once, in a "
+                             "`repeat` block): is this the right file?")
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text (a leading byte-order mark is dropped), or a SpecError naming the first bad byte."""
+    _check_size(len(data), "bytes", path)
     try:
-        loader = _Loader(text)
-        loader.name = str(path)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise SpecError(f"the file is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {err.start} "
+                        f"is not valid UTF-8", path, line,
+                        hint="save the model file as UTF-8 (is this a model file, not a checkpoint or "
+                             "token file?)") from None
+
+
+def loads(text: str | bytes, path: str | Path = "<string>") -> ModelSpec:
+    """Validate a model file's contents (``bytes`` are decoded as UTF-8); ``path`` names it in errors."""
+    path = Path(path)
+    if isinstance(text, (bytes, bytearray)):
+        text = _decode(bytes(text), path)
+    _check_size(len(text), "characters", path)
+    try:
+        loader = _Loader(text, str(path))
         try:
             doc = loader.get_single_data()
         finally:
             loader.dispose()
+    except yaml.reader.ReaderError as err:
+        line = text[:err.position].count("\n") + 1
+        raise SpecError(f"the file holds a character YAML does not allow: {describe(chr(err.character))} "
+                        f"(U+{err.character:04X})", path, line,
+                        hint="remove control characters; a model file is plain text") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
-        raise SpecError(f"YAML syntax error: {err.problem or err}", path, line,
+        problem = err.problem or str(err)
+        if len(problem) > 200:
+            problem = problem[:200] + "..."
+        raise SpecError(f"YAML syntax error: {problem}", path, line,
                         hint="check indentation, brackets and quoting on that line") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"YAML error: {err}", path) from None
+        raise SpecError(f"YAML error: {describe(str(err), 200)}", path) from None
     doc = _mapping(doc, path, 1, "the model file")
     _only_keys(doc, {"name", "config", "batch", "inputs", "parameters", "activations", "graph", "outputs",
                      "huggingface"}, path, "the model file")
@@ -391,7 +761,7 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
                             hint="e.g. range: V for token ids; the runtime checks every value before the C runs")
         rng = _config_names(_expr(v["range"], path, ln, f"range of `{k}`"), set(config), path, ln, f"range of `{k}`")
         add(k, TensorDecl(k, "input", shape_of(v.get("shape"), ln, k, True), False, ln, range=rng,
-                          optional=bool(v.get("optional", False)), dtype="int"))
+                          optional=_flag(v, "optional", False, path, ln, f"input `{k}`"), dtype="int"))
 
     for k, v in _mapping(doc["parameters"], path, _line(doc, "parameters"), "`parameters`").items():
         ln = _line(doc["parameters"], k)
@@ -401,8 +771,9 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
         init = _init(v.get("init", "zeros"), path, ln, k)
         if init.value is not None:
             _config_names(init.value, set(config), path, ln, f"init of `{k}`")
-        add(k, TensorDecl(k, "param", shape_of(v.get("shape"), ln, k, False), bool(v.get("per_layer", False)), ln,
-                          init=init, decay=bool(v.get("decay", True))))
+        add(k, TensorDecl(k, "param", shape_of(v.get("shape"), ln, k, False),
+                          _flag(v, "per_layer", False, path, ln, f"parameter `{k}`"), ln,
+                          init=init, decay=_flag(v, "decay", True, path, ln, f"parameter `{k}`")))
 
     for k, v in _mapping(doc["activations"], path, _line(doc, "activations"), "`activations`").items():
         ln = _line(doc["activations"], k)
@@ -411,7 +782,8 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
             v = {"shape": v}
         v = _mapping(v, path, ln, f"activation `{k}`")
         _only_keys(v, {"shape", "per_layer"}, path, f"activation `{k}`")
-        add(k, TensorDecl(k, "act", shape_of(v.get("shape"), ln, k, True), bool(v.get("per_layer", False)), ln))
+        add(k, TensorDecl(k, "act", shape_of(v.get("shape"), ln, k, True),
+                          _flag(v, "per_layer", False, path, ln, f"activation `{k}`"), ln))
 
     # graph -----------------------------------------------------------------------------------------------
     graph_raw = doc["graph"]
@@ -432,14 +804,23 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
     logits = cols = loss = None
     if "logits" in outputs:
         lo = outputs["logits"]
+        ln = _line(outputs, "logits")
         if isinstance(lo, dict):
-            logits = lo.get("tensor")
-            cols = _expr(lo["columns"], path, _line(outputs, "logits"), "logits columns") if "columns" in lo else None
+            _only_keys(lo, {"tensor", "columns"}, path, "`outputs.logits`")
+            if "tensor" not in lo:
+                raise SpecError("outputs.logits needs `tensor`", path, ln, hint="e.g. logits: {tensor: logits, columns: V}")
+            logits = lo["tensor"]
+            if "columns" in lo:
+                cols = _config_names(_expr(lo["columns"], path, ln, "logits columns"), set(config), path, ln,
+                                     "logits columns")
         else:
             logits = lo
     if "loss" in outputs:
         loss = outputs["loss"]
     for what, tname in (("logits", logits), ("loss", loss)):
+        if tname is not None and not _plain_name(tname):
+            raise SpecError(f"outputs.{what} must name an activation, got {describe(tname)}", path,
+                            _line(outputs, what), hint="name an activation declared under `activations`")
         if tname is not None and (tname not in tensors or tensors[tname].kind != "act"):
             raise SpecError(f"outputs.{what} names `{tname}`, which is not an activation", path,
                             _line(outputs, what), hint="name an activation declared under `activations`")
@@ -447,7 +828,16 @@ def loads(text: str, path: str | Path = "<string>") -> ModelSpec:
     hf = _huggingface(doc.get("huggingface"), path, _line(doc, "huggingface"), tensors, config)
     return ModelSpec(path=path, name=name, source=text, config=config, config_lines=lines, batch=batch,
                      tensors=tensors, graph=graph, logits=logits, logits_columns=cols, loss=loss,
-                     huggingface=hf, lines=lines)
+                     huggingface=hf, lines=lines,
+                     output_lines={k: _line(outputs, k) for k in ("logits", "loss") if k in outputs})
+
+
+def _flag(obj: Mapping, key: str, default: bool, path: Path, line: int, what: str) -> bool:
+    """A true/false field; anything else is an error (``bool("false")`` would silently be True)."""
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(f"`{key}` of {what} must be true or false, got {describe(value)}", path, _line(obj, key, line))
+    return value
 
 
 def _has_float(e: E.Expr) -> bool:
@@ -477,8 +867,8 @@ def _init(raw: Any, path: Path, line: int, tname: str) -> Init:
         (kind, value), = raw.items()
         if kind in ("normal", "constant"):
             return Init(kind, _expr(value, path, line, f"init of `{tname}`"))
-    raise SpecError(f"init of `{tname}` must be zeros, ones, {{normal: STD}} or {{constant: VALUE}}, got {raw!r}",
-                    path, line)
+    raise SpecError(f"init of `{tname}` must be zeros, ones, {{normal: STD}} or {{constant: VALUE}}, "
+                    f"got {describe(raw)}", path, line)
 
 
 def _names(raw: Any, path: Path, line: int, node: str, what: str) -> list[str]:
@@ -486,8 +876,8 @@ def _names(raw: Any, path: Path, line: int, node: str, what: str) -> list[str]:
     if not isinstance(items, list) or not items:
         raise SpecError(f"`{what}` must be a tensor name or a list of them", path, line, node)
     for n in items:
-        if not isinstance(n, str) or not IDENT.fullmatch(n):
-            raise SpecError(f"`{what}` entry {n!r} is not a tensor name", path, line, node,
+        if not _plain_name(n):
+            raise SpecError(f"`{what}` entry {describe(n)} is not a tensor name", path, line, node,
                             hint="write the name of a declared input, parameter, activation or carry")
     return list(items)
 
@@ -495,14 +885,16 @@ def _names(raw: Any, path: Path, line: int, node: str, what: str) -> list[str]:
 def _node(raw: Any, path: Path, node_names: set[str], index: int) -> Node:
     line = _line(raw, default=0)
     if not isinstance(raw, dict):
-        raise SpecError(f"a graph node must be a mapping with `op`, `in` and `out`, got {raw!r}", path, line)
-    name = raw.get("name", f"{raw.get('op', 'node')}_{index}")
+        raise SpecError(f"a graph node must be a mapping with `op`, `in` and `out`, got {describe(raw)}", path, line)
+    op = raw.get("op")
+    name = raw.get("name", f"{op if _plain_name(op) else 'node'}_{index}")
     _ident(name, path, line, "node name", c_name=False)
     if name in node_names:
         raise SpecError(f"two graph nodes are named `{name}`", path, line, name, hint="give each node its own name")
     node_names.add(name)
-    if "op" not in raw or not isinstance(raw["op"], str) or not IDENT.fullmatch(raw["op"]):
-        raise SpecError("a graph node needs `op: NAME`", path, line, name)
+    if not _plain_name(op):
+        raise SpecError("a graph node needs `op: NAME`" + (f", got {describe(op)}" if "op" in raw else ""),
+                        path, line, name)
     for req in ("in", "out"):
         if req not in raw:
             raise SpecError(f"a graph node needs `{req}`", path, line, name)
@@ -533,8 +925,9 @@ def _repeat(raw: dict, path: Path, tensors: dict[str, TensorDecl], symbols: set[
     for k, v in carry_raw.items():
         ln = _line(carry_raw, k)
         _ident(k, path, ln, "carry name")
-        if k in tensors or k in carry_names:
-            raise SpecError(f"carry `{k}` has the name of a declared tensor or of another block's carry", path, ln,
+        if k in tensors or k in carry_names or k in symbols:
+            raise SpecError(f"carry `{k}` has the name of a declared tensor, a config name or another block's carry",
+                            path, ln,
                             hint="choose another name")
         carry_names.add(k)
         carry[k] = _ident(v, path, ln, "carry start")
@@ -557,7 +950,7 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
     if raw is None:
         return None
     raw = _mapping(raw, path, line, "`huggingface`")
-    _only_keys(raw, {"config", "parameters", "require", "ignore"}, path, "`huggingface`")
+    _only_keys(raw, {"config", "parameters", "require", "ignore", "ignore_config"}, path, "`huggingface`")
     cfg = _mapping(raw.get("config") or _LineDict(), path, line, "`huggingface.config`")
     out_cfg: dict[str, str] = {}
     config_null: dict[str, Any] = {}
@@ -584,6 +977,10 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
     ignore = raw.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         raise SpecError("huggingface.ignore must be a list of tensor-name patterns", path, _line(raw, "ignore"))
+    ignore_config = raw.get("ignore_config") or []
+    if not isinstance(ignore_config, list) or not all(isinstance(x, str) and x.strip() for x in ignore_config):
+        raise SpecError("huggingface.ignore_config must be a list of config.json keys", path,
+                        _line(raw, "ignore_config"), hint="e.g. ignore_config: [architectures, dtype, bos_token_id]")
     params = _mapping(raw.get("parameters") or _LineDict(), path, line, "`huggingface.parameters`")
     out_params: dict[str, HFParam] = {}
     for k, v in params.items():
@@ -603,9 +1000,10 @@ def _huggingface(raw: Any, path: Path, line: int, tensors: dict[str, TensorDecl]
                             f"{{name, transpose, pad_rows}}", path, ln)
         names = [n.strip() for n in raw_name.split("|")]
         if not all(names):
-            raise SpecError(f"huggingface.parameters `{k}`: empty tensor name in {raw_name!r}", path, ln)
+            raise SpecError(f"huggingface.parameters `{k}`: empty tensor name in {describe(raw_name)}", path, ln)
         if tensors[k].per_layer and not all("{layer}" in n for n in names):
             raise SpecError(f"`{k}` is per-layer, so its HF name needs `{{layer}}`"
                             + (" in every alternative" if len(names) > 1 else ""), path, ln)
         out_params[k] = HFParam(names[0], transpose, pad_rows, tuple(names[1:]))
-    return HFMapping(out_cfg, out_params, config_null, require, tuple(ignore))
+    return HFMapping(out_cfg, out_params, config_null, require, tuple(ignore),
+                     tuple(x.strip() for x in ignore_config))

@@ -6,7 +6,10 @@ process or inject text into the generated C.
 """
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,10 +182,14 @@ def test_names_must_be_plain_identifiers(tmp_path, bad_name):
 
 
 def test_generated_c_holds_only_checked_text(tmp_path):
-    """Everything a model file contributes to the C is an identifier, a number or an operator."""
+    """Everything a model file contributes to the C is an identifier, a number or an operator: every
+    preprocessor line of the generated C (#include, #define, #pragma) is one of its templates' own."""
     _, sources = generate(ROOT / "model.yaml", L=1)
     code = sources["model.c"]
-    assert "system" not in code and "#include" not in code.split("#include \"gpt2gen_abi.h\"")[1]
+    template_lines = {line.strip() for t in (ROOT / "templates").rglob("*.j2") for line in t.read_text().splitlines()}
+    directives = {line.strip() for line in code.splitlines() if line.lstrip().startswith("#")}
+    assert directives and directives <= template_lines, directives - template_lines
+    assert "system" not in code
 
 
 def test_expression_parser():
@@ -196,3 +203,292 @@ def test_expression_parser():
     for bad in ["", "C +", "(C", "C)", "foo(C)", "C ** 2", "'a'", "C[0]"]:
         with pytest.raises(E.ExprError):
             E.parse(bad)
+
+
+# ---- bounded loading: alias bombs, deep nesting, huge files (issue 12, item 4) -------------------------------
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A flow list whose anchors expand 9**levels-fold: a few hundred bytes for 387 million values."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "[" + ", ".join(parts) + "]"
+
+
+@pytest.mark.parametrize("where, old, new", [
+    ("name", "name: gpt2", "name: {bomb}"),                                    # _ident formats the name
+    ("init", "init: {normal: 0.02}}", "init: {bomb}}}"),                       # _init formats the init
+    ("in", "in: [fch], out: fch_gelu", "in: {bomb}, out: fch_gelu"),           # _names formats an entry
+    ("config", "  FF: 4 * C ", "  FF: {bomb} "),                               # _expr formats a value
+])
+def test_an_alias_bomb_is_refused_while_composing(tmp_path, where, old, new):
+    text = GOOD.replace(old, new.format(bomb=_alias_bomb()), 1)
+    assert len(text) < len(GOOD) + 500
+    p = write(tmp_path, text)
+    err = error_of(p)
+    check(err, p, line_of(text, "&a0"), None, "more than 50,000 values", "YAML alias", "hint:", "&name")
+    assert len(str(err)) < 400
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    text = GOOD.replace("name: gpt2", "name: &self [1, *self]")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "&self"), None, "refers to the block that contains it")
+
+
+def test_messages_describe_large_values_briefly(tmp_path):
+    """A value under the limits can still be large: errors show its start and size, not all of it."""
+    big = "[" + ", ".join(["[1, 2, 3]"] * 2000) + "]"
+    for old, new, needle in [("name: gpt2", f"name: {big}", "a list [[...], [...], [...], ...] of 2,000 items"),
+                             ("name: gpt2", "name: '" + "x" * 100_000 + "'", "(100,000 characters)"),
+                             ("init: {normal: 0.02}}", f"init: {big}}}", "of 2,000 items")]:
+        text = GOOD.replace(old, new, 1)
+        p = write(tmp_path, text)
+        err = error_of(p)
+        assert needle in str(err) and len(str(err)) < 400, str(err)[:500]
+
+
+def test_deep_nesting_is_refused_at_its_line(tmp_path):
+    text = GOOD.replace("name: gpt2", "name: gpt2\nextra: " + "[" * 400 + "]" * 400)
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "extra:"), None, "nested more than 32 levels", "hint:")
+
+
+@pytest.mark.parametrize("expr, words", [
+    ("(" * 40 + "C" + ")" * 40, "nested more than 32 levels"),      # the parser recurses once per level
+    ("-" * 40 + "C", "nested more than 32 levels"),
+    ("+".join(["C"] * 300), "tokens is too long"),                  # the evaluator recurses once per operator
+    ("C" * 2000, "characters is too long"),
+])
+def test_expressions_are_bounded(tmp_path, expr, words):
+    text = GOOD.replace("  FF: 4 * C ", f"  FF: {expr} ")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "FF:"), None, "config `FF`", words, "hint:")
+
+
+def test_a_huge_file_is_refused_before_parsing(tmp_path):
+    p = tmp_path / "huge.yaml"
+    p.write_text(GOOD + "\n# padding\n" * 120_000)       # 1.3 MB
+    err = error_of(p)
+    assert str(err).startswith(f"{p}: the file is too large for a model file: more than 1,048,576 bytes"), str(err)
+    assert "hint:" in str(err)
+    with pytest.raises(S.SpecError, match="more than 1,048,576 characters"):
+        S.loads(p.read_text(), p)
+
+
+def test_a_value_python_cannot_construct_is_reported_at_its_line(tmp_path):
+    for old, new, words in [("  V: 50257 ", "  V: " + "9" * 5000 + " ", "cannot read '99999"),
+                            ("  V: 50257 ", "  V: !!seq 50257 ", "the tag does not fit it"),
+                            ("  V: 50257 ", "  V: 2024-13-45 ", "month must be in 1..12")]:
+        text = GOOD.replace(old, new)
+        p = write(tmp_path, text)
+        check(error_of(p), p, line_of(text, "  V: "), None, words, "hint:")
+
+
+# ---- reading the file: directories, missing files, bytes that are not UTF-8 (item 5) -------------------------
+
+
+def test_a_directory_is_not_a_model_file(tmp_path):
+    (tmp_path / "model.yaml").write_text(GOOD)
+    err = error_of(tmp_path)
+    assert str(err).startswith(f"{tmp_path}: this is a directory, not a model file"), str(err)
+    assert f"hint: pass the model file itself, e.g. {tmp_path / 'model.yaml'}" in str(err)
+
+
+def test_a_missing_file(tmp_path):
+    err = error_of(tmp_path / "nope.yaml")
+    assert str(err).startswith(f"{tmp_path / 'nope.yaml'}: model file not found") and "--model" in str(err)
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    data = GOOD.encode().replace(b"name: gpt2", b"name: gpt\xff2")
+    p = tmp_path / "latin.yaml"
+    p.write_bytes(data)
+    err = error_of(p)
+    offset = data.index(b"\xff")
+    check(err, p, line_of(GOOD, "name: gpt2"), None, f"byte 0xff at byte offset {offset} is not valid UTF-8",
+          "hint: save the model file as UTF-8")
+    assert S.loads(GOOD.encode("utf-8-sig"), "bom.yaml").name == "gpt2"     # a byte-order mark is fine
+
+
+def test_a_control_character_is_reported_at_its_line(tmp_path):
+    text = GOOD.replace("  C: 768 ", "  C: 76\x008 ")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "  C: 76"), None, "a character YAML does not allow", "U+0000")
+
+
+# ---- names and values that would break the generated C (item 6) ---------------------------------------------
+
+BREAKS_THE_C = {
+    "exp": "<math.h>", "INFINITY": "<math.h>", "sqrtf": "<math.h>", "isnan": "<math.h>", "float_t": "<math.h>",
+    "memcpy": "<string.h>", "malloc": "<stdlib.h>", "size_t": "<stdd", "offsetof": "<stddef.h>",
+    "__LINE__": "underscore", "_mm256_add_ps": "underscore", "_Exit": "underscore",
+    "layernorm_forward": "op `layernorm`", "Params": "model.c.j2", "PARAM_TABLE": "model.c.j2",
+    "point_acts": "model.c.j2", "mm_gemm": "matmul.c.j2", "GG_MM_NR": "prefix `GG_`", "B_MAX": "batch",
+    "omp_get_thread_num": "OpenMP", "while": "keyword", "nullptr": "keyword", "gpt2gen_abi": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS_THE_C))
+def test_a_config_name_that_breaks_the_c_is_refused(tmp_path, name):
+    text = GOOD.replace("  FF: 4 * C ", f"  FF: 4 * C\n  {name}: 3 ")
+    p = write(tmp_path, text)
+    if BREAKS_THE_C[name] is None:                  # not a name of the C: accepted
+        S.load(p)
+        return
+    check(error_of(p), p, line_of(text, f"  {name}: 3"), None, f"config name `{name}` is reserved",
+          BREAKS_THE_C[name], "hint: rename it")
+
+
+@pytest.mark.parametrize("section, old, new", [
+    ("parameter", "  lnfb:     {shape: [C]", "  exp:     {shape: [C]"),
+    ("activation", "  lnf_mean:  [B, T]", "  INFINITY:  [B, T]"),
+    ("carry", "carry: {x: encoded}", "carry: {tanhf: encoded}"),
+])
+def test_a_tensor_name_that_breaks_the_c_is_refused(tmp_path, section, old, new):
+    text = GOOD.replace(old, new)
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, new.strip()), None, f"{section} name", "is reserved", "<math.h>")
+
+
+def test_a_carry_may_not_shadow_a_config_name(tmp_path):
+    """A carry is a local of gg_forward: named like a config constant, it would hide it from the kernel calls."""
+    text = GOOD.replace("carry: {x: encoded}", "carry: {C: encoded}").replace("next: {x: residual3}",
+                                                                          "next: {C: residual3}")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "carry: {C"), None, "carry `C`", "config name")
+
+
+def test_every_name_of_the_generated_c_is_reserved():
+    """Derived, not hand-kept: every file-scope name in the generated C of each shipped model (its kernels,
+    tables and entry points) is refused as a model name, except the model's own config constants."""
+    for model in [ROOT / "model.yaml"] + sorted((ROOT / "models").glob("*.yaml")):
+        program, sources = generate(model, L=1)
+        own = set(program.spec.config)
+        names = S._c_names(sources["model.c"], file_scope_only=True) - own
+        free = sorted(n for n in names if S.reserved_reason(n) is None)
+        assert not free, f"{model.name}: the generated C declares {free}, which a model file may still use"
+
+
+def test_the_reserved_list_covers_this_machines_c_headers(tmp_path):
+    """The C library's names are listed by hand (nothing in the repository declares them): check the list
+    against what this machine's headers declare, under the flags the generated C is compiled with, for
+    every header the templates include."""
+    from gpt2gen.builder import C_FLAGS
+    headers = sorted({m for t in (ROOT / "templates").rglob("*.j2")
+                      for m in re.findall(r"^\s*#\s*include\s*<([^>]+)>", t.read_text(), re.M)})
+    assert "math.h" in headers
+    src = tmp_path / "headers.c"
+    src.write_text("".join(f"#include <{h}>\n" for h in headers))
+    cc = shlex.split(os.environ.get("CC", "gcc"))
+    flags = [f for f in C_FLAGS if f.startswith(("-std", "-march", "-f"))]
+    declared = subprocess.run([*cc, *flags, "-E", "-P", str(src)], capture_output=True, text=True, check=True).stdout
+    macros = subprocess.run([*cc, *flags, "-E", "-dM", str(src)], capture_output=True, text=True, check=True).stdout
+    names = S._c_names(declared, file_scope_only=True) | set(re.findall(r"^#define (\w+)", macros, re.M))
+    free = sorted(n for n in names if S.reserved_reason(n) is None)
+    assert not free, f"these headers ({', '.join(headers)}) declare {free}: add them to spec.C_LIBRARY"
+
+
+@pytest.mark.parametrize("value, words", [
+    ("1e999", "the number 1e999 in expression `1e999` is too large"),        # was rendered as `inff`
+    ("1.0e+999", "the number inf is not finite"),                           # a YAML float: inf
+    (".nan", "the number nan is not finite"),
+    ("99999999999999999999", "is too large"),
+    ("1e300 * 1e300", "is inf: not a finite number"),                       # overflows while evaluating
+    ("C * C * C * C * C * C * C", "too large: whole numbers must stay within +-2**63"),
+    ("1e-50", "too small for a C float"),                                   # would be 0 as a C float
+    ("1e30", "too large for the generated C"),                              # a whole number: a 64-bit constant
+])
+def test_a_config_value_the_c_cannot_hold_is_refused_at_its_line(tmp_path, value, words):
+    text = GOOD.replace("  FF: 4 * C ", f"  FF: 4 * C\n  big: {value} ")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "  big:"), None, "`big`", words)
+
+
+@pytest.mark.parametrize("override, words", [(float("inf"), "not a finite number"), (float("nan"), "not a finite"),
+                                             (2 ** 70, "too large"), (1e-300, "too small for a C float"),
+                                             ("8", "is not a number")])
+def test_an_override_the_c_cannot_hold_is_refused(override, words):
+    spec = S.load(ROOT / "model.yaml")
+    with pytest.raises(S.SpecError, match=re.escape(words)) as info:
+        spec.resolve({"norm_eps" if "norm_eps" in spec.config else "C": override})
+    assert str(info.value).startswith(f"{ROOT / 'model.yaml'}:")
+
+
+def test_init_and_attribute_values_must_be_c_floats(tmp_path):
+    text = GOOD.replace("wte:      {shape: [Vp, C], init: {normal: 0.02}}", "wte:      {shape: [Vp, C], init: {normal: 1e39}}")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "normal: 1e39"), None, "init of `wte`", "beyond the range of a C float")
+    text = GOOD.replace("wte:      {shape: [Vp, C], init: {normal: 0.02}}", "wte:      {shape: [Vp, C], init: {normal: -0.02}}")
+    p = write(tmp_path, text, "neg.yaml")
+    check(error_of(p), p, line_of(text, "normal: -0.02"), None, "init of `wte`", "negative")
+    text = re.sub(r"(name: ln_f, .*?)\}$", r"\1, eps: 1e39}", GOOD, flags=re.M)
+    if "eps: norm_eps" in text:
+        text = text.replace("eps: norm_eps, eps: 1e39", "eps: 1e39")
+    p = write(tmp_path, text, "attr.yaml")
+    check(error_of(p), p, line_of(text, "name: ln_f,"), "ln_f", "attribute `eps`", "beyond the range of a C float")
+
+
+# ---- structure: flags, outputs -------------------------------------------------------------------------------
+
+
+def test_flags_must_be_true_or_false(tmp_path):
+    text = GOOD.replace("ln1w:     {shape: [C], per_layer: true,", "ln1w:     {shape: [C], per_layer: \"false\",")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "ln1w:"), None, "`per_layer` of parameter `ln1w` must be true or false",
+          "'false'")
+
+
+def test_outputs_must_name_activations(tmp_path):
+    for old, new, words in [("logits: {tensor: logits, columns: V}", "logits: {columns: V}", "needs `tensor`"),
+                            ("logits: {tensor: logits, columns: V}", "logits: {tensor: logits, columns: W}",
+                             "unknown name(s) W"),
+                            ("loss: losses  ", "loss: [losses]  ", "must name an activation, got a list")]:
+        text = GOOD.replace(old, new)
+        assert text != GOOD
+        p = write(tmp_path, text)
+        check(error_of(p), p, line_of(text, new), None, words)
+
+
+# ---- an op check names the values and the fix (item 11) -------------------------------------------------------
+
+
+def test_an_op_check_says_what_fails_and_what_to_set(tmp_path):
+    p = write(tmp_path, GOOD)
+    err = error_of(p, L=4, C=256)
+    check(err, p, line_of(GOOD, "name: attn,"), "attn",
+          "`attention` requires C % NH == 0, which does not hold: C = 256, NH = 12 (C % NH = 4): channels must "
+          "divide evenly into heads", "hint: set NH to a divisor of 256 (e.g. --set NH=8 or --set NH=16)")
+
+
+def test_the_readme_build_example_is_a_valid_model():
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("gpt2gen build") and "--set" in x)
+    overrides = dict(kv.split("=") for kv in re.findall(r"--set (\S+)", line))
+    spec = S.load(ROOT / "model.yaml")
+    lower(spec, spec.resolve({k: int(v) for k, v in overrides.items()}))
+
+
+def test_values_that_wrap_around_in_a_c_int_are_refused(tmp_path):
+    """Kernels take dimensions and int attributes as C `int`: 3e9 would wrap around to a negative size."""
+    text = GOOD.replace("  C: 768 ", "  C: 3000000000 ")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "  wte:"), None, "shape of `wte`", "dimension `C` = 3000000000",
+          "beyond the range of the kernels' C int")
+    p = write(tmp_path, GOOD, "good.yaml")                 # the issue's example: it "built" 2e26 parameters
+    check(error_of(p, C=1_200_000_000_000), p, line_of(GOOD, "  wte:"), None, "beyond the range of the kernels' C int")
+    text = GOOD.replace("vocab: V}", "vocab: 4294967296}")
+    p = write(tmp_path, text, "attr.yaml")
+    check(error_of(p), p, line_of(text, "vocab: 4294967296"), "loss", "`vocab` = 4294967296",
+          "beyond the range of the kernels' C int")
+
+
+def test_input_ranges_and_logits_columns_are_checked_at_their_lines(tmp_path):
+    text = GOOD.replace("idx: {shape: [B, T], range: V}", "idx: {shape: [B, T], range: V - V}")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "range: V - V"), None, "range of `idx` = V - V = 0: it must be positive")
+    text = GOOD.replace("columns: V}", "columns: 2 * Vp}")
+    p = write(tmp_path, text, "cols.yaml")
+    check(error_of(p), p, line_of(text, "columns: 2 * Vp"), None,
+          "outputs.logits columns = 2 * Vp = 100608, but `logits` has 50304 columns", "hint: columns must be between 1")
