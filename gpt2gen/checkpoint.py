@@ -7,12 +7,17 @@
   writes one; :func:`load_llmc` fills an existing model.
 * HuggingFace checkpoints (a directory with ``config.json`` and ``model.safetensors``,
   ``model.safetensors.index.json`` shards, or ``pytorch_model.bin``): :func:`from_hf` maps them
-  through the ``huggingface`` section of the model YAML, so no per-model Python lives here.
+  through the ``huggingface`` section of the model YAML, so no per-model Python lives here. Every
+  config.json key must be mapped, required or ignored by that section, and config.json and the
+  tensor headers are checked against the model's layout before anything is compiled or allocated
+  (:func:`check_hf`); errors about config.json values name config.json and the key.
 * Training state (parameters, AdamW moments, step, data position, RNG): :func:`save_state` and
   :func:`load_state`, a safetensors file with a SHA-256 of its tensors in the metadata.
 
 Every write is atomic (temporary file in the same directory, fsync, rename), so a crash or a full
-disk never leaves a half-written file where a good one was. Nothing is unpickled: safetensors, or
+disk never leaves a half-written file where a good one was. Every load is all or nothing: names,
+shapes and values (NaN or infinity is refused, naming the tensor and the first bad index) are
+checked before a model is written. Nothing is unpickled: safetensors, or
 ``torch.load(..., weights_only=True)`` for ``pytorch_model.bin``.
 """
 from __future__ import annotations
@@ -20,9 +25,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -44,6 +51,48 @@ STATE_ARENAS = ("params", "m", "v")
 
 class CheckpointError(ValueError):
     """A checkpoint file is truncated, corrupt, of the wrong kind, or does not fit the model."""
+
+
+def _short(value: Any, width: int = 60) -> str:
+    """A value for an error message: containers are described, not printed (config.json may nest deeply
+    or hold thousands of labels), and long reprs are cut."""
+    if isinstance(value, dict):
+        return f"a JSON object with {len(value)} key{'s' * (len(value) != 1)}"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _nonfinite_at(a: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or infinity in ``a`` (C order), or None when every value is finite.
+
+    The common case costs one float64 sum and no temporary array: a sum of float32 values cannot
+    overflow float64, so it is finite exactly when every element is; only a suspect tensor gets a mask."""
+    with np.errstate(over="ignore", invalid="ignore"):   # inf - inf in the sum is the signal, not a warning
+        if a.size == 0 or np.isfinite(np.sum(a, dtype=np.float64)):
+            return None
+    bad = ~np.isfinite(a)
+    if not bad.any():     # float64 input whose sum overflowed: every value is finite
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
+
+
+def check_finite(a: np.ndarray, what: str, where: str | os.PathLike | None = None,
+                 locate: Callable[[tuple[int, ...]], str] | None = None) -> None:
+    """Refuse NaN or infinite weights where they are loaded, naming the file (``where``), the tensor
+    (``what``, e.g. "tensor fcw") and the first bad index (``locate`` names that element better where
+    it can, e.g. the parameter at an arena offset): loaded silently they would surface steps later as
+    a NaN loss, far from their cause."""
+    at = _nonfinite_at(a)
+    if at is None:
+        return
+    count = int(np.count_nonzero(~np.isfinite(a)))
+    element = f"{what}[{', '.join(map(str, at))}]" + (f" ({locate(at)})" if locate else "")
+    prefix = f"{where}: " if where else ""
+    raise CheckpointError(f"{prefix}{element} is {a[at]}: {count} of {a.size} values of {what} are NaN or "
+                          f"infinite, so nothing was loaded\n  hint: the checkpoint is corrupt or was saved "
+                          f"from a run that diverged; use an earlier checkpoint")
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +135,9 @@ def llmc_shapes(maxT: int, V: int, L: int, NH: int, C: int, Vp: int) -> dict[str
 def read_llmc_header(path: str | os.PathLike) -> dict[str, int]:
     """Validate an llm.c model file's header and size; returns maxT, V, L, NH, C, Vp and version."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not an llm.c model file (a HuggingFace checkpoint "
+                              f"directory is imported with from_hf)")
     if not path.is_file():
         raise FileNotFoundError(f"llm.c model file not found: {path}")
     size = path.stat().st_size
@@ -102,10 +154,17 @@ def read_llmc_header(path: str | os.PathLike) -> dict[str, int]:
         raise CheckpointError(f"{path}: unsupported llm.c model version {version} "
                               f"(known: {LLMC_FP32} = fp32, {LLMC_BF16} = bf16)")
     hdr = {k: int(v) for k, v in zip(LLMC_HEADER_KEYS, h[2:8])}
-    if min(hdr.values()) <= 0 or hdr["C"] % hdr["NH"] or hdr["Vp"] < hdr["V"]:
-        raise CheckpointError(f"{path}: implausible header {hdr}")
+    bad = [f"{k}={v} (header int [{i}])" for i, (k, v) in enumerate(hdr.items(), start=2) if v <= 0]
+    if not bad and hdr["C"] % hdr["NH"]:
+        bad.append(f"C={hdr['C']} is not a multiple of NH={hdr['NH']}")
+    if not bad and hdr["Vp"] < hdr["V"]:
+        bad.append(f"the padded vocabulary Vp={hdr['Vp']} is smaller than V={hdr['V']}")
+    if bad:
+        raise CheckpointError(f"{path}: implausible llm.c header {hdr}: {'; '.join(bad)}; the file is "
+                              f"corrupt or not an llm.c model file")
     hdr["version"] = version
-    n = sum(int(np.prod(s)) for s in llmc_shapes(**{k: hdr[k] for k in LLMC_HEADER_KEYS}).values())
+    # Python integers: a corrupt header's sizes overflow int64, and must compare unequal to the file size
+    n = sum(math.prod(s) for s in llmc_shapes(**{k: hdr[k] for k in LLMC_HEADER_KEYS}).values())
     expected = HEADER_BYTES + n * (4 if version == LLMC_FP32 else 2)
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
@@ -124,7 +183,7 @@ def read_llmc(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, np.nda
         flat = bf16_to_fp32(flat)
     out, off = {}, 0
     for name, shape in shapes.items():
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         out[name] = flat[off:off + n].reshape(shape)
         off += n
     return hdr, out
@@ -188,6 +247,8 @@ def load_llmc(model, path: str | os.PathLike) -> dict[str, int]:
         raise CheckpointError(f"{path}: model shape mismatch: {detail}")
     _check_llmc_params(model)
     _, tensors = read_llmc(path)
+    for name, t in tensors.items():   # every tensor is checked before any is written
+        check_finite(t, f"tensor {name}", path)
     for name, t in tensors.items():
         model.params[name][...] = t
     return hdr
@@ -206,6 +267,15 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
     clash = {k: v for k, v in overrides.items() if k in shape and v != shape[k]}
     if clash:
         raise CheckpointError(f"{path}: overrides {clash} contradict the file's header {shape}")
+    # the padding is the model file's rule, not the header's: compare before compiling anything
+    from .spec import SpecError
+    try:
+        vp = _load_spec(model).resolve({**overrides, **shape}).get("Vp")
+    except SpecError:
+        vp = None   # the build below reports it
+    if vp is not None and vp != hdr["Vp"]:
+        raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
+                              f"pads V={hdr['V']} to Vp={vp}")
     m = build(model=model, target=target, seed=None, **{**overrides, **shape})   # weights come from the file
     if int(m.config.get("Vp", -1)) != hdr["Vp"]:
         raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
@@ -217,6 +287,9 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
 # --------------------------------------------------------------------------------------------
 # HuggingFace import
 
+HF_CONFIG_MAX_BYTES = 16 << 20   # real config.json files are a few KB; this bounds what is read
+
+
 def _hf_weight_files(directory: Path) -> tuple[str, list[Path]]:
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
@@ -225,8 +298,11 @@ def _hf_weight_files(directory: Path) -> tuple[str, list[Path]]:
         return "safetensors", [single]
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            if not all(isinstance(x, str) and x and Path(x).name == x for x in shards):
+                raise ValueError("weight_map values must be file names in the same directory")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         return "safetensors", [directory / s for s in shards]
     if pt.is_file():
@@ -236,11 +312,15 @@ def _hf_weight_files(directory: Path) -> tuple[str, list[Path]]:
 
 
 class _HFTensors:
-    """Lazy access to the tensors of a HuggingFace checkpoint, as float32 numpy arrays."""
+    """Lazy access to the tensors of a HuggingFace checkpoint, as float32 numpy arrays.
+
+    Names and shapes come from the safetensors headers alone, so a checkpoint can be checked against
+    the model's layout before anything is compiled or allocated."""
 
     def __init__(self, directory: Path):
         self.kind, self.files = _hf_weight_files(directory)
         self._where: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
         self._torch: dict[str, Any] = {}
         if self.kind == "safetensors":
             from safetensors import safe_open
@@ -249,6 +329,7 @@ class _HFTensors:
                     with safe_open(str(f), framework="pt" if _has_torch() else "np") as sf:
                         for k in sf.keys():
                             self._where[k] = f
+                            self._shape[k] = tuple(int(d) for d in sf.get_slice(k).get_shape())
                 except Exception as e:
                     raise CheckpointError(f"{f}: cannot read safetensors file: {e}") from None
         else:
@@ -261,8 +342,9 @@ class _HFTensors:
                     from None
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: expected a state dict, found {type(sd).__name__}")
-            self._torch = sd
-            self._where = {k: f for k in sd}
+            self._torch = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            self._where = {k: f for k in self._torch}
+            self._shape = {k: tuple(v.shape) for k, v in self._torch.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -273,15 +355,21 @@ class _HFTensors:
     def file_of(self, name: str) -> Path:
         return self._where[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape[name]
+
     def get(self, name: str) -> np.ndarray:
-        if self.kind == "torch":
-            return _torch_to_numpy(self._torch[name])
-        from safetensors import safe_open
-        if _has_torch():
-            with safe_open(str(self._where[name]), framework="pt") as sf:
-                return _torch_to_numpy(sf.get_tensor(name))
-        with safe_open(str(self._where[name]), framework="np") as sf:
-            return np.asarray(sf.get_tensor(name), dtype=np.float32)
+        try:
+            if self.kind == "torch":
+                return _torch_to_numpy(self._torch[name])
+            from safetensors import safe_open
+            if _has_torch():
+                with safe_open(str(self._where[name]), framework="pt") as sf:
+                    return _torch_to_numpy(sf.get_tensor(name))
+            with safe_open(str(self._where[name]), framework="np") as sf:
+                return np.asarray(sf.get_tensor(name), dtype=np.float32)
+        except Exception as e:   # a shard changed or broke since it was opened, an unreadable dtype
+            raise CheckpointError(f"{self._where[name]}: cannot read tensor {name}: {e}") from None
 
 
 def _has_torch() -> bool:
@@ -297,49 +385,347 @@ def _torch_to_numpy(t) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml",
-            target: str = "cpu", **overrides):
-    """Import a HuggingFace checkpoint directory through the model YAML's ``huggingface`` mapping.
-
-    Reads ``config.json``, turns the mapped keys into build overrides (explicit ``overrides`` win),
-    builds the model and copies every mapped tensor in (the first of its ``a | b`` alternative names
-    that the checkpoint holds; transposed where the mapping says so). A tensor the mapping marks
-    ``pad_rows`` (an unpadded vocabulary) may have fewer rows than ours: it fills the leading rows
-    and the rest are zeroed; any other shape difference is an error naming the tensor, both shapes
-    and the file. Unmapped HF tensors are ignored; a mapped one that is missing is an error.
-    """
-    from . import build
-
+def read_hf_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """A checkpoint's ``config.json`` as a dict, and its path; every way it can be unreadable is a
+    :class:`CheckpointError` naming the file (and the line and column of a JSON error)."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; a HuggingFace checkpoint is a directory "
+                              f"holding config.json and the weights")
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: no config.json (is this a HuggingFace model directory?)")
     try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except ValueError as e:
+        size = cfg_path.stat().st_size
+        if size > HF_CONFIG_MAX_BYTES:
+            raise CheckpointError(f"{cfg_path}: {size} bytes is too large for a model config (limit "
+                                  f"{HF_CONFIG_MAX_BYTES}); is it the right file?")
+        raw = cfg_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not UTF-8 text (byte offset {e.start}); config.json is JSON "
+                              f"text") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (ValueError, RecursionError) as e:   # a number too long to convert, nesting too deep
         raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: config.json must hold a JSON object ({{\"key\": value, ...}}), "
+                              f"not {_short(cfg)}")
+    return cfg, cfg_path
+
+
+def _known_config_keys(mapping) -> list[str]:
+    """Every config.json key (or fnmatch pattern) the model file accounts for: mapped, required or ignored."""
+    keys = [k.strip() for key in mapping.config.values() for k in key.split("|")]
+    return keys + list(getattr(mapping, "require", {})) + list(getattr(mapping, "ignore_config", ()))
+
+
+def _unaccounted_config(hf_cfg: dict[str, Any], mapping) -> list[tuple[str, Any]]:
+    """config.json entries (dotted keys, values) that the model file neither maps, requires nor ignores.
+
+    A nested object is entered only where the model file names keys inside it (``rope_parameters``:
+    its ``rope_theta`` is mapped and ``rope_type`` required, so a ``factor`` there is caught); any
+    other object counts as one entry. Walked without recursion: config.json may nest deeply."""
+    known = _known_config_keys(mapping)
+    out: list[tuple[str, Any]] = []
+    todo: list[tuple[str, dict]] = [("", hf_cfg)]
+    while todo:
+        prefix, node = todo.pop()
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if any(fnmatch.fnmatchcase(key, pat) for pat in known):
+                continue
+            if isinstance(v, dict) and any(pat.startswith(key + ".") for pat in known):
+                todo.append((key + ".", v))
+                continue
+            out.append((key, v))
+    return sorted(out, key=lambda kv: kv[0])
+
+
+def _source_key(mapping, hf_cfg: dict[str, Any], symbol: str) -> str:
+    """The config.json key that gave ``symbol`` its value: the first of its alternatives that holds a
+    value, else the first explicit null (the model file's ``if_null`` applied)."""
+    from .spec import _ABSENT, _lookup
+    keys = [k.strip() for k in mapping.config[symbol].split("|")]
+    found = [_lookup(hf_cfg, k) for k in keys]
+    return next((k for k, v in zip(keys, found) if v is not None and v is not _ABSENT),
+                next((k for k, v in zip(keys, found) if v is None), keys[0]))
+
+
+def _hf_values(hf_cfg: dict[str, Any], cfg_path: Path, spec, mapping,
+               overrides: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """{our symbol: (config.json key, value)} for every mapped value that applies, each checked: a
+    number, finite, and a whole number where the model file's own value is one (a size or a count)."""
+    from .spec import SpecError
+    try:
+        defaults = spec.resolve({})
+    except SpecError:
+        defaults = {}
+    out: dict[str, tuple[str, Any]] = {}
+    problems = []
+    for sym in mapping.config:
+        if sym in overrides:
+            continue
+        value = mapping.config_value(hf_cfg, sym)   # nested keys and alternatives; None: keep the file's value
+        if value is None:
+            continue
+        key = _source_key(mapping, hf_cfg, sym)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key} = {_short(value)} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"{key} = {value} is not a finite number")
+        elif isinstance(defaults.get(sym), int) and not isinstance(value, int):
+            problems.append(f"{key} = {value!r} is not a whole number (it sets {sym}, a size or a count: "
+                            f"{defaults[sym]} in {spec.path})")
+        else:
+            out[sym] = (key, value)
+    if problems:
+        raise CheckpointError(f"{cfg_path}: " + "; ".join(problems)
+                              + f"\n  hint: fix config.json, or pass the value as an override (from_hf(..., "
+                                f"SYMBOL=value), --set SYMBOL=value)")
+    return out
+
+
+def _depends_on(spec, names: set[str], given: set[str]) -> set[str]:
+    """``names`` and the config symbols their model-file expressions use, down to the ``given`` ones."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n not in given:
+            ex = spec.config.get(n) or spec.batch.get(n)
+            if ex is not None:
+                todo.extend(ex.names())
+    return seen
+
+
+def _origin(spec, names: set[str], hf_values: dict, overrides: dict, prefix: str = "config.json's ") -> str:
+    """Where the values of ``names`` come from: "config.json's n_layer = 0 (L) and the override T = 99"."""
+    used = _depends_on(spec, names, set(hf_values) | set(overrides))
+    order = list(spec.config) + list(spec.batch)
+    parts = [f"{hf_values[s][0]} = {hf_values[s][1]!r} ({s})" for s in order if s in used and s in hf_values]
+    ov = [f"{s} = {overrides[s]!r}" for s in order if s in used and s in overrides]
+    return " and ".join(filter(None, [(prefix + ", ".join(parts)) if parts else "",
+                                      ("the override " + ", ".join(ov)) if ov else ""]))
+
+
+def _hf_program(spec, build_cfg: dict, hf_values: dict, overrides: dict, cfg_path: Path):
+    """Lower the model with config.json's values (no compiling, nothing allocated); a value the model
+    file refuses is reported against config.json and its key, not against a model-file line."""
+    import re
+
+    from . import lower as lower_mod
+    from .spec import SpecError
+    spec.resolve(overrides)   # an override the model file refuses by itself is the caller's: its own message
+    try:
+        return lower_mod.lower(spec, spec.resolve(build_cfg))
+    except SpecError as e:
+        symbols = set(spec.config) | set(spec.batch)
+        # the symbols the message names: inside `...`, or as "NAME = value" (not words such as "C int")
+        words = [w for span in re.findall(r"`([^`]*)`", e.message) for w in re.findall(r"[A-Za-z_]\w*", span)]
+        words += re.findall(r"\b([A-Za-z_]\w*) =", e.message)
+        named = {w for w in words if w in symbols}
+        named |= {s for s, ln in spec.config_lines.items() if e.line and ln == e.line}
+        used = _depends_on(spec, named, set(hf_values) | set(overrides))
+        blamed = used & set(hf_values)
+        if not blamed and used & set(overrides):
+            raise   # the overrides alone are at fault: the model file's own message says it best
+        if not blamed:
+            blamed = set(hf_values)   # nothing more specific: every value config.json gave
+        if not blamed:
+            raise
+        where = f" (node '{e.node}')" if e.node else ""
+        origin = _origin(spec, named | blamed, hf_values, overrides, prefix="")
+        raise CheckpointError(f"{cfg_path}: {spec.path} refuses {origin}: {e.message}{where}\n  hint: fix "
+                              f"config.json, or override the value (from_hf(..., SYMBOL=value), --set "
+                              f"SYMBOL=value)") from None
+
+
+@dataclass
+class _Placement:
+    """Where one HF tensor goes: our parameter, its layer (None: not per-layer), and how."""
+    ours: str
+    layer: int | None
+    hf_name: str
+    transpose: bool
+    pad: bool           # fewer rows than ours (pad_rows): the rest are zeroed
+
+
+def _plan_hf(directory: Path, tensors: _HFTensors, mapping, shapes: dict[str, tuple[int, ...]],
+             explain: Callable[[str, bool], str] | None = None) -> list[_Placement]:
+    """Match every parameter (its full shape in ``shapes``) to checkpoint tensors by name and header
+    shape, and refuse tensors the mapping does not account for -- all before any tensor is read, so
+    a mismatch costs nothing and changes nothing. ``explain(ours, missing)`` adds where our shape (or,
+    for a missing tensor, also our layer count) came from."""
+    unmapped = sorted(set(shapes) - set(mapping.parameters))
+    if unmapped:
+        raise CheckpointError(f"model parameters {unmapped} have no huggingface mapping in the "
+                              "model file")
+    plan: list[_Placement] = []
+    used: set[str] = set()
+    for ours, hp in mapping.parameters.items():
+        if ours not in shapes:
+            continue
+        full = shapes[ours]
+        per_layer = "{layer}" in hp.name
+        for layer in (range(full[0]) if per_layer else [None]):
+            want = full[1:] if per_layer else full
+            candidates = hp.names(layer)
+            hf_name = next((n for n in candidates if n in tensors), None)
+            if hf_name is None:
+                tried = " or ".join(repr(n) for n in candidates)
+                raise CheckpointError(f"{directory}: tensor {tried} (for {ours}) is missing from "
+                                      f"{', '.join(str(f.name) for f in tensors.files)}"
+                                      + (explain(ours, True) if explain else ""))
+            used.add(hf_name)
+            shape = tensors.shape(hf_name)
+            where = tensors.file_of(hf_name)
+            if hp.transpose:
+                if len(shape) != 2:
+                    raise CheckpointError(f"{where}: {hf_name} has shape "
+                                          f"{shape}; only 2-D tensors can be transposed")
+                shape = shape[::-1]
+            fewer_rows = (len(shape) == len(want) and len(shape) >= 1 and shape[0] < want[0]
+                          and shape[1:] == want[1:])
+            if shape == want or (fewer_rows and getattr(hp, "pad_rows", False)):
+                plan.append(_Placement(ours, layer, hf_name, hp.transpose, shape != want))
+                continue
+            hint = ""
+            if fewer_rows:
+                hint = (f" (it has fewer rows, and the model file does not mark {ours} `pad_rows: true`: "
+                        "was a size such as maxT or V overridden larger than the checkpoint's?)")
+            raise CheckpointError(f"{where}: tensor {hf_name} has shape "
+                                  f"{shape}{' after transposing' if hp.transpose else ''}"
+                                  f", but {ours} needs {want}{hint}" + (explain(ours, False) if explain else ""))
+    left = sorted(n for n in tensors.names() if n not in used
+                  and not any(fnmatch.fnmatchcase(n, pat) for pat in getattr(mapping, "ignore", ())))
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        layered = [ours for ours, hp in mapping.parameters.items() if "{layer}" in hp.name and ours in shapes
+                   and any(_layer_pattern(n).fullmatch(x) for n in hp.names() for x in left)]
+        raise CheckpointError(f"{directory}: the checkpoint has tensors the model file does not map: "
+                              f"{', '.join(left[:5])}{more}. Importing without them would give a different "
+                              f"model; map them in the model file (or list them under huggingface.ignore if "
+                              f"they carry no weights)"
+                              + (explain(layered[0], True) if explain and layered else ""))
+    return plan
+
+
+def _layer_pattern(name: str):
+    """A regular expression for a per-layer HF tensor name, any layer ("h.{layer}.w" matches "h.12.w")."""
+    import re
+    return re.compile(r"\d+".join(re.escape(part) for part in name.split("{layer}")))
+
+
+def _copy_hf(params: dict[str, np.ndarray], tensors: _HFTensors, plan: list[_Placement],
+             staged: bool) -> None:
+    """Read and copy the planned tensors, refusing NaN or infinite values. ``staged``: read everything
+    into new arrays first and write the model only when all of it is good (an existing model is never
+    left half-loaded); a model built for this import is written directly (half the peak memory)."""
+    out: dict[str, np.ndarray] = {}
+    for p in plan:
+        dst = out.get(p.ours)
+        if dst is None:
+            dst = out[p.ours] = np.empty(params[p.ours].shape, np.float32) if staged else params[p.ours]
+        view = dst[p.layer] if p.layer is not None else dst
+        t = tensors.get(p.hf_name)
+        where = tensors.file_of(p.hf_name)
+        if tuple(t.shape) != tensors.shape(p.hf_name):   # the data disagrees with its own header
+            raise CheckpointError(f"{where}: tensor {p.hf_name} has shape {tuple(t.shape)}, not the "
+                                  f"{tensors.shape(p.hf_name)} its header gives")
+        check_finite(t, f"tensor {p.hf_name}", where)
+        if p.transpose:
+            t = t.T
+        rows = t.shape[0]            # the plan checked it: all of ours, or fewer where padding is allowed
+        view[:rows] = t
+        view[rows:] = 0.0
+    if staged:
+        for name, arr in out.items():
+            params[name][...] = arr
+
+
+def check_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml", **overrides):
+    """Everything :func:`from_hf` checks before it compiles or allocates anything; returns
+    ``(build config, tensors, plan)``. config.json must account for every key (mapped, required or
+    ignored by the model file), its values must make a valid model, and its weights must have the
+    shapes that model needs."""
+    directory = Path(directory)
+    hf_cfg, cfg_path = read_hf_config(directory)
     spec = _load_spec(model)  # the spec gives the mapping before anything is built
     mapping = getattr(spec, "huggingface", None)
     if mapping is None:
         raise CheckpointError(f"{getattr(spec, 'path', model)}: the model file has no huggingface "
                               "section, so HuggingFace checkpoints cannot be mapped onto it")
-    build_cfg: dict[str, Any] = {}
     problems = mapping.unsupported(hf_cfg)
     if problems:
         raise CheckpointError(f"{cfg_path}: the checkpoint uses what {spec.path} cannot represent: "
                               + "; ".join(problems)
                               + ". Importing it would give a different model; write a model file that has it.")
-    for sym in mapping.config:
-        value = mapping.config_value(hf_cfg, sym)   # nested keys and alternatives; None: keep the file's value
-        if value is None or sym in overrides:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CheckpointError(f"{cfg_path}: {mapping.config[sym]!r} is {value!r}, but config symbol {sym} "
-                                  "needs a number")
-        build_cfg[sym] = value
-    build_cfg.update(overrides)
+    unknown = _unaccounted_config(hf_cfg, mapping)
+    if unknown:
+        listed = ", ".join(f"{k} = {_short(v)}" for k, v in unknown[:8])
+        more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        raise CheckpointError(
+            f"{cfg_path}: {listed}{more}: {spec.path} neither maps, requires nor ignores "
+            f"{'this key' if len(unknown) == 1 else 'these keys'}, so it cannot tell whether the checkpoint "
+            f"computes what it does\n  hint: if a key changes the computation, map it (huggingface.config) "
+            f"or require its value (huggingface.require); if it does not (tokenizer ids, training-only or "
+            f"bookkeeping settings), list it under huggingface.ignore_config in {spec.path}")
+    hf_values = _hf_values(hf_cfg, cfg_path, spec, mapping, overrides)
+    build_cfg = {**{s: v for s, (_, v) in hf_values.items()}, **overrides}
+    program = _hf_program(spec, build_cfg, hf_values, overrides, cfg_path)
+    shapes = {s.name: tuple(s.dims) for s in program.layout.params.slots}
+    tensors = _HFTensors(directory)
+
+    layer_counts = set().union(*(g.count.names() for g in spec.graph if hasattr(g, "count")))
+
+    def explain(ours: str, missing: bool) -> str:
+        t = spec.tensors[ours]
+        names = set().union(*(d.names() for d in t.shape))
+        names |= layer_counts if missing and t.per_layer else set()
+        origin = _origin(spec, names, hf_values, overrides)
+        what = f"{ours}'s shape {t.shape_str()}" + (" and layer count" if missing and t.per_layer else "")
+        return (f"\n  hint: {what} come{'s' * (not missing or not t.per_layer)} from {origin}; "
+                f"config.json and the weights disagree, or an override does not fit this checkpoint"
+                ) if origin else ""
+    plan = _plan_hf(directory, tensors, mapping, shapes, explain)
+    from .builder import MemoryLimitError, check_memory
+    try:
+        check_memory(program)    # a vocabulary of 10**8 passes the shape checks (it may be padded), not this
+    except MemoryLimitError as e:
+        raise MemoryLimitError(f"{cfg_path}: the model its values describe does not fit in memory: {e}") from None
+    return build_cfg, tensors, plan
+
+
+def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml",
+            target: str = "cpu", **overrides):
+    """Import a HuggingFace checkpoint directory through the model YAML's ``huggingface`` mapping.
+
+    Reads ``config.json``, turns the mapped keys into build overrides (explicit ``overrides`` win),
+    and checks, before compiling or allocating anything (:func:`check_hf`): that every config.json
+    key is mapped, required or ignored by the model file, that the values make a valid model, and
+    that every mapped tensor is present with the shape that model needs. Then it builds the model
+    and copies every mapped tensor in (the first of its ``a | b`` alternative names that the
+    checkpoint holds; transposed where the mapping says so), refusing NaN or infinite weights. A
+    tensor the mapping marks ``pad_rows`` (an unpadded vocabulary) may have fewer rows than ours: it
+    fills the leading rows and the rest are zeroed; any other shape difference is an error naming
+    the tensor, both shapes and the file. Checkpoint tensors the mapping neither maps nor ignores
+    are an error.
+    """
+    from . import build
+
+    build_cfg, tensors, plan = check_hf(directory, model, **overrides)
     m = build(model=model, target=target, seed=None, **build_cfg)   # weights come from the checkpoint
-    load_hf_into(m, directory, mapping)
+    _copy_hf(m.params, tensors, plan, staged=False)
     return m
 
 
@@ -353,61 +739,14 @@ def _load_spec(model):
 
 
 def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
-    """Copy a HuggingFace checkpoint's tensors into an existing model ``m`` (see :func:`from_hf`)."""
+    """Copy a HuggingFace checkpoint's tensors into an existing model ``m`` (see :func:`from_hf`).
+
+    All or nothing: every name, shape and value is checked before the model is written."""
     directory = Path(directory)
     mapping = mapping if mapping is not None else m.spec.huggingface
     tensors = _HFTensors(directory)
-    unmapped = sorted(set(m.params) - set(mapping.parameters))
-    if unmapped:
-        raise CheckpointError(f"model parameters {unmapped} have no huggingface mapping in the "
-                              "model file")
-    used: set[str] = set()
-    for ours, hp in mapping.parameters.items():
-        dst = m.params[ours]
-        per_layer = "{layer}" in hp.name
-        layers = range(dst.shape[0]) if per_layer else [None]
-        for layer in layers:
-            view = dst[layer] if per_layer else dst
-            candidates = hp.names(layer)
-            hf_name = next((n for n in candidates if n in tensors), None)
-            if hf_name is None:
-                tried = " or ".join(repr(n) for n in candidates)
-                raise CheckpointError(f"{directory}: tensor {tried} (for {ours}) is missing from "
-                                      f"{', '.join(str(f.name) for f in tensors.files)}")
-            used.add(hf_name)
-            t = tensors.get(hf_name)
-            where = tensors.file_of(hf_name)
-            if hp.transpose:
-                if t.ndim != 2:
-                    raise CheckpointError(f"{where}: {hf_name} has shape "
-                                          f"{t.shape}; only 2-D tensors can be transposed")
-                t = t.T
-            if t.shape == view.shape:
-                view[...] = t
-                continue
-            fewer_rows = (t.ndim == view.ndim and t.ndim >= 1 and t.shape[0] < view.shape[0]
-                          and t.shape[1:] == view.shape[1:])
-            if fewer_rows and getattr(hp, "pad_rows", False):
-                view[:t.shape[0]] = t
-                view[t.shape[0]:] = 0.0
-                continue
-            hint = ""
-            if fewer_rows:
-                hint = (f" (it has fewer rows, and the model file does not mark {ours} `pad_rows: true`: "
-                        "was a size such as maxT or V overridden larger than the checkpoint's?)")
-            raise CheckpointError(f"{where}: tensor {hf_name} has shape "
-                                  f"{tuple(t.shape)}{' after transposing' if hp.transpose else ''}"
-                                  f", but {ours} needs {tuple(view.shape)}{hint}")
-
-
-    left = sorted(n for n in tensors.names() if n not in used
-                  and not any(fnmatch.fnmatchcase(n, pat) for pat in getattr(mapping, "ignore", ())))
-    if left:
-        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
-        raise CheckpointError(f"{directory}: the checkpoint has tensors the model file does not map: "
-                              f"{', '.join(left[:5])}{more}. Importing without them would give a different "
-                              f"model; map them in the model file (or list them under huggingface.ignore if "
-                              f"they carry no weights)")
+    plan = _plan_hf(directory, tensors, mapping, {k: tuple(v.shape) for k, v in m.params.items()})
+    _copy_hf(m.params, tensors, plan, staged=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,10 +760,29 @@ def _arena_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _plain(config: Mapping[str, Any]) -> dict[str, int | float]:
+    """A resolved config as JSON numbers (ints stay ints)."""
+    return {k: int(v) if isinstance(v, (int, np.integer)) else float(v) for k, v in config.items()}
+
+
 def _plain_config(model) -> dict[str, int | float]:
-    """The resolved config as JSON numbers (ints stay ints)."""
-    return {k: int(v) if isinstance(v, (int, np.integer)) else float(v)
-            for k, v in model.config.items()}
+    return _plain(model.config)
+
+
+def _predated_symbols(model, saved: dict[str, Any]) -> dict[str, Any]:
+    """Config symbols a state predates (its model file had no such symbol yet, e.g. GPT-2's ``norm_eps``):
+    the value the model file gives them from the state's own config, which is what that older file
+    computed with. A state whose config the current file cannot resolve gets no such defaults."""
+    spec = getattr(model, "spec", None)
+    missing = [k for k in model.config if k not in saved]
+    if spec is None or not missing:
+        return {}
+    try:
+        known = set(spec.config) | set(spec.batch)
+        resolved = spec.resolve({k: v for k, v in saved.items() if k in known})
+    except (ValueError, TypeError):
+        return {}
+    return _plain({k: resolved[k] for k in missing if k in resolved})
 
 
 def _model_identity(model) -> dict[str, Any]:
@@ -458,11 +816,32 @@ def save_state(path: str | os.PathLike, model, *, step: int, data: dict | None =
     return Path(path)
 
 
+def _meta_field(path: Path, meta: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
+    """One metadata entry of a training state, decoded and of the expected kind (``default``: the
+    text an absent or empty entry stands for): a damaged or hand-edited header is a CheckpointError
+    naming the entry, not a KeyError or a JSON traceback."""
+    raw = meta.get(key) or default
+    if raw is None:
+        raise CheckpointError(f"{path}: training state metadata lacks `{key}`; the file is damaged")
+    try:
+        value = int(raw) if kind is int else raw if kind is str else json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: training state metadata `{key}` = {_short(raw)} is not valid "
+                              f"({e}); the file is damaged") from None
+    if not isinstance(value, kind) or (kind is int and value < 0):
+        raise CheckpointError(f"{path}: training state metadata `{key}` = {_short(raw)} is not "
+                              f"{'a non-negative integer' if kind is int else 'a ' + kind.__name__}; the "
+                              f"file is damaged")
+    return value
+
+
 def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """A training state file's metadata (decoded), validating that it is one."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a training state file")
     if not path.is_file():
         raise FileNotFoundError(f"training state not found: {path}")
     try:
@@ -473,13 +852,20 @@ def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
                               f"safetensors file): {e}") from None
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a gpt2gen training state (format "
-                              f"{meta.get('format')!r}, expected {STATE_FORMAT!r})")
+                              f"{_short(meta.get('format'))}, expected {STATE_FORMAT!r})")
     if meta.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: training state version {meta.get('version')!r} is not "
+        raise CheckpointError(f"{path}: training state version {_short(meta.get('version'))} is not "
                               f"supported (expected {STATE_VERSION})")
-    out: dict[str, Any] = {"step": int(meta["step"]), "sha256": meta["sha256"]}
+    out: dict[str, Any] = {"step": _meta_field(path, meta, "step", int),
+                           "sha256": _meta_field(path, meta, "sha256", str)}
     for k in ("config", "model", "data", "rng", "extra"):
-        out[k] = json.loads(meta.get(k) or "{}")
+        out[k] = _meta_field(path, meta, k, dict, default="{}")
+    bad = {k: v for k, v in out["config"].items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad:
+        raise CheckpointError(f"{path}: training state config has values that are not finite numbers: "
+                              f"{', '.join(f'{k} = {_short(v)}' for k, v in sorted(bad.items()))}; the file "
+                              f"is damaged")
     return out
 
 
@@ -488,35 +874,69 @@ def _read_state_arrays(path: Path, meta: dict[str, Any]) -> dict[str, np.ndarray
 
     try:
         with safe_open(str(path), framework="np") as sf:
+            names = set(sf.keys())
+            missing = [k for k in STATE_ARENAS if k not in names]
+            if missing:
+                raise CheckpointError(f"{path}: training state lacks the {', '.join(missing)} arena(s); "
+                                      f"the file is damaged")
             arrays = {k: sf.get_tensor(k) for k in STATE_ARENAS}
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt): {e}") from None
+    for k, a in arrays.items():
+        if a.dtype != np.float32 or a.ndim != 1:
+            raise CheckpointError(f"{path}: arena {k} is {a.dtype} with shape {a.shape}; a training state "
+                                  f"holds flat float32 arenas (the file is damaged)")
     if _arena_digest(arrays) != meta["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupt")
     return arrays
 
 
+def _param_at(model, offset: int) -> str:
+    """Which parameter element of ``model`` lives at a float offset of its parameter arena ('wte[3, 5]')."""
+    base = model.arenas["params"]
+    start = base.__array_interface__["data"][0]
+    for name, view in model.params.items():
+        first = (view.__array_interface__["data"][0] - start) // base.itemsize
+        if first <= offset < first + view.size:
+            return f"parameter {name}[{', '.join(map(str, np.unravel_index(offset - first, view.shape)))}]"
+    return "alignment padding between parameters"
+
+
+def _check_state_finite(path: Path, arrays: dict[str, np.ndarray], model=None) -> None:
+    """A state whose weights or moments hold NaN or infinity would resume into a NaN loss: refuse it,
+    naming the arena, the offset and (given the model) the parameter there."""
+    for k in STATE_ARENAS:
+        locate = (lambda at: _param_at(model, at[0])) if model is not None else None
+        check_finite(arrays[k], f"arena {k}", path, locate)
+
+
 def verify_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Fully validate a training state file (format, metadata, tensors, checksum); returns its metadata.
+    """Fully validate a training state file (format, metadata, tensors, checksum, finite values);
+    returns its metadata.
 
     Needs no model: :func:`load_state` repeats the checks and also compares the model's shape.
     """
     path = Path(path)
     meta = read_state_metadata(path)
-    _read_state_arrays(path, meta)
+    _check_state_finite(path, _read_state_arrays(path, meta))
     return meta
 
 
 def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     """Load a training state into ``model`` (params and AdamW moments); returns its metadata.
 
-    The file is fully validated (format, checksum, config, sizes) before the model is touched.
+    The file is fully validated (format, checksum, config, sizes, finite values) before the model is
+    touched.
     """
     path = Path(path)
     meta = read_state_metadata(path)
     cfg = _plain_config(model)
-    diff = {k: (meta["config"].get(k), cfg.get(k)) for k in set(cfg) | set(meta["config"])
-            if meta["config"].get(k) != cfg.get(k)}
+    saved = dict(meta["config"])
+    for k, v in _predated_symbols(model, saved).items():
+        saved[k] = v
+    diff = {k: (saved.get(k), cfg.get(k)) for k in set(cfg) | set(saved) if saved.get(k) != cfg.get(k)}
     if diff:
         detail = ", ".join(f"{k}={a} in the file but {b} in the model"
                            for k, (a, b) in sorted(diff.items()))
@@ -526,6 +946,34 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
         if arrays[k].shape != model.arenas[k].shape:
             raise CheckpointError(f"{path}: arena {k} has {arrays[k].size} floats, the model "
                                   f"{model.arenas[k].size}")
+    _check_state_finite(path, arrays, model)
     for k in STATE_ARENAS:
         model.arenas[k][...] = arrays[k]
     return meta
+
+
+# --------------------------------------------------------------------------------------------
+# parameters by name
+
+def checked_state_dict(params: dict[str, np.ndarray], state) -> dict[str, np.ndarray]:
+    """Validate a {name: array} of parameters against ``params`` (a model's views) and return it as
+    float32 arrays, so that :meth:`Model.load_state_dict` can be all or nothing: an unknown name is a
+    KeyError, a wrong shape, a non-numeric dtype or a NaN/infinite value (also one that float32
+    cannot hold) a CheckpointError, each naming the entry -- raised before anything is written."""
+    if not hasattr(state, "items"):
+        raise TypeError(f"load_state_dict takes a {{name: array}} mapping, got {type(state).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for k, v in state.items():
+        if k not in params:
+            raise KeyError(f"unknown parameter `{k}`; this model has {', '.join(params)}")
+        arr = np.asarray(v)
+        if arr.dtype.kind not in "fiu":
+            raise CheckpointError(f"parameter `{k}` has dtype {arr.dtype}; it needs real numbers (float32, "
+                                  f"or a type that converts to it)")
+        if params[k].shape != arr.shape:
+            raise CheckpointError(f"parameter `{k}` has shape {params[k].shape}, got {arr.shape}")
+        with np.errstate(over="ignore"):    # float64 beyond float32's range becomes inf: caught below
+            arr = arr.astype(np.float32, copy=False)
+        check_finite(arr, f"parameter `{k}`")
+        out[k] = arr
+    return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .builder import Built, load_extension
+from .builder import Built, check_memory, describe_available, load_extension, memory_error
 from .layout import ALIGN_FLOATS, Arena
 from .render import signature
 
@@ -42,9 +42,7 @@ class Model:
             raise RuntimeError(f"the extension {built.extension} does not match its model's layout; "
                                f"delete that directory and build again")
         lay = self.layout
-        self.arenas = {name: _aligned(lay.params.size) for name in ("params", "grads", "m", "v")}
-        self.arenas["acts"] = _aligned(lay.acts.size)
-        self.arenas["dacts"] = _aligned(lay.dacts.size)
+        self.arenas = self._allocate()
         a = self.arenas
         self._handle = self._ext.Arenas(a["params"], a["grads"], a["m"], a["v"], a["acts"], a["dacts"])
         self.params = _views(lay.params, a["params"])
@@ -53,6 +51,18 @@ class Model:
         self.inputs = self.program.inputs
         self.step = 0
         self._last: tuple[list, int, int] | None = None
+
+    def _allocate(self) -> dict[str, np.ndarray]:
+        """The six arenas, after checking again that they fit: memory may have gone since the build (other
+        models in this process, other processes), and a clear refusal beats numpy's MemoryError."""
+        check_memory(self.program)
+        lay = self.layout
+        sizes = {"params": lay.params.size, "grads": lay.params.size, "m": lay.params.size, "v": lay.params.size,
+                 "acts": lay.acts.size, "dacts": lay.dacts.size}
+        try:
+            return {name: _aligned(n) for name, n in sizes.items()}
+        except MemoryError:
+            raise memory_error(self.program, f"and allocating them failed with {describe_available()}") from None
 
     # ---- properties --------------------------------------------------------------------------------------
     @property
@@ -181,11 +191,10 @@ class Model:
         return {k: v.copy() for k, v in self.params.items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for k, v in state.items():
-            if k not in self.params:
-                raise KeyError(f"unknown parameter `{k}`")
-            if self.params[k].shape != np.shape(v):
-                raise ValueError(f"parameter `{k}` has shape {self.params[k].shape}, got {np.shape(v)}")
+        """Copy parameters in by name, all or nothing: every entry's name, shape, dtype and values are
+        checked (checkpoint.checked_state_dict) before any is written."""
+        from .checkpoint import checked_state_dict
+        for k, v in checked_state_dict(self.params, state).items():
             self.params[k][...] = v
 
     def save_llmc(self, path: str | Path, dtype: str = "fp32") -> None:

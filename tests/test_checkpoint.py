@@ -1,9 +1,12 @@
 """llm.c model files, HuggingFace import and training state."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+import gpt2gen
 from gpt2gen import checkpoint as ck
 
 
@@ -388,7 +391,6 @@ def test_verify_state_checks_the_checksum(tmp_path):
 # ------------------------------------------------------------------------------ with the real compiler
 
 def test_llmc_round_trip_real_model(tmp_path):
-    import gpt2gen
     # the same shape as the trainer and HF tests, so one compiled extension serves all three
     m = gpt2gen.build(model="model.yaml", L=2, C=32, NH=2, maxT=16, B=2, T=16)
     m.init_weights(3)
@@ -404,10 +406,26 @@ def test_llmc_round_trip_real_model(tmp_path):
         gpt2gen.from_llmc(tmp_path / "m_fp32.bin", C=64)
 
 
+def test_model_load_state_dict_is_all_or_nothing():
+    """Model.load_state_dict checks every entry (name, shape, dtype, values) before writing any."""
+    m = gpt2gen.build(model="model.yaml", L=2, C=32, NH=2, maxT=16, B=2, T=16)   # the shape used above
+    before = m.arenas["params"].copy()
+    new = {k: v + 1.0 for k, v in m.state_dict().items()}
+    for bad, exc, match in [({"zzz": new["wte"]}, KeyError, "unknown parameter `zzz`"),
+                            ({"lnfb": new["lnfb"][:5]}, ck.CheckpointError, r"`lnfb` has shape \(32,\)"),
+                            ({"lnfb": new["lnfb"].astype(object)}, ck.CheckpointError, "dtype object"),
+                            ({"lnfb": np.where(np.arange(32) == 9, np.inf, 0.0)}, ck.CheckpointError,
+                             r"parameter `lnfb`\[9\] is inf")]:
+        with pytest.raises(exc, match=match):
+            m.load_state_dict({**new, **bad})     # wte..fcprojb come first and are good
+        assert m.arenas["params"].tobytes() == before.tobytes(), match
+    m.load_state_dict(new)
+    assert all(np.array_equal(m.params[k], v) for k, v in new.items())
+
+
 def test_from_hf_matches_transformers(tmp_path):
     import torch
     import transformers
-    import gpt2gen
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=2)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
@@ -439,7 +457,6 @@ def test_from_hf_gpt2model_unprefixed_names(tmp_path):
     """The hub's `gpt2` checkpoints (and GPT2Model.save_pretrained) store `wte.weight`, `h.0....`."""
     import torch
     import transformers
-    import gpt2gen
     torch.manual_seed(1)
     cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=32, n_layer=2, n_head=2)
     base = transformers.GPT2Model(cfg).eval()
@@ -463,3 +480,317 @@ def test_from_hf_gpt2model_unprefixed_names(tmp_path):
     # maxT overridden past the checkpoint's 16 positions: wpe cannot be padded, so it is an error
     with pytest.raises(ck.CheckpointError, match=r"wpe.weight has shape \(16, 32\), but wpe needs \(32, 32\)"):
         ck.load_hf_into(_FakeWithSpec(m, maxT=32), tmp_path)
+
+
+# ------------------------------------------------------------------------------ config.json, checked before building
+
+TINY_GPT2 = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A GPT2LMHeadModel.save_pretrained directory (config.json as transformers writes it)."""
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_GPT2)).save_pretrained(d)
+    return d
+
+
+def _edited(src, dst, **edits):
+    """A copy of the checkpoint directory ``src`` with config.json keys set (``...``: deleted)."""
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for k, v in edits.items():
+        if v is ...:
+            del cfg[k]
+        else:
+            cfg[k] = v
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Fail the test if anything is compiled or allocated: these errors must come before the build."""
+
+    def refuse(*a, **k):
+        raise AssertionError("from_hf built a model before refusing the checkpoint")
+    monkeypatch.setattr(gpt2gen, "build", refuse)
+
+
+def test_hf_config_maps_layer_norm_epsilon_and_n_inner(tiny_gpt2_dir, tmp_path):
+    """Values that change the computation reach the build: eps of every LayerNorm, the MLP width."""
+    d = _edited(tiny_gpt2_dir, tmp_path / "eps", layer_norm_epsilon=0.1)
+    cfg, _, _ = ck.check_hf(d, "model.yaml", B=2, T=8)
+    assert cfg["norm_eps"] == 0.1 and cfg["C"] == 16 and "FF" not in cfg   # n_inner null: the file's 4 * C
+    assert ck.check_hf(tiny_gpt2_dir, "model.yaml", T=16)[0]["norm_eps"] == 1e-5
+    from gpt2gen import spec
+    s = spec.load("model.yaml")
+    eps = {n.name: n.attrs["eps"].text() for g in s.graph for n in (g.body if hasattr(g, "body") else [g])
+           if n.op == "layernorm"}
+    assert eps == {"ln_1": "norm_eps", "ln_2": "norm_eps", "ln_f": "norm_eps"}
+    d = _edited(tiny_gpt2_dir, tmp_path / "inner", n_inner=48)   # the weights have 64 rows: they disagree
+    with pytest.raises(ck.CheckpointError, match=r"c_fc.weight has shape \(64, 16\) after transposing, but fcw "
+                                                  r"needs \(48, 16\)(.|\n)*n_inner = 48 \(FF\)"):
+        ck.check_hf(d, "model.yaml", T=16)
+
+
+def test_every_shipped_config_key_is_accounted_for():
+    """What transformers writes for each architecture (save_pretrained's diff, and the full dict) is
+    mapped, required or ignored by the shipped model files, with nothing refused."""
+
+    import transformers
+    from gpt2gen import spec
+    for f, cls in [("model.yaml", "GPT2Config"), ("models/llama2.yaml", "LlamaConfig"),
+                   ("models/mistral.yaml", "MistralConfig"), ("models/gemma.yaml", "GemmaConfig")]:
+        mapping = spec.load(f).huggingface
+        cfg = getattr(transformers, cls)()
+        for use_diff in (True, False):
+            d = json.loads(cfg.to_json_string(use_diff=use_diff))
+            assert ck._unaccounted_config(d, mapping) == [], (f, use_diff)
+            assert mapping.unsupported(d) == [], (f, use_diff)
+
+
+def test_hf_unknown_config_keys_are_refused(tiny_gpt2_dir, tmp_path, no_build):
+    d = _edited(tiny_gpt2_dir, tmp_path / "a", use_fancy_attention=True)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.from_hf(d, B=2, T=8)
+    msg = str(info.value)
+    assert str(d / "config.json") in msg and "use_fancy_attention = True" in msg
+    assert "neither maps, requires nor ignores" in msg and "huggingface.ignore_config in model.yaml" in msg
+    # a nested object is one entry, described (not printed); several keys are listed together
+    d = _edited(tiny_gpt2_dir, tmp_path / "b", extra={"deep": [[[[1]]]]}, other=[1, 2])
+    with pytest.raises(ck.CheckpointError, match=r"extra = a JSON object with 1 key, other = a list of 2 items"):
+        ck.from_hf(d)
+
+
+def test_hf_nested_config_keys_are_checked_inside_known_objects(tmp_path, no_build):
+    """rope_parameters: rope_theta is mapped and rope_type required, so anything else in it is refused."""
+
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    d = tmp_path / "llama"
+    d.mkdir()
+    raw = json.loads(cfg.to_json_string())
+    assert raw["rope_parameters"]["rope_type"] == "default"
+    raw["rope_parameters"]["factor"] = 8.0
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ck.CheckpointError, match=r"config.json: rope_parameters.factor = 8.0: "):
+        ck.from_hf(d, model="models/llama2.yaml")
+
+
+@pytest.mark.parametrize("edits,match", [
+    (dict(n_layer=0), r"config.json: model.yaml refuses n_layer = 0 \(L\): "),
+    (dict(n_layer=-2), r"config.json: model.yaml refuses n_layer = -2 \(L\): "),
+    (dict(n_embd=32.5), r"config.json: n_embd = 32.5 is not a whole number \(it sets C"),
+    (dict(n_embd=-16), r"config.json: model.yaml refuses n_embd = -16 \(C\): shape of `wte` has a dimension `C` = -16"),
+    (dict(n_head=3), r"config.json: model.yaml refuses n_head = 3 \(NH\), n_embd = 16 \(C\): .*C % NH"),
+    (dict(n_head="2"), r"config.json: n_head = '2' is not a number"),
+    (dict(n_head=True), r"config.json: n_head = True is not a number"),
+    (dict(n_positions=1e12), r"config.json: n_positions = 1000000000000.0 is not a whole number"),
+    (dict(layer_norm_epsilon=float("nan")), r"config.json: layer_norm_epsilon = nan is not a finite number"),
+    (dict(vocab_size=[64]), r"config.json: vocab_size = a list of 1 item is not a number"),
+    (dict(n_positions=10 ** 6), r"model.safetensors: tensor transformer.wpe.weight has shape \(16, 16\), but wpe "
+                                r"needs \(1000000, 16\)(.|\n)*from config.json's n_positions = 1000000 \(maxT\)"),
+    (dict(n_positions=10 ** 12), r"config.json: model.yaml refuses n_positions = 1000000000000 \(maxT\): "),
+    (dict(n_layer=2), r"'transformer.h.1.ln_1.weight' or 'h.1.ln_1.weight' \(for ln1w\) is missing(.|\n)*"
+                      r"layer count come from config.json's n_layer = 2 \(L\)"),
+    (dict(n_layer=0.0), r"config.json: n_layer = 0.0 is not a whole number"),
+])
+def test_bad_hf_config_values_name_config_json(tiny_gpt2_dir, tmp_path, no_build, edits, match):
+    """A bad value is reported against config.json and its key (never a model.yaml line), before anything
+    is compiled or allocated."""
+    d = _edited(tiny_gpt2_dir, tmp_path / "c", **edits)
+    with pytest.raises(ck.CheckpointError, match=match) as info:
+        ck.from_hf(d, B=2, T=8)
+    assert str(d) in str(info.value) and "model.yaml:" not in str(info.value)
+
+
+def test_hf_checkpoint_with_more_layers_than_config_json(tmp_path, no_build):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**TINY_GPT2, "n_layer": 2})).save_pretrained(tmp_path)
+    _edited(tmp_path, tmp_path / "one", n_layer=1)
+    with pytest.raises(ck.CheckpointError, match=r"does not map: transformer.h.1.attn.c_attn.bias, (.|\n)*"
+                                                  r"layer count come from config.json's n_layer = 1 \(L\)"):
+        ck.from_hf(tmp_path / "one", B=2, T=8)
+
+
+def test_hf_huge_vocabulary_reaches_the_memory_check(tiny_gpt2_dir, tmp_path, no_build, monkeypatch):
+    """vocab_size 10**8 passes the shape checks (the vocabulary may be padded), and stops at the size check
+    the build uses, before anything is compiled or allocated."""
+    from gpt2gen.builder import MemoryLimitError
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "1G")
+    d = _edited(tiny_gpt2_dir, tmp_path / "v", vocab_size=10 ** 8)
+    with pytest.raises(MemoryLimitError, match=r"config.json: the model its values describe does not fit in "
+                                                r"memory(.|\n)*V=100000000"):
+        ck.from_hf(d, B=2, T=8)
+
+
+def test_unreadable_config_json(tiny_gpt2_dir, tmp_path, no_build):
+    import shutil
+    d = tmp_path / "u"
+    shutil.copytree(tiny_gpt2_dir, d)
+    cases = [(b'{"n_embd": 16,,}', r"config.json:1:15: invalid JSON"),
+             (b"\xff\xfe{}", r"config.json: not UTF-8 text \(byte offset 0\)"),
+             (b"[1, 2]", r"config.json must hold a JSON object"),
+             (b"[" * 100000 + b"]" * 100000, r"config.json: invalid JSON"),
+             (b'{"n_embd": 1' + b"0" * 5000 + b"}", r"config.json: invalid JSON")]
+    for text, match in cases:
+        (d / "config.json").write_bytes(text)
+        with pytest.raises(ck.CheckpointError, match=match):
+            ck.from_hf(d)
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
+    with pytest.raises(ck.CheckpointError, match="no config.json"):
+        ck.from_hf(d)
+    with pytest.raises(ck.CheckpointError, match="not a directory"):
+        ck.from_hf(d / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------ NaN weights, all-or-nothing loads
+
+def test_llmc_nan_weights_are_refused_and_nothing_is_loaded(tmp_path):
+    src = FakeGPT2(seed=1)
+    src.params["fcw"][1, 5, 3] = np.nan
+    p = ck.save_llmc(src, tmp_path / "nan.bin")
+    m = FakeGPT2(seed=2)
+    before = m.arenas["params"].copy()
+    with pytest.raises(ck.CheckpointError, match=r"nan.bin: tensor fcw\[1, 5, 3\] is nan: 1 of 512 values of "
+                                                  r"tensor fcw are NaN"):
+        ck.load_llmc(m, p)
+    assert np.array_equal(m.arenas["params"], before)   # wte..fcb came before fcw: none was written
+    src.params["fcw"][1, 5, 3] = 0.0
+    src.params["lnfb"][7] = -np.inf
+    ck.save_llmc(src, p, dtype="bf16")
+    with pytest.raises(ck.CheckpointError, match=r"tensor lnfb\[7\] is -inf"):
+        ck.load_llmc(m, p)
+
+
+def test_llmc_absurd_headers_are_refused_without_allocating(tmp_path):
+    """Sizes whose products overflow int64, zero or negative ones: a clean error from the header alone."""
+    good = ck.save_llmc(FakeGPT2(), tmp_path / "good.bin").read_bytes()
+    bad = tmp_path / "bad.bin"
+    for ints, match in [({2: 2 ** 31 - 1, 3: 2 ** 31 - 1, 6: 2 ** 31 - 1, 5: 1, 7: 2 ** 31 - 1}, "implies"),
+                        ({6: 2 ** 30, 5: 1, 4: 2 ** 31 - 1}, "implies"),
+                        ({4: 0}, r"L=0 \(header int \[4\]\)"),
+                        ({6: -8}, r"C=-8 \(header int \[6\]\)"),
+                        ({5: 3}, "C=8 is not a multiple of NH=3"),
+                        ({7: 64}, "Vp=64 is smaller than V=100")]:
+        h = np.frombuffer(good[:1024], "<i4").copy()
+        for i, v in ints.items():
+            h[i] = v
+        bad.write_bytes(h.tobytes() + good[1024:])
+        with pytest.raises(ck.CheckpointError, match=match):
+            ck.read_llmc_header(bad)
+    with pytest.raises(ck.CheckpointError, match="is a directory"):
+        ck.read_llmc_header(tmp_path)
+
+
+def test_from_llmc_padding_mismatch_is_refused_before_building(tmp_path, no_build):
+    p = ck.save_llmc(FakeGPT2(V=100, Vp=256), tmp_path / "vp.bin")   # model.yaml pads 100 to 128
+    with pytest.raises(ck.CheckpointError, match="Vp=256 in the file, but the model pads V=100 to Vp=128"):
+        ck.from_llmc(p)
+
+
+def test_hf_nan_weights_are_refused_and_load_is_all_or_nothing(tmp_path):
+    from safetensors.numpy import save_file
+    src = FakeGPT2(seed=11)
+    tensors = _hf_state_for(src, V=100)
+    tensors["transformer.h.1.mlp.c_proj.weight"] = tensors["transformer.h.1.mlp.c_proj.weight"].copy()
+    tensors["transformer.h.1.mlp.c_proj.weight"][4, 2] = np.inf
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    m = FakeGPT2(seed=12)
+    before = m.arenas["params"].copy()
+    with pytest.raises(ck.CheckpointError, match=r"model.safetensors: tensor transformer.h.1.mlp.c_proj.weight"
+                                                  r"\[4, 2\] is inf"):
+        ck.load_hf_into(m, tmp_path, _gpt2_mapping())
+    assert np.array_equal(m.arenas["params"], before)
+
+
+def test_state_nan_is_refused_naming_the_parameter(tmp_path):
+    src = FakeGPT2(seed=5)
+    src.params["attprojw"][1, 2, 3] = np.nan
+    p = ck.save_state(tmp_path / "s.safetensors", src, step=4)
+    with pytest.raises(ck.CheckpointError, match=r"s.safetensors: arena params\[\d+\] is nan"):
+        ck.verify_state(p)
+    m = FakeGPT2(seed=6)
+    before = {k: m.arenas[k].copy() for k in ("params", "m", "v")}
+    with pytest.raises(ck.CheckpointError, match=r"arena params\[\d+\] \(parameter attprojw\[1, 2, 3\]\) is nan"):
+        ck.load_state(p, m)
+    assert all(np.array_equal(m.arenas[k], before[k]) for k in before)
+    src.params["attprojw"][1, 2, 3] = 0.0
+    src.arenas["v"][17] = np.inf
+    ck.save_state(p, src, step=4)
+    with pytest.raises(ck.CheckpointError, match=r"arena v\[17\] \(parameter wte\[2, 1\]\) is inf"):
+        ck.load_state(p, m)
+
+
+def test_state_metadata_damage_is_a_checkpoint_error(tmp_path):
+    from safetensors.numpy import save_file
+    good = ck.save_state(tmp_path / "s.safetensors", FakeGPT2(), step=2)
+    meta = ck.read_state_metadata(good)
+    base = {"format": ck.STATE_FORMAT, "version": ck.STATE_VERSION, "step": "2", "sha256": meta["sha256"],
+            "config": "{}"}
+    arrays = {k: np.zeros(4, np.float32) for k in ck.STATE_ARENAS}
+    bad = tmp_path / "bad.safetensors"
+    for edit, match in [({"step": "two"}, r"metadata `step` = 'two' is not valid"),
+                        ({"step": "-1"}, r"`step` = '-1' is not a non-negative integer"),
+                        ({"sha256": None}, r"metadata lacks `sha256`"),
+                        ({"config": "{not json"}, r"metadata `config` = '\{not json' is not valid"),
+                        ({"config": "[1]"}, r"`config` = '\[1\]' is not a dict"),
+                        ({"data": "[" * 100000}, r"metadata `data` = .* is not valid"),
+                        ({"config": '{"C": "8"}'}, r"config has values that are not finite numbers: C = '8'")]:
+        m = {k: v for k, v in {**base, **edit}.items() if v is not None}
+        save_file(arrays, str(bad), metadata=m)
+        with pytest.raises(ck.CheckpointError, match=match):
+            ck.read_state_metadata(bad)
+    save_file({"params": arrays["params"]}, str(bad), metadata=base)
+    with pytest.raises(ck.CheckpointError, match=r"lacks the m, v arena"):
+        ck.verify_state(bad)
+    save_file({**arrays, "m": np.zeros(4, np.float64)}, str(bad), metadata=base)
+    with pytest.raises(ck.CheckpointError, match=r"arena m is float64"):
+        ck.verify_state(bad)
+
+
+def test_checked_state_dict_is_all_or_nothing():
+    m = FakeGPT2()
+    good = {k: v.copy() + 1 for k, v in m.params.items()}
+    for bad, exc, match in [({"nope": good["wte"]}, KeyError, "unknown parameter `nope`"),
+                            ({"wte": good["wte"][:3]}, ck.CheckpointError, "`wte` has shape"),
+                            ({"lnfb": good["lnfb"].astype(np.complex64)}, ck.CheckpointError, "dtype complex64"),
+                            ({"lnfb": np.array(["a"] * 8)}, ck.CheckpointError, "dtype <U1"),
+                            ({"lnfb": np.full(8, 1e39)}, ck.CheckpointError, r"`lnfb`\[0\] is inf"),
+                            ({"lnfw": np.where(np.arange(8) == 6, np.nan, 1.0)}, ck.CheckpointError,
+                             r"`lnfw`\[6\] is nan")]:
+        with pytest.raises(exc, match=match):
+            ck.checked_state_dict(m.params, {**good, **bad})   # the good entries come first
+    out = ck.checked_state_dict(m.params, {"lnfb": np.arange(8)})
+    assert out["lnfb"].dtype == np.float32 and list(out["lnfb"]) == list(range(8))
+
+
+def test_a_state_from_before_a_config_symbol_existed_still_resumes(tmp_path):
+    """model.yaml gained `norm_eps`; states saved before hold no such symbol. They load when the model has
+    the value the file gives it (what the older file computed with), and are refused when it does not."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    cfg = dict(V=64, L=1, C=16, NH=2, maxT=8, B=1, T=4)
+    m = gpt2gen.build("model.yaml", seed=1, **cfg)
+    path = ck.save_state(tmp_path / "s.safetensors", m, step=3)
+    with safe_open(str(path), "numpy") as f:
+        meta, arrays = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    old = json.loads(meta["config"])
+    del old["norm_eps"]
+    meta["config"] = json.dumps(old, sort_keys=True)
+    save_file(arrays, str(path), metadata=meta)
+    fresh = gpt2gen.build("model.yaml", seed=None, **cfg)
+    assert ck.load_state(path, fresh)["step"] == 3
+    assert fresh.arenas["params"].tobytes() == m.arenas["params"].tobytes()
+    other = gpt2gen.build("model.yaml", seed=None, norm_eps=0.1, **cfg)
+    with pytest.raises(ck.CheckpointError, match="norm_eps"):
+        ck.load_state(path, other)

@@ -69,3 +69,28 @@ def test_gpt2lmheadmodel_parity(n_layer, n_head, n_embd, vocab):
             want = hf_tensor(grads, name).numpy()
             got_g = model.grads[name][:want.shape[0]]
         assert_close(f"grad {name} vs transformers", got_g, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
+
+
+def test_from_hf_follows_layer_norm_epsilon_and_n_inner(tmp_path):
+    """config.json values that change the computation reach it: a checkpoint with layer_norm_epsilon 0.1 and
+    an MLP width other than 4 * n_embd imports through model.yaml's mapping alone and matches transformers
+    (with eps 1e-5 its logits would differ by ~0.8 here). Same tolerance as the parity test above."""
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=16, n_layer=2, n_head=2, n_embd=16, n_inner=40,
+                                  layer_norm_epsilon=0.1, bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():    # LayerNorm inputs of small variance, where eps matters
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("wte.weight") or name.endswith("wpe.weight"):
+                p.mul_(10.0)
+    hf.save_pretrained(tmp_path)
+    model = gpt2gen.from_hf(tmp_path, B=2, T=9)
+    assert model.config["norm_eps"] == 0.1 and model.config["FF"] == 40
+    idx = np.random.default_rng(4).integers(0, 96, (2, 9)).astype(np.int32)
+    model.forward(idx)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(idx).long()).logits.numpy()
+    assert_close("logits vs transformers (eps 0.1, n_inner 40)", model.logits, want, rtol=1e-4,
+                 atol=scaled_atol(want, 1e-5))

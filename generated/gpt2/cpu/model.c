@@ -34,6 +34,7 @@ enum { NH = 12 };
 enum { C = 768 };
 enum { HS = 64 };  // (C / NH)
 enum { FF = 3072 };  // (4 * C)
+static const float norm_eps = 1e-05f;
 enum { B_MAX = 4 };  // batch B: the largest run-time B
 enum { T_MAX = 64 };  // batch T: the largest run-time T
 
@@ -727,7 +728,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     const int* idx = inputs[0];  // (B,T)
     const int* targets = inputs[1];  // (B,T), may be NULL
 
-    // embed (model.yaml:67): embedding
+    // embed (model.yaml:68): embedding
     embedding_forward(a->encoded, idx, p->wte, p->wpe, B, T, C);
     for (int l = 0; l < L; l++) {  // layers
         float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
@@ -758,34 +759,34 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* fcprojb = p->fcprojb + (size_t)l * (size_t)C;  // (C)
         float* fcproj = a->fcproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        // ln_1 (model.yaml:71): layernorm
+        // ln_1 (model.yaml:72): layernorm
         layernorm_forward(ln1, ln1_mean, ln1_rstd, x, ln1w, ln1b, B * T, C, 1e-05f);
-        // attn_qkv (model.yaml:72): matmul
+        // attn_qkv (model.yaml:73): matmul
         matmul_forward(qkv, ln1, qkvw, qkvb, B * T, C, (3 * C));
-        // attn (model.yaml:73): attention
+        // attn (model.yaml:74): attention
         attention_forward(atty, att, qkv, B, T, C, NH);
-        // attn_proj (model.yaml:74): matmul
+        // attn_proj (model.yaml:75): matmul
         matmul_forward(attproj, atty, attprojw, attprojb, B * T, C, C);
-        // attn_res (model.yaml:75): residual
+        // attn_res (model.yaml:76): residual
         residual_forward(residual2, x, attproj, (size_t)B * T * C);
-        // ln_2 (model.yaml:76): layernorm
+        // ln_2 (model.yaml:77): layernorm
         layernorm_forward(ln2, ln2_mean, ln2_rstd, residual2, ln2w, ln2b, B * T, C, 1e-05f);
-        // mlp_fc (model.yaml:77): matmul
+        // mlp_fc (model.yaml:78): matmul
         matmul_forward(fch, ln2, fcw, fcb, B * T, C, FF);
-        // mlp_gelu (model.yaml:78): gelu
+        // mlp_gelu (model.yaml:79): gelu
         gelu_forward(fch_gelu, fch, (size_t)B * T * FF);
-        // mlp_proj (model.yaml:79): matmul
+        // mlp_proj (model.yaml:80): matmul
         matmul_forward(fcproj, fch_gelu, fcprojw, fcprojb, B * T, FF, C);
-        // mlp_res (model.yaml:80): residual
+        // mlp_res (model.yaml:81): residual
         residual_forward(residual3, residual2, fcproj, (size_t)B * T * C);
     }
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
-    // ln_f (model.yaml:82): layernorm
+    // ln_f (model.yaml:83): layernorm
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnfw, p->lnfb, B * T, C, 1e-05f);
-    // lm_head (model.yaml:83): matmul
+    // lm_head (model.yaml:84): matmul
     matmul_forward(a->logits, a->lnf, p->wte, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
-        // loss (model.yaml:84): softmax_crossentropy
+        // loss (model.yaml:85): softmax_crossentropy
         softmax_crossentropy_forward(a->losses, a->probs, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
@@ -812,13 +813,13 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (model.yaml:84): softmax_crossentropy
+    // loss (model.yaml:85): softmax_crossentropy
     softmax_crossentropy_backward(d_logits, d_losses, a->probs, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (model.yaml:83): matmul
+    // lm_head (model.yaml:84): matmul
     matmul_backward(d_lnf, g->wte, NULL, d_logits, a->lnf, p->wte, B * T, C, Vp);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
-    // ln_f (model.yaml:82): layernorm
+    // ln_f (model.yaml:83): layernorm
     layernorm_backward(d_x, g->lnfw, g->lnfb, d_lnf, x, p->lnfw, a->lnf_mean, a->lnf_rstd, B * T, C);
     for (int l = L - 1; l >= 0; l--) {  // layers, last to first
         float* d_residual3 = d_x;  // (B,T,C) this layer's output is the next layer's `x`: its gradient so far
@@ -866,37 +867,37 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln1 = da + DSLOT_3;  // (B,T,C) dslot3
         gg_zero(d_residual2, (size_t)B * T * C);  // d_residual2 starts from zero (backward kernels accumulate)
         gg_zero(d_fcproj, (size_t)B * T * C);  // d_fcproj starts from zero (backward kernels accumulate)
-        // mlp_res (model.yaml:80): residual
+        // mlp_res (model.yaml:81): residual
         residual_backward(d_residual2, d_fcproj, d_residual3, (size_t)B * T * C);
         gg_zero(d_fch_gelu, (size_t)B * T * FF);  // d_fch_gelu starts from zero (backward kernels accumulate)
-        // mlp_proj (model.yaml:79): matmul
+        // mlp_proj (model.yaml:80): matmul
         matmul_backward(d_fch_gelu, d_fcprojw, d_fcprojb, d_fcproj, fch_gelu, fcprojw, B * T, FF, C);
         gg_zero(d_fch, (size_t)B * T * FF);  // d_fch starts from zero (backward kernels accumulate)
-        // mlp_gelu (model.yaml:78): gelu
+        // mlp_gelu (model.yaml:79): gelu
         gelu_backward(d_fch, d_fch_gelu, fch, (size_t)B * T * FF);
         gg_zero(d_ln2, (size_t)B * T * C);  // d_ln2 starts from zero (backward kernels accumulate)
-        // mlp_fc (model.yaml:77): matmul
+        // mlp_fc (model.yaml:78): matmul
         matmul_backward(d_ln2, d_fcw, d_fcb, d_fch, ln2, fcw, B * T, C, FF);
-        // ln_2 (model.yaml:76): layernorm
+        // ln_2 (model.yaml:77): layernorm
         layernorm_backward(d_residual2, d_ln2w, d_ln2b, d_ln2, residual2, ln2w, ln2_mean, ln2_rstd, B * T, C);
         gg_zero(d_attproj, (size_t)B * T * C);  // d_attproj starts from zero (backward kernels accumulate)
-        // attn_res (model.yaml:75): residual
+        // attn_res (model.yaml:76): residual
         residual_backward(d_x, d_attproj, d_residual2, (size_t)B * T * C);
         gg_zero(d_atty, (size_t)B * T * C);  // d_atty starts from zero (backward kernels accumulate)
-        // attn_proj (model.yaml:74): matmul
+        // attn_proj (model.yaml:75): matmul
         matmul_backward(d_atty, d_attprojw, d_attprojb, d_attproj, atty, attprojw, B * T, C, C);
         gg_zero(d_qkv, (size_t)B * T * (3 * C));  // d_qkv starts from zero (backward kernels accumulate)
-        // attn (model.yaml:73): attention
+        // attn (model.yaml:74): attention
         attention_backward(d_qkv, d_atty, qkv, att, B, T, C, NH);
         gg_zero(d_ln1, (size_t)B * T * C);  // d_ln1 starts from zero (backward kernels accumulate)
-        // attn_qkv (model.yaml:72): matmul
+        // attn_qkv (model.yaml:73): matmul
         matmul_backward(d_ln1, d_qkvw, d_qkvb, d_qkv, ln1, qkvw, B * T, C, (3 * C));
-        // ln_1 (model.yaml:71): layernorm
+        // ln_1 (model.yaml:72): layernorm
         layernorm_backward(d_x, d_ln1w, d_ln1b, d_ln1, x, ln1w, ln1_mean, ln1_rstd, B * T, C);
         d_x_spare = d_residual3;  // free again for the layer below
     }
     float* d_encoded = d_x;  // (B,T,C) gradient of `encoded`, the carry's start
-    // embed (model.yaml:67): embedding
+    // embed (model.yaml:68): embedding
     embedding_backward(g->wte, g->wpe, d_encoded, idx, B, T, C);
 }
 
@@ -921,7 +922,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "c844627f73f86e8f7a46"; }
+const char* gg_signature(void) { return "573bdd463718b9fdeb35"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

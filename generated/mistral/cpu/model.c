@@ -1007,7 +1007,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "cca952d07ffc19ea9d4f"; }
+const char* gg_signature(void) { return "96d6b1406cc2cbe9ab3a"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
