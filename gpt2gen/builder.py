@@ -8,13 +8,30 @@ config overrides, the templates and the generator), the compiler and its version
 CPU that ``-march=native`` targets. An unchanged rebuild compiles nothing. Builders of the same key
 take a file lock and re-check the cache after taking it, and every artefact is renamed into place
 only when complete, so concurrent builds never see or leave half a file.
+
+``CC`` and ``CXX`` are commands, split like a shell would (``CC="ccache gcc"``, ``CC="gcc -m64"``);
+``GPT2GEN_CFLAGS`` adds flags to the generated code's compile (``-march=x86-64-v3`` tests the AVX2
+paths on an AVX-512 machine) and is part of the key. A model whose arenas do not fit in the memory
+available is refused before anything is compiled or allocated (``GPT2GEN_MAX_MEMORY`` overrides the
+figure the system gives).
+
+Finding a build without a compiler: the key needs the compiler's version, which only the compiler
+can tell. So every build also records, under ``index/``, a *recall key* -- the same inputs without
+the versions (the compiler commands as named, the sources, flags, CPU, Python, pybind11 and binding
+sources) -- pointing at the build directory it made or used. When the compiler is present the full
+key is used as always (a compiler upgrade rebuilds); only when it cannot be found does the recall key
+look up what this machine last built with that same ``CC``/``CXX``, and the missing compiler is an
+error only when nothing was built.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,17 +44,23 @@ from typing import Callable
 from . import lower as _lower
 from . import render as _render
 from . import spec as _spec
-from .cache import atomic_path, cache_root, digest, file_lock, write_if_changed
+from .cache import atomic_path, cache_root, digest, file_lock, temp_path, write_if_changed
 from .resources import csrc_dir, find_model
 
 C_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11", "-fno-math-errno"]  # errno is never read
 CXX_FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fvisibility=hidden"]
 LINK_FLAGS = ["-shared", "-fopenmp", "-Wl,-Bsymbolic"]
 MODULE = "_gpt2gen_model"
+CFLAGS_ENV = "GPT2GEN_CFLAGS"
+MAX_MEMORY_ENV = "GPT2GEN_MAX_MEMORY"
 
 
 class BuildError(RuntimeError):
     """A build that could not finish: what failed, where, and what to do about it."""
+
+
+class MemoryLimitError(BuildError):
+    """A model whose arenas do not fit in the memory available: refused before compiling or allocating."""
 
 
 @dataclass
@@ -52,27 +75,50 @@ class Built:
     compiled: bool            # False when the cache already had it
 
 
-def _run(cmd: list[str], what: str, source: Path | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+# ---- commands and the toolchain ------------------------------------------------------------------------
+
+def _command(env_var: str, default: str) -> list[str]:
+    """``$env_var`` (or ``default``) as an argument list: a compiler may come with a wrapper or flags."""
+    raw = os.environ.get(env_var, "").strip() or default
+    try:
+        argv = shlex.split(raw)
+    except ValueError as e:
+        raise BuildError(f"{env_var}={raw!r} cannot be split into words ({e}).\n"
+                         f"hint: {env_var} is split like a shell command line: close the quote, or quote a path "
+                         f"with spaces, e.g. {env_var}='\"/opt/my cc/gcc\" -m64'") from None
+    return argv or [default]
+
+
+def _subprocess(cmd: list[str], what: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:       # not executable, a directory, a script without an interpreter line ...
+        raise BuildError(f"{what}: cannot run `{cmd[0]}`: {e.strerror or e}.\n"
+                         f"hint: check that CC / CXX name an executable compiler") from None
+
+
+def _run(cmd: list[str], what: str, source: Path | None = None, hint: str | None = None) -> None:
+    proc = _subprocess(cmd, what)
     if proc.returncode != 0:
         where = f" ({source})" if source else ""
-        raise BuildError(f"{what} failed{where}:\n$ {' '.join(cmd)}\n{proc.stderr.strip()}\n"
-                         f"hint: the generated file names the template each section comes from; fix that "
-                         f"template or the model file, then build again")
+        hint = hint or ("the generated file names the template each section comes from; fix that template or "
+                        "the model file, then build again")
+        raise BuildError(f"{what} failed{where}:\n$ {shlex.join(cmd)}\n{proc.stderr.strip()}\nhint: {hint}")
 
 
-def _compiler(env_var: str, default: str, kind: str) -> str:
-    cc = os.environ.get(env_var, default)
-    if shutil.which(cc) is None:
-        raise BuildError(f"{kind} compiler `{cc}` not found on PATH.\n"
+def _compiler(env_var: str, default: str, kind: str) -> list[str]:
+    argv = _command(env_var, default)
+    if shutil.which(argv[0]) is None:
+        named = f"`{argv[0]}`" + (f" (from {env_var}={shlex.join(argv)!r})" if len(argv) > 1 else "")
+        raise BuildError(f"{kind} compiler {named} not found on PATH.\n"
                          f"hint: install one (Debian/Ubuntu: `apt-get install build-essential`) or set {env_var} "
                          f"to the compiler to use")
-    return cc
+    return argv
 
 
 @functools.lru_cache(maxsize=None)
 def _version(cc: str) -> str:
-    out = subprocess.run([cc, "--version"], capture_output=True, text=True)
+    out = _subprocess([*shlex.split(cc), "--version"], "asking the compiler for its version")
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
@@ -90,27 +136,114 @@ def _cpu() -> str:
     return " | ".join(seen.values()) or platform.processor() or platform.machine()
 
 
+def extra_cflags() -> list[str]:
+    """``$GPT2GEN_CFLAGS``: flags added after the defaults to every compile of generated C (part of the key)."""
+    return _command(CFLAGS_ENV, "") if os.environ.get(CFLAGS_ENV, "").strip() else []
+
+
+def c_flags() -> list[str]:
+    return C_FLAGS + extra_cflags()
+
+
+def _compile_hint() -> str | None:
+    extra = extra_cflags()
+    if not extra:
+        return None
+    return (f"{CFLAGS_ENV} adds `{shlex.join(extra)}` to this compile: check those flags (unset {CFLAGS_ENV} to "
+            f"build with the defaults); otherwise the generated file names the template each section comes from")
+
+
 def toolchain() -> dict[str, str]:
     """The compilers this machine would use, with versions (part of every build key)."""
-    cc = _compiler("CC", "gcc", "C")
-    cxx = _compiler("CXX", "g++", "C++")
+    cc = shlex.join(_compiler("CC", "gcc", "C"))
+    cxx = shlex.join(_compiler("CXX", "g++", "C++"))
     return {"cc": cc, "cxx": cxx, "cc_version": _version(cc), "cxx_version": _version(cxx), "cpu": _cpu()}
 
 
+def _pybind11_version() -> str:
+    try:
+        import pybind11
+    except ImportError:
+        raise BuildError("pybind11 is not installed.\nhint: `pip install pybind11`") from None
+    return pybind11.__version__
+
+
+def _recall_key(kind: str, *parts: str) -> str:
+    """What keys a build except the compilers' versions (which need the compilers): see the module doc."""
+    return digest(kind, shlex.join(_command("CC", "gcc")), shlex.join(_command("CXX", "g++")), _cpu(), sys.version,
+                  _pybind11_version(), (csrc_dir() / "binding.cpp").read_text(),
+                  (csrc_dir() / "gpt2gen_abi.h").read_text(), *parts)
+
+
+def _remember(recall: str, product: Path) -> None:
+    """Record ``product`` for ``recall``; best effort: a read-only cache still serves what it holds."""
+    root = cache_root()
+    with contextlib.suppress(OSError):
+        write_if_changed(root / "index" / recall, str(product.relative_to(root)) + "\n")
+
+
+def _recall(recall: str) -> Path | None:
+    """The product this machine built for ``recall``, if it is still in the cache."""
+    root = cache_root()
+    try:
+        rel = (root / "index" / recall).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    product = root / rel
+    if not rel or ".." in Path(rel).parts or Path(rel).is_absolute() or not product.is_file():
+        return None
+    return product
+
+
+def _toolchain_or_cached(recall: str) -> tuple[dict[str, str] | None, Path | None]:
+    """The toolchain, or -- only when a compiler is missing -- the product already built for ``recall``."""
+    try:
+        return toolchain(), None
+    except BuildError:
+        product = _recall(recall)
+        if product is None:
+            raise
+        return None, product
+
+
+def _build_once(product: Path, make: Callable[[Path], None]) -> bool:
+    """Build ``product`` unless the cache has it; returns whether this call built it.
+
+    ``make(tmp)`` writes the product to a temporary name, which is renamed into place when complete;
+    builders of the same product take a file lock and re-check, so concurrent builds compile it once
+    and nobody sees half a file. A failed build leaves no temporary behind, and one killed outright
+    leaves temporaries the next build in the directory removes.
+    """
+    if product.exists():
+        return False
+    with file_lock(product.parent / ".lock"):
+        if product.exists():
+            return False
+        with atomic_path(product) as tmp:
+            make(tmp)
+    return True
+
+
 def _check_openmp(tc: dict[str, str]) -> None:
+    """Compile an OpenMP probe once per compiler; through ``_build_once`` so that processes starting at once
+    on an empty cache neither share the probe's files nor see a half-written marker."""
     marker = cache_root() / "toolchain" / f"openmp-{digest(tc['cc'], tc['cc_version'])}.ok"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    src = marker.with_suffix(".c")
-    src.write_text("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-    proc = subprocess.run([tc["cc"], "-fopenmp", str(src), "-o", str(marker.with_suffix(".bin"))],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BuildError(f"the C compiler `{tc['cc']}` cannot build OpenMP code:\n{proc.stderr.strip()}\n"
-                         f"hint: install OpenMP support (Debian/Ubuntu: `apt-get install build-essential libgomp1`; "
-                         f"for clang also `libomp-dev`), or set CC to a compiler that has it")
-    marker.write_text("ok\n")
+
+    def make(tmp: Path) -> None:
+        src, exe = temp_path(marker, ".c"), temp_path(marker, ".bin")
+        try:
+            src.write_text("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+            proc = _subprocess([*shlex.split(tc["cc"]), "-fopenmp", str(src), "-o", str(exe)],
+                               "checking OpenMP support")
+            if proc.returncode != 0:
+                raise BuildError(f"the C compiler `{tc['cc']}` cannot build OpenMP code:\n{proc.stderr.strip()}\n"
+                                 f"hint: install OpenMP support (Debian/Ubuntu: `apt-get install build-essential "
+                                 f"libgomp1`; for clang also `libomp-dev`), or set CC to a compiler that has it")
+            tmp.write_text("ok\n")
+        finally:
+            src.unlink(missing_ok=True)
+            exe.unlink(missing_ok=True)
+    _build_once(marker, make)
 
 
 def _python_includes() -> list[str]:
@@ -125,27 +258,9 @@ def _python_includes() -> list[str]:
     return [inc, pybind11.get_include()]
 
 
-def _build_once(product: Path, make: Callable[[Path], None]) -> bool:
-    """Build ``product`` unless the cache has it; returns whether this call built it.
-
-    ``make(tmp)`` writes the product to a temporary name, which is renamed into place when complete;
-    builders of the same product take a file lock and re-check, so concurrent builds compile it once
-    and nobody sees half a file. A failed build leaves no temporary behind.
-    """
-    if product.exists():
-        return False
-    with file_lock(product.parent / ".lock"):
-        if product.exists():
-            return False
-        with atomic_path(product) as tmp:
-            make(tmp)
-    return True
-
-
 def binding_key(tc: dict[str, str]) -> str:
-    import pybind11
     return digest((csrc_dir() / "binding.cpp").read_text(), (csrc_dir() / "gpt2gen_abi.h").read_text(), tc["cxx"],
-                  tc["cxx_version"], sys.version, pybind11.__version__, " ".join(CXX_FLAGS))
+                  tc["cxx_version"], sys.version, _pybind11_version(), " ".join(CXX_FLAGS))
 
 
 def binding_object(tc: dict[str, str]) -> Path:
@@ -155,11 +270,130 @@ def binding_object(tc: dict[str, str]) -> Path:
 
     def make(tmp: Path) -> None:
         includes = [f"-I{i}" for i in _python_includes()]
-        _run([tc["cxx"], *CXX_FLAGS, *includes, f"-I{csrc_dir()}", "-c", str(src), "-o", str(tmp)],
+        _run([*shlex.split(tc["cxx"]), *CXX_FLAGS, *includes, f"-I{csrc_dir()}", "-c", str(src), "-o", str(tmp)],
              "compiling the Python binding", src)
     _build_once(obj, make)
     return obj
 
+
+# ---- memory ---------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise BuildError(f"{MAX_MEMORY_ENV}={text!r} is not a size.\n"
+                         f"hint: give bytes, or a number with K, M, G or T (powers of 1024), e.g. "
+                         f"{MAX_MEMORY_ENV}=16G; unset it to use the memory the system reports")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_limit() -> int | None:
+    """The smallest memory limit of this process's cgroup and its ancestors (v2 or v1), if any is set."""
+    limits: list[int] = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, name = Path("/sys/fs/cgroup"), "memory.max"                   # v2
+        elif "memory" in controllers.split(","):
+            base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"  # v1
+        else:
+            continue
+        d = base / rel.lstrip("/")
+        while True:
+            try:
+                text = (d / name).read_text().strip()
+                if text.isdigit() and int(text) < 2**60:                            # v1 writes ~2**63 for none
+                    limits.append(int(text))
+            except OSError:
+                pass
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    return min(limits) if limits else None
+
+
+def available_memory() -> tuple[int | None, str]:
+    """The bytes a new model may use, and where that figure comes from (None: the system does not say)."""
+    env = os.environ.get(MAX_MEMORY_ENV, "").strip()
+    if env:
+        return _parse_size(env), f"{MAX_MEMORY_ENV}={env}"
+    found: list[tuple[int, str]] = []
+    avail = _meminfo_available()
+    if avail is not None:
+        found.append((avail, "MemAvailable in /proc/meminfo"))
+    else:
+        for name, what in (("SC_AVPHYS_PAGES", "free physical pages (sysconf)"),
+                           ("SC_PHYS_PAGES", "physical memory (sysconf)")):
+            try:
+                found.append((os.sysconf(name) * os.sysconf("SC_PAGE_SIZE"), what))
+                break
+            except (ValueError, OSError, AttributeError):   # not known on this system
+                continue
+    limit = _cgroup_limit()
+    if limit is not None:
+        found.append((limit, "this process's cgroup memory limit"))
+    return min(found) if found else (None, "unknown")
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else (f"{n:.1f} {unit}" if n < 1e6 else f"{n:.3g} {unit}")
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def arena_bytes(program: _lower.Program) -> dict[str, int]:
+    """Bytes of each arena the runtime allocates (params, grads, m and v share one layout)."""
+    lay = program.layout
+    return {"params": lay.params.nbytes, "grads": lay.params.nbytes, "m": lay.params.nbytes, "v": lay.params.nbytes,
+            "acts": lay.acts.nbytes, "dacts": lay.dacts.nbytes}
+
+
+def memory_error(program: _lower.Program, reason: str) -> MemoryLimitError:
+    """The error for a model too large for this machine: every arena's size, the total, why, and a hint."""
+    sizes = arena_bytes(program)
+    total = sum(sizes.values())
+    rows = "\n".join(f"  {name:<7} {_human(n):>14}" for name, n in sizes.items())
+    cfg = ", ".join(f"{k}={v}" for k, v in program.config.items())
+    return MemoryLimitError(
+        f"{program.spec.path}: the model needs {_human(total)} ({total:,} bytes) for its arenas, {reason}:\n"
+        f"{rows}\n  {'total':<7} {_human(total):>14}\n  config: {cfg}\n"
+        f"hint: make the model smaller -- fewer layers or channels (L, C), a smaller vocabulary or context -- or "
+        f"lower the batch maxima (B, T), which size the activations; e.g. --set / build(..., L=4, C=256). If the "
+        f"figure for this machine is wrong, set {MAX_MEMORY_ENV} (e.g. {MAX_MEMORY_ENV}=64G)")
+
+
+def describe_available() -> str:
+    available, source = available_memory()
+    return f"{_human(available)} available ({source})" if available is not None else "memory available unknown"
+
+
+def check_memory(program: _lower.Program) -> None:
+    """Refuse a model whose arenas exceed the memory available, before compiling or allocating it."""
+    available, source = available_memory()
+    if available is not None and sum(arena_bytes(program).values()) > available:
+        raise memory_error(program, f"more than the {_human(available)} available ({source})")
+
+
+# ---- models ---------------------------------------------------------------------------------------------
 
 def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str | None = None,
              **overrides) -> tuple[_lower.Program, dict[str, str]]:
@@ -177,19 +411,26 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
     if target != "cpu":
         raise BuildError(f"target `{target}` is not available yet; use --target cpu")
     program, sources = generate(model, target, **overrides)
+    check_memory(program)
     if out is not None:
         _render.write_sources(sources, Path(out))
-    tc = toolchain()
     ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = digest(*[f"{k}\n{v}" for k, v in sorted(sources.items())], *[f"{k}={v}" for k, v in sorted(tc.items())],
-                 " ".join(C_FLAGS + LINK_FLAGS), ext_suffix, binding_key(tc))
+    source_parts = [f"{k}\n{v}" for k, v in sorted(sources.items())]
+    flags = " ".join(c_flags() + LINK_FLAGS)
+    recall = _recall_key("model", *source_parts, flags, ext_suffix)
+    tc, cached = _toolchain_or_cached(recall)
+    if cached is not None:
+        return Built(program, target, cached.parent.name.rsplit("-", 1)[-1], cached.parent, cached, sources, False)
+    key = digest(*source_parts, *[f"{k}={v}" for k, v in sorted(tc.items())], flags, ext_suffix, binding_key(tc))
     directory = cache_root() / "models" / f"{program.spec.name}-{target}-{key}"
     module = f"gg_{key}"
     ext = directory / (module + ext_suffix)
     if ext.exists():
+        _remember(recall, ext)
         return Built(program, target, key, directory, ext, sources, False)
     _check_openmp(tc)
     binding = binding_object(tc)
+    cc, cxx = shlex.split(tc["cc"]), shlex.split(tc["cxx"])
 
     def make(tmp: Path) -> None:
         t0 = time.perf_counter()
@@ -203,18 +444,19 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
                                f"extern void* PyInit_{MODULE}(void);\n"
                                f"__attribute__((visibility(\"default\"))) void* PyInit_{module}(void) "
                                f"{{ return PyInit_{MODULE}(); }}\n")
-        objs = [tmp.with_suffix(".model.o"), tmp.with_suffix(".init.o")]
+        objs = [temp_path(ext, ".model.o"), temp_path(ext, ".init.o")]
         try:
-            _run([tc["cc"], *C_FLAGS, f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
-                 "compiling the generated model", src)
-            _run([tc["cc"], "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
-            _run([tc["cxx"], *LINK_FLAGS, str(binding), *map(str, objs), "-o", str(tmp)], "linking the model extension")
+            _run([*cc, *c_flags(), f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
+                 "compiling the generated model", src, _compile_hint())
+            _run([*cc, "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
+            _run([*cxx, *LINK_FLAGS, str(binding), *map(str, objs), "-o", str(tmp)], "linking the model extension")
         finally:
             for o in objs:
                 o.unlink(missing_ok=True)
         if verbose:
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
     compiled = _build_once(ext, make)
+    _remember(recall, ext)
     return Built(program, target, key, directory, ext, sources, compiled)
 
 
@@ -247,16 +489,21 @@ def kernels_library(op_names: list[str], target: str = "cpu") -> Path:
     if target != "cpu":
         raise BuildError(f"target `{target}` is not available yet")
     source = _render.kernels_source(op_names, target)
-    tc = toolchain()
-    key = digest(source, tc["cc"], tc["cc_version"], tc["cpu"], " ".join(C_FLAGS))
+    flags = c_flags()
+    recall = _recall_key("kernels", source, " ".join(flags))
+    tc, cached = _toolchain_or_cached(recall)
+    if cached is not None:
+        return cached
+    key = digest(source, tc["cc"], tc["cc_version"], tc["cpu"], " ".join(flags))
     lib = cache_root() / "kernels" / key / "kernels.so"
-    if lib.exists():
-        return lib
-    _check_openmp(tc)
+    if not lib.exists():
+        _check_openmp(tc)
 
-    def make(tmp: Path) -> None:
-        src = lib.with_name("kernels.c")
-        write_if_changed(src, source)
-        _run([tc["cc"], *C_FLAGS, "-shared", str(src), "-o", str(tmp)], "compiling the op kernels", src)
-    _build_once(lib, make)
+        def make(tmp: Path) -> None:
+            src = lib.with_name("kernels.c")
+            write_if_changed(src, source)
+            _run([*shlex.split(tc["cc"]), *flags, "-shared", str(src), "-o", str(tmp)], "compiling the op kernels",
+                 src, _compile_hint())
+        _build_once(lib, make)
+    _remember(recall, lib)
     return lib

@@ -123,3 +123,27 @@ def test_state_dict_round_trip(model):
         model.load_state_dict({"nope": saved["wte"]})
     with pytest.raises(ValueError, match="has shape"):
         model.load_state_dict({"wte": saved["wte"][:3]})
+
+
+def test_arenas_that_no_longer_fit_are_refused_before_allocating(monkeypatch):
+    """Memory can go between the build and the allocation (other models, other processes): the runtime
+    checks again and refuses with the sizes instead of numpy's MemoryError."""
+    from gpt2gen.builder import MemoryLimitError, compile_model
+    from gpt2gen.runtime import Model
+    built = compile_model("model.yaml", **CFG)
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "100K")
+    with pytest.raises(MemoryLimitError, match=r"(?s)the model needs .*more than the 100\.0 KiB available.*"
+                                               r"acts .*total .*hint: make the model smaller"):
+        Model(built)
+
+
+def test_an_allocation_that_fails_anyway_gets_the_same_clear_error(monkeypatch):
+    from gpt2gen import runtime
+    from gpt2gen.builder import MemoryLimitError, compile_model
+    built = compile_model("model.yaml", **CFG)
+
+    def no_memory(n):
+        raise MemoryError(f"Unable to allocate {n * 4} bytes")
+    monkeypatch.setattr(runtime, "_aligned", no_memory)
+    with pytest.raises(MemoryLimitError, match=r"(?s)for its arenas, and allocating them failed with .* available"):
+        runtime.Model(built)

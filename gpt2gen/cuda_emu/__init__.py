@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..cache import cache_root, digest, file_lock
+from ..cache import cache_root, digest, file_lock, remove_stale_temporaries, temp_path
 from .rewrite import REWRITE_VERSION, RewriteError, rewrite_source
 
 __all__ = [
@@ -63,9 +63,9 @@ def _headers_digest() -> str:
 @functools.lru_cache(maxsize=None)
 def _compiler_id(cxx: str) -> str:
     try:
-        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([*shlex.split(cxx), "--version"], capture_output=True, text=True, timeout=60)
         return (out.stdout.splitlines() or ["?"])[0]
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, ValueError, subprocess.SubprocessError) as e:   # ValueError: CXX='g++ "' cannot be split
         raise CompileError(f"cuda_emu: cannot run the C++ compiler {cxx!r}: {e}") from None
 
 
@@ -157,8 +157,9 @@ def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = Non
             main = _rewrite_tree(sources, out_dir)
         except RewriteError as e:
             raise CompileError(f"cuda_emu: cannot translate {src}: {e}") from None
-        tmp = out_dir / f".lib.{os.getpid()}.so"
-        cmd = [cxx, *flags, "-I", str(_INCLUDE), "-I", str(src.parent), "-include", str(_PRELUDE),
+        remove_stale_temporaries(out_dir)   # those of a build killed with kill -9
+        tmp = temp_path(so)
+        cmd = [*shlex.split(cxx), *flags, "-I", str(_INCLUDE), "-I", str(src.parent), "-include", str(_PRELUDE),
                "-x", "c++", str(main), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         (out_dir / "build.log").write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)
@@ -316,7 +317,8 @@ def nvcc_compile(path: str | os.PathLike, archs: Iterable[str] = ("sm_80", "sm_9
         if obj.is_file():
             return obj
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / f".out.{os.getpid()}.o"
+        remove_stale_temporaries(out_dir)
+        tmp = temp_path(obj)
         cmd = [nvcc, *flags, "-I", str(src.parent), str(src), "-o", str(tmp)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
