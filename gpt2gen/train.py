@@ -12,6 +12,7 @@ along a cosine to ``lr * lr_final_frac``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -25,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import checkpoint as ckpt
-from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare
+from .cli import Bounded, Output, UsageError, check_outputs, describe, parse_override, run_command
+from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare, read_header
 
 # Shape overrides of the presets (on top of the model file's config). "demo" fits a few minutes of
 # 2-core CPU time; "model" keeps the model file's own sizes (GPT-2 124M for model.yaml).
@@ -142,18 +144,33 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 # arguments
 
+# The batch shape is the trainer's own option: the micro-batch B x T is also the build-time maximum.
+BATCH_OPTIONS = {"B": "-b/--batch-size", "T": "-t/--seq-len"}
+
+# Every numeric option's range, checked when parsed and again once a resumed run's saved settings are
+# filled in (a state file is not trusted more than a command line). A NaN or negative learning rate
+# would otherwise pass silently until the loss is NaN.
+BOUNDS: dict[str, Bounded] = {
+    "batch_size": Bounded(int, 1), "seq_len": Bounded(int, 1), "total_batch_size": Bounded(int, 0),
+    "steps": Bounded(int, 1), "lr": Bounded(float, 0), "warmup_steps": Bounded(int, 0),
+    "lr_final_frac": Bounded(float, 0, 1), "weight_decay": Bounded(float, 0),
+    "beta1": Bounded(float, 0, 1, hi_open=True), "beta2": Bounded(float, 0, 1, hi_open=True),
+    "eps": Bounded(float, 0, lo_open=True), "grad_clip": Bounded(float, 0), "seed": Bounded(int, 0),
+    "val_every": Bounded(int, 0), "val_steps": Bounded(int, 1), "sample_every": Bounded(int, 0),
+    "sample_tokens": Bounded(int, 0), "temperature": Bounded(float, 0), "top_k": Bounded(int, 0),
+    "checkpoint_every": Bounded(int, 0), "keep_checkpoints": Bounded(int, 0), "stop_after": Bounded(int, 0),
+}
+
+
 def _kv(text: str) -> tuple[str, int | float]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    try:
-        num: int | float = int(v)
-    except ValueError:
-        try:
-            num = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{k}: {v!r} is not a number") from None
-    return k.strip(), num
+    """``--set KEY=VALUE`` for the trainer: any config symbol except the batch shape, which has options."""
+    name, value = parse_override(text)
+    if name in BATCH_OPTIONS:
+        option = BATCH_OPTIONS[name]
+        raise argparse.ArgumentTypeError(
+            f"{name}={value}: the trainer's batch shape is set with {option} (it is also the build-time "
+            f"maximum); use {option.split('/')[0]} {value} instead")
+    return name, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -223,6 +240,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log", default=None, help="JSONL log file (default: log/RUN.jsonl)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (print a line per validation instead)")
+    for action in p._actions:   # the plain int/float parsers above become range-checked ones
+        if action.dest in BOUNDS:
+            action.type = BOUNDS[action.dest]
 
 
 # Training settings a state file records; a resumed run takes these from the state unless given
@@ -293,14 +313,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    try:
-        train(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ckpt.CheckpointError, ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        # CheckpointError and DataFormatError are ValueErrors; OSError covers a full disk, permissions
-        print(f"gpt2gen: error: {e}", file=sys.stderr)
-        return 1
+    """The handler of ``gpt2gen train``; errors are reported by :func:`gpt2gen.cli.run_command`."""
+    train(args)
     return 0
 
 
@@ -335,18 +349,22 @@ def _find_state(path: Path, warn) -> tuple[Path, dict]:
     raise FileNotFoundError(f"--resume: no state_*.safetensors in {path}")
 
 
-def _apply_saved_settings(args: argparse.Namespace, saved: dict, warn) -> None:
-    """Take the resumed run's settings for everything not given explicitly; warn where an explicit one differs."""
+def _apply_saved_settings(args: argparse.Namespace, saved: dict, warn) -> set[str]:
+    """Take the resumed run's settings for everything not given explicitly; warn where an explicit one differs.
+    Returns the settings taken from the state."""
     explicit = explicit_options(args)
+    taken: set[str] = set()
     for k in HPARAMS:
         if k not in saved:
             continue
         if k not in explicit:
             setattr(args, k, saved[k])
+            taken.add(k)
         elif getattr(args, k) != saved[k]:
             note = ": the learning-rate schedule changes" if k in ("steps", "lr", "warmup_steps", "lr_final_frac") else ""
             warn(f"--{k.replace('_', '-')} is {getattr(args, k)!r}, the resumed run used {saved[k]!r}; "
                  f"using {getattr(args, k)!r}{note}")
+    return taken
 
 
 def _build_model(args, say, resume_meta):
@@ -388,15 +406,166 @@ def _build_model(args, say, resume_meta):
     return build(model=args.model, target=args.target, seed=args.seed, **cfg)
 
 
-def _check_args(args) -> int:
-    for name in ("batch_size", "seq_len", "steps"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+def _check_args(args, from_state: set[str] = frozenset()) -> int:
+    """Validate the settings (those a resumed state supplied too, against the same ranges); returns the
+    number of micro-batches per step."""
+    for name, bound in BOUNDS.items():
+        why = bound.problem(getattr(args, name))
+        if why:
+            source = " (the value saved in the resumed run's state)" if name in from_state else ""
+            raise UsageError(f"--{name.replace('_', '-')} {why}{source}")
     bt = args.batch_size * args.seq_len
     total = args.total_batch_size or bt
     if total % bt:
-        raise SystemExit(f"error: --total-batch-size {total} is not a multiple of B*T = {bt}")
+        raise UsageError(f"--total-batch-size {total} is not a multiple of B*T = {args.batch_size}*{args.seq_len} "
+                         f"= {bt}", hint=f"use a multiple of {bt}, e.g. {bt * max(1, round(total / bt))}")
     return total // bt
+
+
+def _check_resume_options(args, resume_meta: dict) -> None:
+    """Options a resumed run cannot honour are refused, not ignored: the state fixes the model's shape
+    and holds the weights."""
+    explicit = explicit_options(args)
+    if args.init_from and "init_from" in explicit:
+        raise UsageError(f"--init-from {args.init_from} and --resume {args.resume} exclude each other: the "
+                         f"resumed state holds the weights", hint="drop --init-from to resume")
+    cfg = resume_meta.get("config", {})
+    for name, value in args.overrides:
+        if name in cfg and cfg[name] != value:
+            raise UsageError(f"--set {name}={value}: the resumed run's model has {name}={cfg[name]}, and a "
+                             f"resumed run keeps its shape", hint=f"drop --set {name}=..., or start a new run")
+
+
+def _check_run_outputs(args, log_path: Path, ckpt_dir: Path | None, resume_path: Path | None) -> None:
+    """Every path this run writes is checked before any data is prepared or model built (a bad
+    --export-llmc found after the last step used to lose the run)."""
+    outputs = [Output("--log", log_path, "append", "a JSONL training log", b"{", "train.jsonl")]
+    if ckpt_dir is not None:
+        outputs.append(Output("--checkpoint-dir", ckpt_dir, "dir", "training states"))
+    if args.export_llmc:
+        outputs.append(Output("--export-llmc", Path(args.export_llmc), "file", "an llm.c model file",
+                              np.array([ckpt.LLMC_MAGIC], dtype="<i4").tobytes(), "model.bin"))
+    inputs = [("--train-data", args.train_data), ("--val-data", args.val_data),
+              ("--init-from", args.init_from), ("--resume", resume_path)]
+    check_outputs(outputs, inputs)
+    if ckpt_dir is not None:
+        _check_checkpoint_dir(args, ckpt_dir, resume_path)
+
+
+def _check_checkpoint_dir(args, ckpt_dir: Path, resume_path: Path | None) -> None:
+    """A new run refuses a directory holding another run's states: its saves would interleave with them,
+    and --keep-checkpoints, which keeps the newest by step, would delete this run's own."""
+    if resume_path is not None and ("checkpoint_dir" not in explicit_options(args)
+                                    or resume_path.absolute().parent == ckpt_dir.absolute()
+                                    or resume_path.absolute() == ckpt_dir.absolute()):
+        return
+    states = sorted(ckpt_dir.glob("state_*.safetensors"), key=_state_step) if ckpt_dir.is_dir() else []
+    if states:
+        raise UsageError(f"--checkpoint-dir {ckpt_dir}: holds {len(states)} training state(s) of another run "
+                         f"(newest {states[-1].name}); this run's states would mix with them",
+                         hint=f"continue that run with --resume {ckpt_dir}, or give this one another "
+                              f"--checkpoint-dir (or --run-name)")
+
+
+def _first_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
+    """(count, first flat index) of the NaN/inf values in a flat array, in chunks (no arena-sized mask)."""
+    count, first = 0, -1
+    for i in range(0, a.size, chunk):
+        bad = ~np.isfinite(a[i:i + chunk])
+        n = int(np.count_nonzero(bad))
+        if n and first < 0:
+            first = i + int(np.argmax(bad))
+        count += n
+    return count, first
+
+
+def _param_at(model, index: int) -> str:
+    """The parameter (and its element) at a flat offset of the params arena (the AdamW moments share it)."""
+    base = model.arenas["params"]
+    for name, view in model.params.items():
+        off = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // base.itemsize
+        if off <= index < off + view.size:
+            at = np.unravel_index(index - off, view.shape)
+            return f"{name}[{', '.join(str(int(i)) for i in at)}]"
+    return f"offset {index}"
+
+
+def _check_finite_start(model, source: str) -> None:
+    """Refuse to train from NaN/inf weights or AdamW moments: every step would only produce a NaN loss."""
+    for arena, what in (("params", "weights"), ("m", "AdamW first moments"), ("v", "AdamW second moments")):
+        a = model.arenas.get(arena)
+        if a is None:
+            continue
+        count, first = _first_nonfinite(a)
+        if count:
+            raise ckpt.CheckpointError(
+                f"{source}: the starting {what} hold {count:,} NaN or infinite values (the first at "
+                f"{_param_at(model, first)}); training from them cannot produce a finite loss\n"
+                f"  hint: the run had diverged or the file is corrupt: start from an earlier checkpoint")
+
+
+class _CtrlC:
+    """What Ctrl-C (SIGINT) does during a run.
+
+    The first one only sets ``requested``, checked between steps: the current step completes (with its
+    validation, sample and checkpoint), the state is saved and the run stops. A second one stops at
+    once (KeyboardInterrupt), and the last consistent state is saved. While a file is being written
+    (:meth:`writing`) and once the run is stopping, further Ctrl-Cs are ignored with a notice: an
+    interrupted atomic write keeps nothing, so the save that was promised would be lost.
+    """
+
+    def __init__(self, notice: str, write):
+        self.notice, self._write = notice, write
+        self.requested = False
+        self.stopping = False
+        self._file: str | None = None
+        self._ignored = 0
+        self._old = None
+
+    def install(self) -> None:
+        """Take over SIGINT (only from the main thread, and only from Python's default handler)."""
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def stop_now(self) -> KeyboardInterrupt:
+        """The KeyboardInterrupt that stops the run; from here on Ctrl-C no longer interrupts the saving."""
+        self.stopping = True
+        return KeyboardInterrupt()
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """Ctrl-C cannot interrupt writing ``what``; one pressed meanwhile stops the run after it."""
+        outer, self._file, self._ignored = self._file, what, 0
+        try:
+            yield
+        finally:
+            self._file = outer
+
+    def _handle(self, signum, frame) -> None:
+        if self._file is not None or self.stopping:
+            self.requested = True
+            self._ignored += 1
+            if self._ignored == 1:
+                what = f"writing {self._file}" if self._file else "saving and stopping"
+                self._write(f"interrupt: {what}; Ctrl-C is ignored until that is done, then the run stops "
+                            f"(kill -9 would stop at once, keeping the previous file intact)")
+            return
+        if self.requested:
+            raise self.stop_now()
+        self.requested = True
+        self._write(self.notice)
+
+
+def _describe_finished(resume: str, start: int, steps: int) -> str:
+    done = (f"already finished step {start} of {steps}" if start == steps
+            else f"is already at step {start}, past --steps {steps}")
+    return f"the run at {resume} {done}: nothing to train; pass --steps M (M > {start}) to train further"
 
 
 def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
@@ -414,21 +583,31 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
     args = argparse.Namespace(**vars(args))   # resumed settings are filled in below: leave the caller's alone
     resume_path, resume_meta = _find_state(Path(args.resume), warn) if args.resume else (None, None)
     prev = (resume_meta or {}).get("extra", {})
+    from_state: set[str] = set()
     if resume_meta is not None:
-        _apply_saved_settings(args, prev.get("hparams", {}), warn)
-    grad_accum = _check_args(args)
+        from_state = _apply_saved_settings(args, prev.get("hparams", {}), warn)
+        _check_resume_options(args, resume_meta)
+    grad_accum = _check_args(args, from_state)
     run_name = args.run_name or prev.get("run_name") or time.strftime("train-%Y%m%d-%H%M%S")
     log_path = Path(args.log) if args.log else (Path(prev["log"]) if prev.get("log")
                                                 else Path("log") / f"{run_name}.jsonl")
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else (
         Path(prev["checkpoint_dir"]) if prev.get("checkpoint_dir") else Path("out") / run_name)
-    save_states = args.checkpoint_every > 0 or args.checkpoint_dir is not None
+    # a resumed run keeps saving states (it came from one), so a Ctrl-C in it saves too
+    save_states = args.checkpoint_every > 0 or args.checkpoint_dir is not None or resume_path is not None
+    _check_run_outputs(args, log_path, ckpt_dir if save_states or args.stop_after else None, resume_path)
+    from .cache import remove_stale_temporaries   # a state half-written by a killed run: GBs for 124M
+    for stale in remove_stale_temporaries(ckpt_dir, legacy_glob="state_*.safetensors"):
+        say(f"removed {stale}, a temporary left by a run that was killed")
 
     # data
     train_path = Path(args.train_data)
     if not train_path.exists() and train_path == DEFAULT_TRAIN:
         say("training data not found; preparing tiny Shakespeare ...")
         prepro_tinyshakespeare(DEFAULT_DATA_DIR, quiet=quiet)
+    for data_file in (train_path, args.val_data):   # a bad token file is found before the model is compiled
+        if data_file:
+            read_header(data_file)
 
     model = _build_model(args, say, resume_meta)
     V = int(model.config["V"])
@@ -448,12 +627,66 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if "hparams" not in prev and prev.get("steps") not in (None, args.steps):
             warn(f"the resumed run was planned for {prev['steps']} steps, this one for "
                  f"{args.steps}: the learning-rate schedule changes")
+    _check_finite_start(model, str(resume_path or args.init_from or f"the initialisation from {args.model}"))
     if args.export_llmc:   # fail now, not after training, when the weights cannot be exported
         try:
             ckpt.check_llmc_compatible(model)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"--export-llmc: this model cannot be written as an llm.c "
                                        f"model file: {e}") from None
+    result = TrainResult(model=model, step=start, log_path=log_path)
+    ctrl_c = _CtrlC(
+        f"interrupt: finishing the current step, then saving the state in {ckpt_dir} and stopping (Ctrl-C "
+        f"again to stop sooner: the state saved is still exact)" if save_states else
+        "interrupt: finishing the current step, then stopping; this run saves no training state (Ctrl-C "
+        "again to stop at once)", lambda msg: tqdm.write(msg, file=sys.stderr))
+    saved: dict[str, Any] = {"step": None, "post_done": None}
+
+    def export() -> None:
+        """Write --export-llmc; if that fails and the trained weights are in no state yet, keep them in one."""
+        try:
+            with ctrl_c.writing(f"the llm.c model file {args.export_llmc}"):
+                ckpt.save_llmc(model, args.export_llmc, args.export_dtype)
+        except OSError as e:
+            kept = ""
+            if saved["step"] != result.step or not saved["post_done"]:
+                with contextlib.suppress(OSError):
+                    save(result.step)
+                    kept = (f"; the trained weights are kept in {ckpt_dir}: export them later with --resume "
+                            f"{ckpt_dir} --export-llmc PATH")
+            raise ckpt.CheckpointError(f"--export-llmc {args.export_llmc}: could not write it: "
+                                       f"{describe(e)}{kept}") from None
+        say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
+
+    def save(step: int, data_state: dict | None = None, rng_state: dict | None = None,
+             post_done: bool = True) -> None:
+        """Save the state at ``step``: the model's arenas as they are now, with the given (default:
+        current) loader and sampler states. ``post_done=False``: the step's update is applied but
+        its validation/sample/checkpoint are not, and a resume does them first."""
+        path = ckpt_dir / f"state_{step:06d}.safetensors"
+        extra = {"run_name": run_name, "log": str(log_path), "checkpoint_dir": str(ckpt_dir),
+                 "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}}
+        if not post_done:
+            extra["post_step_pending"] = True
+        with ctrl_c.writing(f"the training state {path}"):
+            ckpt.save_state(path, model, step=step,
+                            data={"train": data_state if data_state is not None else loader.state_dict()},
+                            rng={"sample": rng_state if rng_state is not None else rng.bit_generator.state},
+                            extra=extra)
+            saved.update(step=step, post_done=post_done)
+            result.checkpoints.append(path)
+            log.write(type="checkpoint", step=step, path=str(path))
+            if args.keep_checkpoints > 0:
+                for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+
+    if resume_path is not None and start >= args.steps and not prev.get("post_step_pending"):
+        log = JsonlLog(None)
+        if args.export_llmc:
+            export()
+        say(_describe_finished(args.resume, start, args.steps))
+        return result
+
     n_params = sum(int(p.size) for p in model.params.values())
     say(f"model: {n_params / 1e6:.2f}M parameters ("
         + ", ".join(f"{k}={model.config[k]}" for k in ("L", "NH", "C", "V", "maxT") if k in model.config)
@@ -469,7 +702,6 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
               config={k: (int(v) if float(v).is_integer() else float(v))
                       for k, v in model.config.items()}, n_params=n_params,
               grad_accum=grad_accum)
-    result = TrainResult(model=model, step=start, log_path=log_path)
     tokens_per_step = grad_accum * args.batch_size * args.seq_len
     stop = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
 
@@ -494,26 +726,6 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         log.write(type="sample", step=step, text=text)
         say(f"---- sample at step {step} ----\n{args.prompt}{text}\n" + "-" * 30)
 
-    def save(step: int, data_state: dict | None = None, rng_state: dict | None = None,
-             post_done: bool = True) -> None:
-        """Save the state at ``step``: the model's arenas as they are now, with the given (default:
-        current) loader and sampler states. ``post_done=False``: the step's update is applied but
-        its validation/sample/checkpoint are not, and a resume does them first."""
-        path = ckpt_dir / f"state_{step:06d}.safetensors"
-        extra = {"run_name": run_name, "log": str(log_path), "checkpoint_dir": str(ckpt_dir),
-                 "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}}
-        if not post_done:
-            extra["post_step_pending"] = True
-        ckpt.save_state(path, model, step=step,
-                        data={"train": data_state if data_state is not None else loader.state_dict()},
-                        rng={"sample": rng_state if rng_state is not None else rng.bit_generator.state},
-                        extra=extra)
-        result.checkpoints.append(path)
-        log.write(type="checkpoint", step=step, path=str(path))
-        if args.keep_checkpoints > 0:
-            for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
-                old.unlink(missing_ok=True)
-
     def post_step(step: int, *, checkpoint: bool = True) -> None:
         """What follows a step's update: validation, a sample, a periodic checkpoint (the final
         validation and sample after the last step)."""
@@ -526,91 +738,87 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if checkpoint and args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step != stop:
             save(step)
 
-    # Exact resume after Ctrl-C: the first Ctrl-C only sets a flag, checked between steps, so the
-    # current step (with its validation, sample and checkpoint) completes and its state is saved. A
-    # KeyboardInterrupt that still lands mid-step (a second Ctrl-C) saves the last state known to be
-    # consistent: `snap` after the last completed step, or -- once a step's update has been applied
-    # -- `pending`, that step with its post-step work marked as still to do.
-    interrupt = {"requested": False}
+    def save_on_stop() -> str:
+        """After Ctrl-C or a diverged loss: save the last state known to be consistent -- `snap` after the
+        last completed step or, once a step's update has been applied, `pending`, that step with its
+        post-step work marked as still to do. Returns what became of it, for the user."""
+        if not save_states:
+            return "no training state was saved (pass --checkpoint-dir or --checkpoint-every to make runs resumable)"
+        state, post_done = (pending, False) if pending is not None and pending["step"] > start else (snap, True)
+        if state["step"] <= start:
+            return f"no step completed, so no new state was saved (the run is still at step {start})"
+        if (saved["step"], saved["post_done"]) != (state["step"], post_done):
+            save(state["step"], state["data"], state["rng"], post_done=post_done)
+        return f"the state at step {state['step']} is saved in {ckpt_dir}"
 
-    def on_sigint(signum, frame):
-        if interrupt["requested"]:
-            raise KeyboardInterrupt
-        interrupt["requested"] = True
-        tqdm.write("interrupt: finishing the current step, then saving and stopping "
-                   "(Ctrl-C again to stop at once)", file=sys.stderr)
-
-    old_handler = None
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
     bar = tqdm(total=stop, initial=start, disable=quiet or not args.progress, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     step = start
     snap: dict[str, Any] = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
     pending: dict[str, Any] | None = None
+    ctrl_c.install()
     try:
-        if start == 0:
-            run_val(0)
-        elif prev.get("post_step_pending"):
-            pending = dict(snap)
-            post_step(start, checkpoint=False)
-            pending = None
-            snap = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
-        for step in range(start + 1, stop + 1):
-            if interrupt["requested"]:
-                raise KeyboardInterrupt
-            t0 = time.perf_counter()
-            lr = lr_at(step, lr=args.lr, warmup=args.warmup_steps, steps=args.steps,
-                       final_frac=args.lr_final_frac)
-            model.zero_grad()
-            loss = 0.0
-            for _ in range(grad_accum):
-                x, y = loader.next_batch()
-                loss += float(model.forward(x, y))
-                model.backward()
-            loss /= grad_accum
-            norm = grad_norm(model.arenas["grads"]) / grad_accum
-            scale = 1.0 / grad_accum
-            if args.grad_clip > 0 and norm > args.grad_clip:
-                scale *= args.grad_clip / norm
-            data_after = loader.state_dict()
-            model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
-                         grad_scale=scale)
-            pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
-            dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}")
-            result.train_losses.append((step, loss))
-            result.step = step
-            log.write(type="train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1e3, 2),
-                      tok_s=round(tokens_per_step / dt, 1))
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss:.4f} | {dt * 1e3:.0f} ms/step | "
-                                f"{tokens_per_step / dt:,.0f} tok/s", refresh=False)
-            post_step(step)
-            snap = {"step": step, "data": loader.state_dict(), "rng": rng.bit_generator.state}
-            pending = None
-    except KeyboardInterrupt:
+        try:
+            if start == 0:
+                run_val(0)
+            elif prev.get("post_step_pending"):
+                pending = dict(snap)
+                post_step(start, checkpoint=False)
+                pending = None
+                snap = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
+            for step in range(start + 1, stop + 1):
+                if ctrl_c.requested:
+                    raise ctrl_c.stop_now()
+                t0 = time.perf_counter()
+                lr = lr_at(step, lr=args.lr, warmup=args.warmup_steps, steps=args.steps,
+                           final_frac=args.lr_final_frac)
+                model.zero_grad()
+                loss = 0.0
+                for _ in range(grad_accum):
+                    x, y = loader.next_batch()
+                    loss += float(model.forward(x, y))
+                    model.backward()
+                loss /= grad_accum
+                norm = grad_norm(model.arenas["grads"]) / grad_accum
+                if not (math.isfinite(loss) and math.isfinite(norm)):   # before the update spreads it
+                    raise FloatingPointError(f"training diverged: the loss became {loss} (gradient norm "
+                                             f"{norm}) at step {step}")
+                scale = 1.0 / grad_accum
+                if args.grad_clip > 0 and norm > args.grad_clip:
+                    scale *= args.grad_clip / norm
+                data_after = loader.state_dict()
+                model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
+                             grad_scale=scale)
+                pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
+                dt = time.perf_counter() - t0
+                result.train_losses.append((step, loss))
+                result.step = step
+                log.write(type="train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1e3, 2),
+                          tok_s=round(tokens_per_step / dt, 1))
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss:.4f} | {dt * 1e3:.0f} ms/step | "
+                                    f"{tokens_per_step / dt:,.0f} tok/s", refresh=False)
+                post_step(step)
+                snap = {"step": step, "data": loader.state_dict(), "rng": rng.bit_generator.state}
+                pending = None
+        except (KeyboardInterrupt, FloatingPointError) as stopped:
+            ctrl_c.stopping = True
+            bar.close()
+            kept = save_on_stop()
+            log.close()
+            if isinstance(stopped, FloatingPointError):
+                raise FloatingPointError(f"{stopped}; {kept}\n  hint: resume with a lower --lr (or more "
+                                         f"--warmup-steps, a lower --grad-clip)") from None
+            say(f"interrupted: {kept}")
+            raise
+        ctrl_c.stopping = True   # the run is complete: a Ctrl-C now must not cost its final state
         bar.close()
-        if save_states:
-            if pending is not None and pending["step"] > start:
-                save(pending["step"], pending["data"], pending["rng"], post_done=False)
-                say(f"interrupted: saved the state at step {pending['step']} in {ckpt_dir}")
-            elif snap["step"] > start:
-                save(snap["step"], snap["data"], snap["rng"])
-                say(f"interrupted: saved the state at step {snap['step']} in {ckpt_dir}")
-        log.close()
-        raise
+        if (save_states and result.step > start) or args.stop_after:
+            save(result.step)
+        if args.export_llmc:
+            export()
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-    bar.close()
-    if (save_states and result.step > start) or args.stop_after:
-        save(result.step)
-    if args.export_llmc:
-        ckpt.save_llmc(model, args.export_llmc, args.export_dtype)
-        say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
+        ctrl_c.restore()
     result.wall_s = time.time() - t_start
     log.write(type="done", step=result.step, wall_s=round(result.wall_s, 2))
     log.close()
@@ -625,7 +833,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return _cmd_train(build_parser().parse_args(argv))
+    return run_command(_cmd_train, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

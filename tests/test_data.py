@@ -233,3 +233,21 @@ def test_prepro_tinyshakespeare_pypi_fallback(tmp_path, monkeypatch, capsys):
     loader = D.DataLoader(res.train, 4, 64, vocab_size=50257)
     x, y = loader.next_batch()
     assert x.shape == (4, 64)
+
+
+def test_a_directory_is_not_reported_as_missing(tmp_path):
+    D.write_tokens(tmp_path / "shard_train.bin", np.arange(100) % 50)
+    for read in (D.read_header, D.read_tokens, lambda p: D.DataLoader(p, 1, 4)):
+        with pytest.raises(IsADirectoryError, match=r"is a directory, not a token file \(it holds "
+                                                    r"shard_train.bin: pass one of them\)"):
+            read(tmp_path)
+    with pytest.raises(FileNotFoundError, match="a token file not found"):
+        D.read_tokens(tmp_path / "nope.bin")
+
+
+def test_loader_state_of_another_kind_is_a_data_error():
+    dl = D.DataLoader(np.arange(100) % 50, 2, 4)
+    for bad in ({"epoch": "0", "position": 1}, {"epoch": 0, "position": -1}, {"epoch": 0}, {"epoch": True, "position": 0}):
+        with pytest.raises(D.DataError, match="no valid position"):
+            dl.load_state_dict(bad)
+    assert (dl.epoch, dl.position) == (0, 0)   # left as it was

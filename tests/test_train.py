@@ -301,7 +301,7 @@ def test_export_llmc_is_checked_before_training(tmp_path, tokens, fake_build, ca
                   "-b", "4", "-t", "16", "--sample-tokens", "0", "--log", str(log),
                   "--export-llmc", str(tmp_path / "out.bin")])
     err = capsys.readouterr().err
-    assert rc == 1 and "gpt2gen: error: --export-llmc" in err and "'wte'" in err
+    assert rc == 2 and "gpt2gen: error: --export-llmc" in err and "'wte'" in err
     assert not log.exists() or '"train"' not in log.read_text()
     assert not (tmp_path / "out.bin").exists()
 
@@ -326,7 +326,7 @@ def test_resume_falls_back_past_a_corrupt_newest_state(tmp_path, tokens, fake_bu
     assert err.count("checksum mismatch") == 2
     for st in states:
         st.write_bytes(b"junk")
-    assert TR.main([*base, "--resume", str(tmp_path / "ck")]) == 1
+    assert TR.main([*base, "--resume", str(tmp_path / "ck")]) == 2
     assert "none of the 3 training states" in capsys.readouterr().err
 
 
@@ -339,14 +339,278 @@ def test_cmd_train_reports_os_and_data_errors(tmp_path, tokens, fake_build, caps
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(ck, "save_state", full_disk)
-    assert TR.main(["--train-data", str(train), *base, "--checkpoint-dir", str(tmp_path / "ck")]) == 1
+    assert TR.main(["--train-data", str(train), *base, "--checkpoint-dir", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert "gpt2gen: error: [Errno 28] No space left on device" in err and "Traceback" not in err
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\0" * 2000)
-    assert TR.main(["--train-data", str(bad), *base]) == 1
+    assert TR.main(["--train-data", str(bad), *base]) == 2
     err = capsys.readouterr().err
     assert "gpt2gen: error:" in err and "bad magic" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ bad input, before training
+
+def _base(tmp_path, train, val):
+    return ["--train-data", str(train), "--val-data", str(val), "--no-progress", "--steps", "3", "-b", "4",
+            "-t", "16", "--sample-tokens", "0", "--val-every", "0", "--log", str(tmp_path / "l.jsonl")]
+
+
+def _dir(tmp_path):
+    (tmp_path / "adir").mkdir()
+    return tmp_path / "adir"
+
+
+def _notes(tmp_path):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    return tmp_path / "notes.txt"
+
+
+def _other_run(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "state_000100.safetensors").write_text("another run's state")
+    return tmp_path / "ck"
+
+
+OUTPUT_CASES = {   # name: (make the bad path, the options, what the message says)
+    "export is a dir": (_dir, lambda p, t: ["--export-llmc", p], "--export-llmc {p}: is an existing directory"),
+    "log is a dir": (_dir, lambda p, t: ["--log", p], "--log {p}: is an existing directory"),
+    "checkpoint dir is a file": (_notes, lambda p, t: ["--checkpoint-dir", p],
+                                 "--checkpoint-dir {p}: is an existing file, not a directory"),
+    "parent is a file": (_notes, lambda p, t: ["--export-llmc", p / "m.bin"],
+                         "{p} is a file, so no directory can be created under it"),
+    "log is another file": (_notes, lambda p, t: ["--log", p], "--log {p}: exists and is not a JSONL training log"),
+    "export is a foreign file": (_notes, lambda p, t: ["--export-llmc", p], "exists and is not an llm.c model file"),
+    "export is the training data": (lambda tmp: None, lambda p, t: ["--export-llmc", t],
+                                    "is also the --train-data input: writing it would destroy it"),
+    "export is the log": (lambda tmp: tmp / "x", lambda p, t: ["--export-llmc", p, "--log", p],
+                          "--log and --export-llmc are the same file"),
+    "another run's states": (_other_run, lambda p, t: ["--checkpoint-dir", p],
+                             "--checkpoint-dir {p}: holds 1 training state(s) of another run"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_every_output_path_is_checked_before_training(tmp_path, tokens, fake_build, capsys, case):
+    """A path the run would write only at its end (or at a checkpoint) is refused before anything starts,
+    and nothing that is there is touched."""
+    train, val = tokens
+    make, options, needle = OUTPUT_CASES[case]
+    bad = make(tmp_path)
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    assert TR.main([*_base(tmp_path, train, val), *map(str, options(bad, train))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2gen: error: ") and needle.format(p=bad) in err and "hint:" in err, err
+    assert fake_build == []                                    # no model was built, no step taken
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
+
+
+def test_an_output_directory_that_cannot_be_written(tmp_path, tokens, fake_build, capsys, monkeypatch):
+    import os
+    train, val = tokens
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p).endswith("no-write") else
+                        real_access(p, mode, **k))
+    (tmp_path / "no-write").mkdir()
+    assert TR.main([*_base(tmp_path, train, val), "--export-llmc", str(tmp_path / "no-write" / "m.bin")]) == 2
+    assert f"cannot write in {tmp_path / 'no-write'}" in capsys.readouterr().err and fake_build == []
+
+
+def test_set_cannot_change_the_batch_shape(capsys):
+    for sym, option in (("B", "-b 16"), ("T", "-t 16")):
+        with pytest.raises(SystemExit) as e:
+            TR.build_parser().parse_args(["--set", f"{sym}=16"])
+        assert e.value.code == 2
+        assert f"the trainer's batch shape is set with" in (err := capsys.readouterr().err) and \
+            f"use {option} instead" in err
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--lr", "nan", "must be a finite number >= 0, got nan"),
+    ("--lr", "-0.001", "must be a finite number >= 0, got -0.001"),
+    ("--weight-decay", "inf", "must be a finite number >= 0, got inf"),
+    ("--beta1", "1", "must be a finite number in [0, 1), got 1.0"),
+    ("--beta2", "-0.5", "must be a finite number in [0, 1), got -0.5"),
+    ("--eps", "0", "must be a finite number > 0, got 0.0"),
+    ("--grad-clip", "nan", "must be a finite number >= 0, got nan"),
+    ("--lr-final-frac", "1.5", "must be a finite number in [0, 1], got 1.5"),
+    ("--temperature", "-1", "must be a finite number >= 0, got -1.0"),
+    ("--steps", "0", "must be a whole number >= 1, got 0"),
+    ("--seed", "-1", "must be a whole number >= 0, got -1"),
+    ("--top-k", "2.5", "must be a whole number >= 0, got '2.5'"),
+])
+def test_numeric_options_are_range_checked_when_parsed(capsys, option, value, expected):
+    with pytest.raises(SystemExit) as e:
+        TR.build_parser().parse_args([option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and expected in err, err
+
+
+def test_resumed_settings_are_range_checked_too(tmp_path, tokens, fake_build, capsys):
+    """A state's saved settings are held to the command line's ranges (a NaN lr in a state is refused)."""
+    train, val = tokens
+    base = _base(tmp_path, train, val)
+    assert TR.main([*base, "--steps", "4", "--stop-after", "2", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    path = tmp_path / "ck" / "state_000002.safetensors"
+    meta = ck.read_state_metadata(path)
+    hparams = {**meta["extra"]["hparams"], "lr": float("nan")}
+    ck.save_state(path, fake_build[-1], step=2, data=meta["data"], rng=meta["rng"],
+                  extra={**meta["extra"], "hparams": hparams})
+    capsys.readouterr()
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr must be a finite number >= 0, got nan (the value saved in the resumed run's state)" in err
+
+
+@pytest.mark.parametrize("arena,index,what", [("params", 3 * 256 + 5, "weights hold 1 NaN or infinite values "
+                                                                      "(the first at w[3, 5])"),
+                                              ("v", 7, "AdamW second moments hold 1 NaN")])
+def test_nonfinite_starting_weights_are_refused(tmp_path, tokens, fake_build, capsys, monkeypatch, arena, index,
+                                                what):
+    train, val = tokens
+    made = Bigram.__init__
+
+    def poisoned(self, *a, **k):
+        made(self, *a, **k)
+        self.arenas[arena][index] = np.nan if arena == "params" else np.inf
+    monkeypatch.setattr(Bigram, "__init__", poisoned)
+    assert TR.main(_base(tmp_path, train, val)) == 2
+    err = capsys.readouterr().err
+    assert what in err and "the initialisation from model.yaml" in err and "hint:" in err, err
+    assert not (tmp_path / "l.jsonl").exists()   # refused before the first step
+
+
+def test_a_diverged_loss_stops_before_the_update_and_keeps_the_last_good_state(tmp_path, tokens, fake_build,
+                                                                              capsys, monkeypatch):
+    from safetensors.numpy import load_file
+    train, val = tokens
+    calls = [0]
+    forward = Bigram.forward
+
+    def nan_at_step_3(self, idx, targets=None):
+        loss = forward(self, idx, targets)
+        if targets is not None:
+            calls[0] += 1
+            return float("nan") if calls[0] == 3 else loss
+        return loss
+    monkeypatch.setattr(Bigram, "forward", nan_at_step_3)
+    assert TR.main([*_base(tmp_path, train, val), "--val-data", "", "--steps", "5",
+                    "--checkpoint-dir", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: the loss became nan" in err and "at step 3" in err
+    assert f"the state at step 2 is saved in {tmp_path / 'ck'}" in err and "hint: resume with a lower --lr" in err
+    saved = load_file(str(tmp_path / "ck" / "state_000002.safetensors"))
+    assert saved["params"].tobytes() == fake_build[-1].arenas["params"].tobytes()   # step 3 was never applied
+    assert np.isfinite(saved["params"]).all()
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, tokens, fake_build, capsys):
+    train, val = tokens
+    base = _base(tmp_path, train, val)
+    assert TR.main([*base, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress"]) == 0
+    assert (f"the run at {tmp_path / 'ck'} already finished step 3 of 3: nothing to train; pass --steps M "
+            f"(M > 3) to train further") in capsys.readouterr().out
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress", "--steps", "2"]) == 0
+    assert "is already at step 3, past --steps 2" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["state_000003.safetensors"]
+
+
+def test_resume_refuses_options_it_cannot_honour(tmp_path, tokens, fake_build, capsys):
+    train, val = tokens
+    base = _base(tmp_path, train, val)
+    assert TR.main([*base, "--steps", "4", "--stop-after", "2", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress", "--set", "L=6"]) == 2
+    assert "--set L=6: the resumed run's model has L=1, and a resumed run keeps its shape" in \
+        capsys.readouterr().err
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress", "--init-from", str(train)]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+# A child process: the fake model, a save that waits for the parent (so signals land during it), and the
+# step number printed after each update.
+_CTRL_C_CHILD = r"""
+import sys, time
+from pathlib import Path
+sys.path[:0] = sys.argv[1].split("|")   # the gpt2gen under test, and tests/
+import gpt2gen
+from gpt2gen import checkpoint as ck, train as TR
+from test_train import Bigram
+
+gpt2gen.build = lambda model="model.yaml", target="cpu", **kw: Bigram(**kw)
+go, real_save, real_update = Path(sys.argv[2]), ck.save_state, Bigram.update
+
+def save_state(*a, **k):
+    print("SAVING", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+    return real_save(*a, **k)
+
+def update(self, *a, **k):
+    real_update(self, *a, **k)
+    print("STEP", a[5], flush=True)
+
+ck.save_state, Bigram.update = save_state, update
+sys.exit(TR.main(sys.argv[3:]))
+"""
+
+
+def test_more_ctrl_c_during_the_interrupt_save_still_save(tmp_path, tokens):
+    """Real SIGINTs to a real process: Ctrl-C, then two more while the state is being written. The save
+    completes (it used to be abandoned, saving nothing), the user is told, and the run exits with 130."""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    train, val = tokens
+    go = tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_CHILD, f"{Path(gpt2gen.__file__).parent.parent}|{Path(__file__).parent}",
+         str(go), *_base(tmp_path, train, val),
+         "--steps", "1000000", "--checkpoint-dir", str(tmp_path / "ck")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)
+    reader.start()
+    seen: list[str] = []
+
+    def wait_for(needle: str) -> str:
+        while True:
+            try:
+                line = lines.get(timeout=120)   # a guard against a hang, not a timing assertion
+            except queue.Empty:
+                proc.kill()
+                pytest.fail(f"no {needle!r} from the trainer; it wrote:\n{''.join(seen)}")
+            seen.append(line)
+            if needle in line:
+                return line
+
+    try:
+        wait_for("STEP 2")
+        os.kill(proc.pid, signal.SIGINT)          # the first: finish the step, save, stop
+        wait_for("SAVING")
+        os.kill(proc.pid, signal.SIGINT)          # more, while the state is being written
+        os.kill(proc.pid, signal.SIGINT)
+        wait_for("Ctrl-C is ignored until that is done")
+        go.touch()
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=60)
+    out = "".join(seen) + "".join(lines.get() for _ in range(lines.qsize()))
+    saved = sorted((tmp_path / "ck").glob("state_*.safetensors"))
+    assert len(saved) == 1, out
+    step = ck.verify_state(saved[0])["step"]            # complete and valid
+    assert f"interrupted: the state at step {step} is saved in {tmp_path / 'ck'}" in out, out
+    assert not list((tmp_path / "ck").glob(".*tmp*"))   # no half-written temporary left
 
 
 # ------------------------------------------------------------------------------ with the real compiler
@@ -381,6 +645,11 @@ def test_trainer_real_end_to_end_and_resume(tmp_path, real_tokens):
     assert part.train_losses + rest.train_losses == full.train_losses
     assert rest.val_losses[-1] == full.val_losses[-1] and rest.samples == full.samples
     assert rest.model.arenas["params"].tobytes() == full.model.arenas["params"].tobytes()
+    # the resumed run saved its final state; resuming that trains nothing, and can still export the weights
+    again = TR.train(_args(tmp_path, train, val, "--resume", str(tmp_path / "ck"), "--export-llmc",
+                           str(tmp_path / "again.bin"), "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    assert again.step == 8 and again.train_losses == []
+    assert (tmp_path / "again.bin").read_bytes() == (tmp_path / "final.bin").read_bytes()
     # the exported llm.c file reloads into a fresh model with identical weights and logits
     m2 = gpt2gen.from_llmc(tmp_path / "final.bin", B=2, T=16)
     assert m2.arenas["params"].tobytes() == full.model.arenas["params"].tobytes()
@@ -409,10 +678,10 @@ def test_main_and_resume_errors(tmp_path, tokens, fake_build, capsys):
     # rewrote state 6, so corrupt it again)
     assert ck.verify_state(states[-1])["step"] == 6
     states[-1].write_bytes(states[-1].read_bytes()[:200])
-    assert TR.main([*base, "--resume", str(states[-1])]) == 1
+    assert TR.main([*base, "--resume", str(states[-1])]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="multiple of B\\*T"):
-        TR.main([*base, "--total-batch-size", "100"])
+    assert TR.main([*base, "--total-batch-size", "100"]) == 2
+    assert "--total-batch-size 100 is not a multiple of B*T = 4*16 = 64" in capsys.readouterr().err
 
 
 def test_init_from_llmc_on_the_command_line(tmp_path, real_tokens):
