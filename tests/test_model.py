@@ -8,6 +8,10 @@ float64 run so that the bound does not depend on which kernels PyTorch picks on 
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -118,3 +122,22 @@ def test_forward_without_targets():
     with pytest.raises(RuntimeError, match="targets"):
         model.forward(idx)
         model.backward()
+
+
+def test_results_do_not_depend_on_the_thread_count(tmp_path):
+    """Every kernel sums each output in a fixed order, whatever the thread count: 1 and 3 threads give the
+    same bytes (loss, logits, every gradient), with T past one key tile of the attention and rows past one
+    register block of the GEMM."""
+    script = (
+        "import sys, numpy as np, gpt2gen\n"
+        "m = gpt2gen.build('model.yaml', V=97, L=2, C=36, NH=3, maxT=80, B=2, T=70)\n"
+        "rng = np.random.default_rng(0)\n"
+        "idx = rng.integers(0, 97, (2, 70)).astype(np.int32)\n"
+        "loss = m.forward(idx, np.roll(idx, -1, axis=1)); m.zero_grad(); m.backward()\n"
+        "np.save(sys.argv[1], np.concatenate([[loss], m.logits.ravel(), m.arenas['grads']]))\n")
+    out = {}
+    for n in (1, 3):
+        env = dict(os.environ, OMP_NUM_THREADS=str(n))
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{n}.npy")], check=True, env=env)
+        out[n] = np.load(tmp_path / f"{n}.npy")
+    assert out[1].tobytes() == out[3].tobytes(), f"max |diff| {np.abs(out[1] - out[3]).max():.3g}"

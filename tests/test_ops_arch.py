@@ -139,9 +139,8 @@ def torch_gqa(q, k, v, H, K, D, window):
     visible = ki <= qi
     if window:
         visible = visible & (ki > qi - window)
-    att = (qh @ kh.transpose(-2, -1)) * D ** -0.5
-    att = att.masked_fill(~visible, float("-inf")).softmax(-1)
-    return (att @ vh).transpose(1, 2).reshape(B, T, H * D), att
+    scores = ((qh @ kh.transpose(-2, -1)) * D ** -0.5).masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ vh).transpose(1, 2).reshape(B, T, H * D), scores.logsumexp(-1)
 
 
 @pytest.mark.parametrize("B,T,H,K,D,window", [
@@ -153,29 +152,31 @@ def torch_gqa(q, k, v, H, K, D, window):
     (2, 13, 4, 2, 8, 4),         # sliding window shorter than T
     (1, 16, 5, 1, 4, 1),         # window 1: each query sees itself only
     (2, 6, 2, 1, 4, 6),          # window == T: same as causal
+    (1, 140, 4, 1, 8, 0),        # past two key tiles (64) of the online softmax, multi-query at B = 1
+    (1, 140, 2, 2, 8, 70),       # a window that starts inside a tile
 ])
 def test_gqa_attention(lib, B, T, H, K, D, window):
     rng = np.random.default_rng(14)
     q = torch.randn(B, T, H * D, requires_grad=True)
     k = torch.randn(B, T, K * D, requires_grad=True)
     v = torch.randn(B, T, K * D, requires_grad=True)
-    ref, ref_att = torch_gqa(q, k, v, H, K, D, window)
+    ref, ref_lse = torch_gqa(q, k, v, H, K, D, window)
     dout = torch.randn(B, T, H * D)
     ref.backward(dout)
-    out, att = np.zeros((B, T, H * D), np.float32), np.full((B, H, T, T), 9.0, np.float32)
+    out, lse = np.zeros((B, T, H * D), np.float32), np.full((B, H, T), 9.0, np.float32)
     args = (I(B), I(T), I(H), I(K), I(D), I(window))
-    lib.gqa_attention_forward(P(out), P(att), P(f32(q)), P(f32(k)), P(f32(v)), *args)
+    lib.gqa_attention_forward(P(out), P(lse), P(f32(q)), P(f32(k)), P(f32(v)), *args)
     assert_close("attention out", out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert_close("attention probabilities", att, ref_att.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert_close("attention log-sum-exp", lse, ref_lse.detach().numpy(), rtol=1e-5, atol=1e-6)
     dq, dk, dv = start_grad((B, T, H * D), rng), start_grad((B, T, K * D), rng), start_grad((B, T, K * D), rng)
     dq0, dk0, dv0 = dq.copy(), dk.copy(), dv.copy()
-    lib.gqa_attention_backward(P(dq), P(dk), P(dv), P(f32(dout)), P(f32(q)), P(f32(k)), P(f32(v)), P(att), *args)
+    lib.gqa_attention_backward(P(dq), P(dk), P(dv), P(f32(dout)), P(f32(q)), P(f32(k)), P(f32(v)), P(out), P(lse), *args)
     check_grad("d_q", dq, dq0, q.grad)
     check_grad("d_k", dk, dk0, k.grad)
     check_grad("d_v", dv, dv0, v.grad)
     # any gradient may be NULL; the others are still right
     dk2 = dk0.copy()
-    lib.gqa_attention_backward(None, P(dk2), None, P(f32(dout)), P(f32(q)), P(f32(k)), P(f32(v)), P(att), *args)
+    lib.gqa_attention_backward(None, P(dk2), None, P(f32(dout)), P(f32(q)), P(f32(k)), P(f32(v)), P(out), P(lse), *args)
     check_grad("d_k alone", dk2, dk0, k.grad)
 
 
@@ -186,10 +187,12 @@ def test_gqa_attention_window_matches_transformers_mask(lib):
     T = 7
     tt = torch.tensor
     want = np.array([[bool(fn(tt(0), tt(0), tt(qi), tt(ki))) for ki in range(T)] for qi in range(T)])
-    q, k, v = (np.ones((1, T, 2), np.float32) for _ in range(3))
-    out, att = np.zeros((1, T, 2), np.float32), np.zeros((1, 1, T, T), np.float32)
-    lib.gqa_attention_forward(P(out), P(att), P(q), P(k), P(v), I(1), I(T), I(1), I(1), I(2), I(3))
-    np.testing.assert_array_equal(att[0, 0] > 0, want)
+    # equal scores and one-hot values: out[t] holds the weight query t gives each key, > 0 where it sees it
+    q, k = np.ones((1, T, T), np.float32), np.ones((1, T, T), np.float32)
+    v = np.eye(T, dtype=np.float32)[None]
+    out, lse = np.zeros((1, T, T), np.float32), np.zeros((1, 1, T), np.float32)
+    lib.gqa_attention_forward(P(out), P(lse), P(q), P(k), P(v), I(1), I(T), I(1), I(1), I(T), I(3))
+    np.testing.assert_array_equal(out[0] > 0, want)
 
 
 # ---- gated units -----------------------------------------------------------------------------------------

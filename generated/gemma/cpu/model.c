@@ -389,50 +389,170 @@ GG_KERNEL void rope_backward(float* d_inp,         // (B,T,H*D) accumulated
 }
 
 // ----------------------------------------------------------------------------
-// gqa_attention: out[b,t,h] = sum_{t2 seen by t} softmax(q.k / sqrt(D)) v[t2]   (templates/c/ops/gqa_attention.c.j2)
+// attention: out[b,t,h] = sum_{t2 seen by t} softmax(q.k / sqrt(D)) v[t2]      (templates/c/ops/attention.c.j2)
 
-GG_KERNEL void gqa_attention_forward(float* out,        // (B,T,H*D)
-                                     float* att,        // (B,H,T,T) saved probabilities
-                                     const float* q,    // (B,T,H*D)
-                                     const float* k,    // (B,T,K*D)
-                                     const float* v,    // (B,T,K*D)
-                                     int B, int T, int H, int K, int D, int window) {
+#define GG_ATT_TILE 64                 // keys per tile of the online softmax
+
+static inline float gg_dot(const float* a, const float* b, int n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline int gg_att_first(int t, int window) {   // the first key position query t sees
+    return (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+}
+
+// Row strides (floats between consecutive positions) qs, ks, vs, os of q, k, v, out; head h of q and out
+// starts at h*D, kv head kh of k and v at kh*D.
+static void gg_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                 int B, int T, int H, int K, int D, int window,
+                                 size_t qs, size_t ks, size_t vs, size_t os) {
     const float scale = 1.0f / sqrtf((float)D);
     const int group = H / K;
-    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
-    #pragma omp parallel for collapse(3) schedule(static)
+    #pragma omp parallel for collapse(3) schedule(static, 1)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
+        for (int h = 0; h < H; h++) {
+            for (int t = 0; t < T; t++) {
+                const int kh = h / group, lo = gg_att_first(t, window);
+                const float* qr = q + ((size_t)b * T + t) * qs + (size_t)h * D;
+                const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
+                const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
+                float* o = out + ((size_t)b * T + t) * os + (size_t)h * D;
+                float s[GG_ATT_TILE];
+                float m = -INFINITY, l = 0.0f;
+                for (int i = 0; i < D; i++) o[i] = 0.0f;      // the running weighted sum of values
+                for (int j0 = lo; j0 <= t; j0 += GG_ATT_TILE) {
+                    const int n = t + 1 - j0 < GG_ATT_TILE ? t + 1 - j0 : GG_ATT_TILE;
+                    float tile_max = -INFINITY;
+                    for (int j = 0; j < n; j++) {
+                        s[j] = gg_dot(qr, kb + (size_t)(j0 + j) * ks, D) * scale;
+                        if (s[j] > tile_max) tile_max = s[j];
+                    }
+                    const float m_new = tile_max > m ? tile_max : m;
+                    const float corr = expf(m - m_new);        // rescales what was summed against the old max
+                    l *= corr;
+                    #pragma omp simd
+                    for (int i = 0; i < D; i++) o[i] *= corr;
+                    for (int j = 0; j < n; j++) {
+                        const float p = expf(s[j] - m_new);
+                        const float* vr = vb + (size_t)(j0 + j) * vs;
+                        l += p;
+                        #pragma omp simd
+                        for (int i = 0; i < D; i++) o[i] += p * vr[i];
+                    }
+                    m = m_new;
+                }
+                const float inv = 1.0f / l;
+                #pragma omp simd
+                for (int i = 0; i < D; i++) o[i] *= inv;
+                lse[((size_t)b * H + h) * T + t] = m + logf(l);
+            }
+        }
+    }
+}
+
+// The gradient strides equal the tensors' (d_q like q, d_k like k, d_v like v, d_out like out).
+static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const float* d_out,
+                                  const float* q, const float* k, const float* v, const float* out,
+                                  const float* lse, int B, int T, int H, int K, int D, int window,
+                                  size_t qs, size_t ks, size_t vs, size_t os) {
+    const float scale = 1.0f / sqrtf((float)D);
+    const int group = H / K;
+    // d_score = p * (d_out.v - d_out.out): the softmax backward, with sum_t2 p d_out.v = d_out.out
+    if (d_q) {
+        #pragma omp parallel for collapse(3) schedule(static, 1)
+        for (int b = 0; b < B; b++) {
             for (int h = 0; h < H; h++) {
-                const int kh = h / group;
-                const int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
-                const float* qr = q + ((size_t)b * T + t) * QW + (size_t)h * D;
-                float* a = att + (((size_t)b * H + h) * T + t) * T;
-                float maxval = -INFINITY;
-                for (int t2 = lo; t2 <= t; t2++) {
-                    const float* kr = k + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                    float s = 0.0f;
-                    for (int i = 0; i < D; i++) s += qr[i] * kr[i];
-                    s *= scale;
-                    a[t2] = s;
-                    if (s > maxval) maxval = s;
-                }
-                float sum = 0.0f;
-                for (int t2 = lo; t2 <= t; t2++) {
-                    a[t2] = expf(a[t2] - maxval);
-                    sum += a[t2];
-                }
-                float inv = 1.0f / sum;
-                for (int t2 = 0; t2 < T; t2++) a[t2] = (t2 >= lo && t2 <= t) ? a[t2] * inv : 0.0f;
-                float* o = out + ((size_t)b * T + t) * QW + (size_t)h * D;
-                for (int i = 0; i < D; i++) o[i] = 0.0f;
-                for (int t2 = lo; t2 <= t; t2++) {
-                    const float* vr = v + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                    for (int i = 0; i < D; i++) o[i] += a[t2] * vr[i];
+                for (int t = 0; t < T; t++) {
+                    const int kh = h / group, lo = gg_att_first(t, window);
+                    const size_t row = (size_t)b * T + t;
+                    const float* qr = q + row * qs + (size_t)h * D;
+                    const float* g = d_out + row * os + (size_t)h * D;
+                    const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
+                    const float L = lse[((size_t)b * H + h) * T + t];
+                    float* dq = d_q + row * qs + (size_t)h * D;
+                    for (int t2 = lo; t2 <= t; t2++) {
+                        const float* kr = k + ((size_t)b * T + t2) * ks + (size_t)kh * D;
+                        const float* vr = v + ((size_t)b * T + t2) * vs + (size_t)kh * D;
+                        const float p = expf(gg_dot(qr, kr, D) * scale - L);
+                        const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
+                        #pragma omp simd
+                        for (int i = 0; i < D; i++) dq[i] += ds * kr[i];
+                    }
                 }
             }
         }
     }
+    if (d_k || d_v) {
+        #pragma omp parallel for collapse(3) schedule(static, 1)
+        for (int b = 0; b < B; b++) {
+            for (int kh = 0; kh < K; kh++) {
+                for (int t2 = 0; t2 < T; t2++) {
+                    const size_t krow = (size_t)b * T + t2;
+                    const float* kr = k + krow * ks + (size_t)kh * D;
+                    const float* vr = v + krow * vs + (size_t)kh * D;
+                    float* dk = d_k ? d_k + krow * ks + (size_t)kh * D : NULL;
+                    float* dv = d_v ? d_v + krow * vs + (size_t)kh * D : NULL;
+                    const int hi = window > 0 && t2 + window - 1 < T - 1 ? t2 + window - 1 : T - 1;
+                    for (int h = kh * group; h < (kh + 1) * group; h++) {
+                        for (int t = t2; t <= hi; t++) {           // the queries that see key t2
+                            const size_t row = (size_t)b * T + t;
+                            const float* qr = q + row * qs + (size_t)h * D;
+                            const float* g = d_out + row * os + (size_t)h * D;
+                            const float p = expf(gg_dot(qr, kr, D) * scale - lse[((size_t)b * H + h) * T + t]);
+                            if (dv) {
+                                #pragma omp simd
+                                for (int i = 0; i < D; i++) dv[i] += p * g[i];
+                            }
+                            if (dk) {
+                                const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
+                                const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
+                                #pragma omp simd
+                                for (int i = 0; i < D; i++) dk[i] += ds * qr[i];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- GPT-2's attention over the packed (B,T,3C) q|k|v, NH heads of C/NH ----
+
+GG_KERNEL void attention_forward(float* out,         // (B,T,C)
+                                 float* lse,         // (B,NH,T) saved: log-sum-exp of each query's scores
+                                 const float* qkv,   // (B,T,3C)
+                                 int B, int T, int C, int NH) {
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_forward(out, lse, qkv, qkv + C, qkv + 2 * (size_t)C, B, T, NH, NH, C / NH, 0,
+                         s3, s3, s3, (size_t)C);
+}
+
+GG_KERNEL void attention_backward(float* d_qkv,        // (B,T,3C) accumulated
+                                  const float* d_out,  // (B,T,C)
+                                  const float* qkv,    // (B,T,3C)
+                                  const float* out,    // (B,T,C)
+                                  const float* lse,    // (B,NH,T)
+                                  int B, int T, int C, int NH) {
+    if (!d_qkv) return;
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_backward(d_qkv, d_qkv + C, d_qkv + 2 * (size_t)C, d_out, qkv, qkv + C, qkv + 2 * (size_t)C,
+                          out, lse, B, T, NH, NH, C / NH, 0, s3, s3, s3, (size_t)C);
+}
+
+// ---- grouped-query attention over separate q, k, v (Llama 2, Mistral, Gemma) ----
+
+GG_KERNEL void gqa_attention_forward(float* out,        // (B,T,H*D)
+                                     float* lse,        // (B,H,T) saved: log-sum-exp of each query's scores
+                                     const float* q,    // (B,T,H*D)
+                                     const float* k,    // (B,T,K*D)
+                                     const float* v,    // (B,T,K*D)
+                                     int B, int T, int H, int K, int D, int window) {
+    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
+    gg_attention_forward(out, lse, q, k, v, B, T, H, K, D, window, QW, KW, KW, QW);
 }
 
 GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumulated
@@ -442,54 +562,11 @@ GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumula
                                       const float* q,      // (B,T,H*D)
                                       const float* k,      // (B,T,K*D)
                                       const float* v,      // (B,T,K*D)
-                                      const float* att,    // (B,H,T,T)
+                                      const float* out,    // (B,T,H*D)
+                                      const float* lse,    // (B,H,T)
                                       int B, int T, int H, int K, int D, int window) {
-    if (!d_q && !d_k && !d_v) return;
-    const float scale = 1.0f / sqrtf((float)D);
-    const int group = H / K;
     const size_t QW = (size_t)H * D, KW = (size_t)K * D;
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int kh = 0; kh < K; kh++) {
-            float* d_att = (float*)malloc((size_t)T * sizeof(float));  // one row of d(att), then d(scores)
-            for (int h = kh * group; h < (kh + 1) * group; h++) {
-                for (int t = 0; t < T; t++) {
-                    const int lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
-                    const float* a = att + (((size_t)b * H + h) * T + t) * T;
-                    const float* g = d_out + ((size_t)b * T + t) * QW + (size_t)h * D;
-                    const float* qr = q + ((size_t)b * T + t) * QW + (size_t)h * D;
-                    // out = att @ v: gradients of att and v
-                    for (int t2 = lo; t2 <= t; t2++) {
-                        const float* vr = v + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                        float s = 0.0f;
-                        for (int i = 0; i < D; i++) s += g[i] * vr[i];
-                        if (d_v) {
-                            float* dv = d_v + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                            for (int i = 0; i < D; i++) dv[i] += a[t2] * g[i];
-                        }
-                        d_att[t2] = s;
-                    }
-                    // softmax: d(score) = att * (d(att) - sum(att * d(att))), times the 1/sqrt(D) scale
-                    float dot = 0.0f;
-                    for (int t2 = lo; t2 <= t; t2++) dot += a[t2] * d_att[t2];
-                    for (int t2 = lo; t2 <= t; t2++) d_att[t2] = a[t2] * (d_att[t2] - dot) * scale;
-                    // score = q.k * scale: gradients of q and k
-                    for (int t2 = lo; t2 <= t; t2++) {
-                        const float* kr = k + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                        if (d_q) {
-                            float* dq = d_q + ((size_t)b * T + t) * QW + (size_t)h * D;
-                            for (int i = 0; i < D; i++) dq[i] += d_att[t2] * kr[i];
-                        }
-                        if (d_k) {
-                            float* dk = d_k + ((size_t)b * T + t2) * KW + (size_t)kh * D;
-                            for (int i = 0; i < D; i++) dk[i] += d_att[t2] * qr[i];
-                        }
-                    }
-                }
-            }
-            free(d_att);
-        }
-    }
+    gg_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window, QW, KW, KW, QW);
 }
 
 // ----------------------------------------------------------------------------
@@ -679,7 +756,7 @@ typedef struct {
     float* q_rot;      // (L, B, T, NH*HD)
     float* k_rot;      // (L, B, T, NKV*HD)
     float* atty;       // (L, B, T, NH*HD)
-    float* att;        // (L, B, NH, T, T)
+    float* att_lse;    // (L, B, NH, T)
     float* attproj;    // (L, B, T, C)
     float* residual2;  // (L, B, T, C)
     float* ln2;        // (L, B, T, C)
@@ -706,24 +783,24 @@ static const gg_tensor_entry ACT_TABLE[24] = {
     {"q_rot",         21762560,      9437184, 0},
     {"k_rot",         31199744,      1179648, 0},
     {"atty",          32379392,      9437184, 0},
-    {"att",           41816576,      2359296, 0},
-    {"attproj",       44175872,      9437184, 0},
-    {"residual2",     53613056,      9437184, 0},
-    {"ln2",           63050240,      9437184, 0},
-    {"ln2_rstd",      72487424,         4608, 0},
-    {"gate",          72492032,     75497472, 0},
-    {"up",           147989504,     75497472, 0},
-    {"geg",          223486976,     75497472, 0},
-    {"down",         298984448,      9437184, 0},
-    {"residual3",    308421632,      9437184, 0},
-    {"lnf",          317858816,       524288, 0},
-    {"lnf_rstd",     318383104,          256, 0},
-    {"logits",       318383360,     65536000, 0},
-    {"probs",        383919360,     65536000, 0},
-    {"losses",       449455360,          256, 0},
+    {"att_lse",       41816576,        36864, 0},
+    {"attproj",       41853440,      9437184, 0},
+    {"residual2",     51290624,      9437184, 0},
+    {"ln2",           60727808,      9437184, 0},
+    {"ln2_rstd",      70164992,         4608, 0},
+    {"gate",          70169600,     75497472, 0},
+    {"up",           145667072,     75497472, 0},
+    {"geg",          221164544,     75497472, 0},
+    {"down",         296662016,      9437184, 0},
+    {"residual3",    306099200,      9437184, 0},
+    {"lnf",          315536384,       524288, 0},
+    {"lnf_rstd",     316060672,          256, 0},
+    {"logits",       316060928,     65536000, 0},
+    {"probs",        381596928,     65536000, 0},
+    {"losses",       447132928,          256, 0},
 };
 
-static const size_t ACTS_FLOATS = 449455616;
+static const size_t ACTS_FLOATS = 447133184;
 
 static void point_acts(Acts* a, float* base) {
     float** fields[24] = {
@@ -736,7 +813,7 @@ static void point_acts(Acts* a, float* base) {
         &a->q_rot,
         &a->k_rot,
         &a->atty,
-        &a->att,
+        &a->att_lse,
         &a->attproj,
         &a->residual2,
         &a->ln2,
@@ -794,7 +871,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att = a->att + (size_t)l * (size_t)B_MAX * NH * T_MAX * T_MAX;  // (B,NH,T,T)
+        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* attproj = a->attproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
@@ -822,7 +899,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         // rope_k (models/gemma.yaml:80): rope
         rope_forward(k_rot, kh, B, T, NKV, HD, 10000.0f);
         // attn (models/gemma.yaml:81): gqa_attention
-        gqa_attention_forward(atty, att, q_rot, k_rot, vh, B, T, NH, NKV, HD, 0);
+        gqa_attention_forward(atty, att_lse, q_rot, k_rot, vh, B, T, NH, NKV, HD, 0);
         // attn_proj (models/gemma.yaml:82): matmul
         matmul_forward(attproj, atty, attprojw, NULL, B * T, (NH * HD), C);
         // attn_res (models/gemma.yaml:83): residual
@@ -900,7 +977,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att = a->att + (size_t)l * (size_t)B_MAX * NH * T_MAX * T_MAX;  // (B,NH,T,T)
+        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
@@ -959,7 +1036,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         gg_zero(d_k_rot, (size_t)B * T * (NKV * HD));  // d_k_rot starts from zero (backward kernels accumulate)
         gg_zero(d_vh, (size_t)B * T * (NKV * HD));  // d_vh starts from zero (backward kernels accumulate)
         // attn (models/gemma.yaml:81): gqa_attention
-        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, att, B, T, NH, NKV, HD, 0);
+        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, atty, att_lse, B, T, NH, NKV, HD, 0);
         gg_zero(d_kh, (size_t)B * T * (NKV * HD));  // d_kh starts from zero (backward kernels accumulate)
         // rope_k (models/gemma.yaml:80): rope
         rope_backward(d_kh, d_k_rot, B, T, NKV, HD, 10000.0f);
@@ -1003,7 +1080,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "221dc9ede625c7aa8f7f"; }
+const char* gg_signature(void) { return "a32b1a25c9efa5c65995"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

@@ -366,94 +366,184 @@ GG_KERNEL void matmul_backward(float* d_inp,          // (N,C) accumulated
 }
 
 // ----------------------------------------------------------------------------
-// attention: out[b,t,h] = sum_{t2<=t} softmax_t2(q.k / sqrt(hs)) v[t2]  (templates/c/ops/attention.c.j2)
+// attention: out[b,t,h] = sum_{t2 seen by t} softmax(q.k / sqrt(D)) v[t2]      (templates/c/ops/attention.c.j2)
 
-GG_KERNEL void attention_forward(float* out,         // (B,T,C)
-                                 float* att,         // (B,NH,T,T) saved probabilities
-                                 const float* qkv,   // (B,T,3C): q, k, v side by side
-                                 int B, int T, int C, int NH) {
-    const int hs = C / NH;
-    const float scale = 1.0f / sqrtf((float)hs);
-    const size_t C3 = (size_t)3 * C;
-    #pragma omp parallel for collapse(3) schedule(static)
+#define GG_ATT_TILE 64                 // keys per tile of the online softmax
+
+static inline float gg_dot(const float* a, const float* b, int n) {
+    float s = 0.0f;
+    #pragma omp simd reduction(+:s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline int gg_att_first(int t, int window) {   // the first key position query t sees
+    return (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+}
+
+// Row strides (floats between consecutive positions) qs, ks, vs, os of q, k, v, out; head h of q and out
+// starts at h*D, kv head kh of k and v at kh*D.
+static void gg_attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                 int B, int T, int H, int K, int D, int window,
+                                 size_t qs, size_t ks, size_t vs, size_t os) {
+    const float scale = 1.0f / sqrtf((float)D);
+    const int group = H / K;
+    #pragma omp parallel for collapse(3) schedule(static, 1)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
-                const float* q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
-                float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                float maxval = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    s *= scale;
-                    a[t2] = s;
-                    if (s > maxval) maxval = s;
+        for (int h = 0; h < H; h++) {
+            for (int t = 0; t < T; t++) {
+                const int kh = h / group, lo = gg_att_first(t, window);
+                const float* qr = q + ((size_t)b * T + t) * qs + (size_t)h * D;
+                const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
+                const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
+                float* o = out + ((size_t)b * T + t) * os + (size_t)h * D;
+                float s[GG_ATT_TILE];
+                float m = -INFINITY, l = 0.0f;
+                for (int i = 0; i < D; i++) o[i] = 0.0f;      // the running weighted sum of values
+                for (int j0 = lo; j0 <= t; j0 += GG_ATT_TILE) {
+                    const int n = t + 1 - j0 < GG_ATT_TILE ? t + 1 - j0 : GG_ATT_TILE;
+                    float tile_max = -INFINITY;
+                    for (int j = 0; j < n; j++) {
+                        s[j] = gg_dot(qr, kb + (size_t)(j0 + j) * ks, D) * scale;
+                        if (s[j] > tile_max) tile_max = s[j];
+                    }
+                    const float m_new = tile_max > m ? tile_max : m;
+                    const float corr = expf(m - m_new);        // rescales what was summed against the old max
+                    l *= corr;
+                    #pragma omp simd
+                    for (int i = 0; i < D; i++) o[i] *= corr;
+                    for (int j = 0; j < n; j++) {
+                        const float p = expf(s[j] - m_new);
+                        const float* vr = vb + (size_t)(j0 + j) * vs;
+                        l += p;
+                        #pragma omp simd
+                        for (int i = 0; i < D; i++) o[i] += p * vr[i];
+                    }
+                    m = m_new;
                 }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    a[t2] = expf(a[t2] - maxval);
-                    sum += a[t2];
+                const float inv = 1.0f / l;
+                #pragma omp simd
+                for (int i = 0; i < D; i++) o[i] *= inv;
+                lse[((size_t)b * H + h) * T + t] = m + logf(l);
+            }
+        }
+    }
+}
+
+// The gradient strides equal the tensors' (d_q like q, d_k like k, d_v like v, d_out like out).
+static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const float* d_out,
+                                  const float* q, const float* k, const float* v, const float* out,
+                                  const float* lse, int B, int T, int H, int K, int D, int window,
+                                  size_t qs, size_t ks, size_t vs, size_t os) {
+    const float scale = 1.0f / sqrtf((float)D);
+    const int group = H / K;
+    // d_score = p * (d_out.v - d_out.out): the softmax backward, with sum_t2 p d_out.v = d_out.out
+    if (d_q) {
+        #pragma omp parallel for collapse(3) schedule(static, 1)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < H; h++) {
+                for (int t = 0; t < T; t++) {
+                    const int kh = h / group, lo = gg_att_first(t, window);
+                    const size_t row = (size_t)b * T + t;
+                    const float* qr = q + row * qs + (size_t)h * D;
+                    const float* g = d_out + row * os + (size_t)h * D;
+                    const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
+                    const float L = lse[((size_t)b * H + h) * T + t];
+                    float* dq = d_q + row * qs + (size_t)h * D;
+                    for (int t2 = lo; t2 <= t; t2++) {
+                        const float* kr = k + ((size_t)b * T + t2) * ks + (size_t)kh * D;
+                        const float* vr = v + ((size_t)b * T + t2) * vs + (size_t)kh * D;
+                        const float p = expf(gg_dot(qr, kr, D) * scale - L);
+                        const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
+                        #pragma omp simd
+                        for (int i = 0; i < D; i++) dq[i] += ds * kr[i];
+                    }
                 }
-                float inv = 1.0f / sum;
-                for (int t2 = 0; t2 < T; t2++) a[t2] = t2 <= t ? a[t2] * inv : 0.0f;
-                float* o = out + ((size_t)b * T + t) * C + (size_t)h * hs;
-                for (int i = 0; i < hs; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
-                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
+            }
+        }
+    }
+    if (d_k || d_v) {
+        #pragma omp parallel for collapse(3) schedule(static, 1)
+        for (int b = 0; b < B; b++) {
+            for (int kh = 0; kh < K; kh++) {
+                for (int t2 = 0; t2 < T; t2++) {
+                    const size_t krow = (size_t)b * T + t2;
+                    const float* kr = k + krow * ks + (size_t)kh * D;
+                    const float* vr = v + krow * vs + (size_t)kh * D;
+                    float* dk = d_k ? d_k + krow * ks + (size_t)kh * D : NULL;
+                    float* dv = d_v ? d_v + krow * vs + (size_t)kh * D : NULL;
+                    const int hi = window > 0 && t2 + window - 1 < T - 1 ? t2 + window - 1 : T - 1;
+                    for (int h = kh * group; h < (kh + 1) * group; h++) {
+                        for (int t = t2; t <= hi; t++) {           // the queries that see key t2
+                            const size_t row = (size_t)b * T + t;
+                            const float* qr = q + row * qs + (size_t)h * D;
+                            const float* g = d_out + row * os + (size_t)h * D;
+                            const float p = expf(gg_dot(qr, kr, D) * scale - lse[((size_t)b * H + h) * T + t]);
+                            if (dv) {
+                                #pragma omp simd
+                                for (int i = 0; i < D; i++) dv[i] += p * g[i];
+                            }
+                            if (dk) {
+                                const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
+                                const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
+                                #pragma omp simd
+                                for (int i = 0; i < D; i++) dk[i] += ds * qr[i];
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 }
 
+// ---- GPT-2's attention over the packed (B,T,3C) q|k|v, NH heads of C/NH ----
+
+GG_KERNEL void attention_forward(float* out,         // (B,T,C)
+                                 float* lse,         // (B,NH,T) saved: log-sum-exp of each query's scores
+                                 const float* qkv,   // (B,T,3C)
+                                 int B, int T, int C, int NH) {
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_forward(out, lse, qkv, qkv + C, qkv + 2 * (size_t)C, B, T, NH, NH, C / NH, 0,
+                         s3, s3, s3, (size_t)C);
+}
+
 GG_KERNEL void attention_backward(float* d_qkv,        // (B,T,3C) accumulated
                                   const float* d_out,  // (B,T,C)
                                   const float* qkv,    // (B,T,3C)
-                                  const float* att,    // (B,NH,T,T)
+                                  const float* out,    // (B,T,C)
+                                  const float* lse,    // (B,NH,T)
                                   int B, int T, int C, int NH) {
     if (!d_qkv) return;
-    const int hs = C / NH;
-    const float scale = 1.0f / sqrtf((float)hs);
-    const size_t C3 = (size_t)3 * C;
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            float* d_att = (float*)malloc((size_t)T * sizeof(float));  // one row of d(att), then d(scores)
-            for (int t = 0; t < T; t++) {
-                const float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                const float* g = d_out + ((size_t)b * T + t) * C + (size_t)h * hs;
-                const float* q = qkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
-                float* dq = d_qkv + ((size_t)b * T + t) * C3 + (size_t)h * hs;
-                // out = att @ v: gradients of att and v
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
-                    float* dv = d_qkv + ((size_t)b * T + t2) * C3 + 2 * (size_t)C + (size_t)h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) {
-                        s += g[i] * v[i];
-                        dv[i] += a[t2] * g[i];
-                    }
-                    d_att[t2] = s;
-                }
-                // softmax: d(score) = att * (d(att) - sum(att * d(att)))
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) dot += a[t2] * d_att[t2];
-                for (int t2 = 0; t2 <= t; t2++) d_att[t2] = a[t2] * (d_att[t2] - dot) * scale;
-                // score = q.k * scale: gradients of q and k
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
-                    float* dk = d_qkv + ((size_t)b * T + t2) * C3 + C + (size_t)h * hs;
-                    for (int i = 0; i < hs; i++) {
-                        dq[i] += d_att[t2] * k[i];
-                        dk[i] += d_att[t2] * q[i];
-                    }
-                }
-            }
-            free(d_att);
-        }
-    }
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_backward(d_qkv, d_qkv + C, d_qkv + 2 * (size_t)C, d_out, qkv, qkv + C, qkv + 2 * (size_t)C,
+                          out, lse, B, T, NH, NH, C / NH, 0, s3, s3, s3, (size_t)C);
+}
+
+// ---- grouped-query attention over separate q, k, v (Llama 2, Mistral, Gemma) ----
+
+GG_KERNEL void gqa_attention_forward(float* out,        // (B,T,H*D)
+                                     float* lse,        // (B,H,T) saved: log-sum-exp of each query's scores
+                                     const float* q,    // (B,T,H*D)
+                                     const float* k,    // (B,T,K*D)
+                                     const float* v,    // (B,T,K*D)
+                                     int B, int T, int H, int K, int D, int window) {
+    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
+    gg_attention_forward(out, lse, q, k, v, B, T, H, K, D, window, QW, KW, KW, QW);
+}
+
+GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumulated
+                                      float* d_k,          // (B,T,K*D) accumulated
+                                      float* d_v,          // (B,T,K*D) accumulated
+                                      const float* d_out,  // (B,T,H*D)
+                                      const float* q,      // (B,T,H*D)
+                                      const float* k,      // (B,T,K*D)
+                                      const float* v,      // (B,T,K*D)
+                                      const float* out,    // (B,T,H*D)
+                                      const float* lse,    // (B,H,T)
+                                      int B, int T, int H, int K, int D, int window) {
+    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
+    gg_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window, QW, KW, KW, QW);
 }
 
 // ----------------------------------------------------------------------------
@@ -633,7 +723,7 @@ typedef struct {
     float* ln1_rstd;   // (L, B, T)
     float* qkv;        // (L, B, T, 3*C)
     float* atty;       // (L, B, T, C)
-    float* att;        // (L, B, NH, T, T)
+    float* att_lse;    // (L, B, NH, T)
     float* attproj;    // (L, B, T, C)
     float* residual2;  // (L, B, T, C)
     float* ln2;        // (L, B, T, C)
@@ -658,25 +748,25 @@ static const gg_tensor_entry ACT_TABLE[22] = {
     {"ln1_rstd",       2558976,         3072, 0},
     {"qkv",            2562048,      7077888, 0},
     {"atty",           9639936,      2359296, 0},
-    {"att",           11999232,      2359296, 0},
-    {"attproj",       14358528,      2359296, 0},
-    {"residual2",     16717824,      2359296, 0},
-    {"ln2",           19077120,      2359296, 0},
-    {"ln2_mean",      21436416,         3072, 0},
-    {"ln2_rstd",      21439488,         3072, 0},
-    {"fch",           21442560,      9437184, 0},
-    {"fch_gelu",      30879744,      9437184, 0},
-    {"fcproj",        40316928,      2359296, 0},
-    {"residual3",     42676224,      2359296, 0},
-    {"lnf",           45035520,       196608, 0},
-    {"lnf_mean",      45232128,          256, 0},
-    {"lnf_rstd",      45232384,          256, 0},
-    {"logits",        45232640,     12877824, 0},
-    {"probs",         58110464,     12877824, 0},
-    {"losses",        70988288,          256, 0},
+    {"att_lse",       11999232,        36864, 0},
+    {"attproj",       12036096,      2359296, 0},
+    {"residual2",     14395392,      2359296, 0},
+    {"ln2",           16754688,      2359296, 0},
+    {"ln2_mean",      19113984,         3072, 0},
+    {"ln2_rstd",      19117056,         3072, 0},
+    {"fch",           19120128,      9437184, 0},
+    {"fch_gelu",      28557312,      9437184, 0},
+    {"fcproj",        37994496,      2359296, 0},
+    {"residual3",     40353792,      2359296, 0},
+    {"lnf",           42713088,       196608, 0},
+    {"lnf_mean",      42909696,          256, 0},
+    {"lnf_rstd",      42909952,          256, 0},
+    {"logits",        42910208,     12877824, 0},
+    {"probs",         55788032,     12877824, 0},
+    {"losses",        68665856,          256, 0},
 };
 
-static const size_t ACTS_FLOATS = 70988544;
+static const size_t ACTS_FLOATS = 68666112;
 
 static void point_acts(Acts* a, float* base) {
     float** fields[22] = {
@@ -686,7 +776,7 @@ static void point_acts(Acts* a, float* base) {
         &a->ln1_rstd,
         &a->qkv,
         &a->atty,
-        &a->att,
+        &a->att_lse,
         &a->attproj,
         &a->residual2,
         &a->ln2,
@@ -741,7 +831,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* qkvb = p->qkvb + (size_t)l * (size_t)(3 * C);  // (3*C)
         float* qkv = a->qkv + (size_t)l * (size_t)B_MAX * T_MAX * (3 * C);  // (B,T,3*C)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* att = a->att + (size_t)l * (size_t)B_MAX * NH * T_MAX * T_MAX;  // (B,NH,T,T)
+        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* attprojb = p->attprojb + (size_t)l * (size_t)C;  // (C)
         float* attproj = a->attproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
@@ -764,7 +854,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         // attn_qkv (model.yaml:73): matmul
         matmul_forward(qkv, ln1, qkvw, qkvb, B * T, C, (3 * C));
         // attn (model.yaml:74): attention
-        attention_forward(atty, att, qkv, B, T, C, NH);
+        attention_forward(atty, att_lse, qkv, B, T, C, NH);
         // attn_proj (model.yaml:75): matmul
         matmul_forward(attproj, atty, attprojw, attprojb, B * T, C, C);
         // attn_res (model.yaml:76): residual
@@ -837,7 +927,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_qkvb = g->qkvb + (size_t)l * (size_t)(3 * C);  // (3*C)
         float* qkv = a->qkv + (size_t)l * (size_t)B_MAX * T_MAX * (3 * C);  // (B,T,3*C)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* att = a->att + (size_t)l * (size_t)B_MAX * NH * T_MAX * T_MAX;  // (B,NH,T,T)
+        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojb = g->attprojb + (size_t)l * (size_t)C;  // (C)
@@ -888,7 +978,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         matmul_backward(d_atty, d_attprojw, d_attprojb, d_attproj, atty, attprojw, B * T, C, C);
         gg_zero(d_qkv, (size_t)B * T * (3 * C));  // d_qkv starts from zero (backward kernels accumulate)
         // attn (model.yaml:74): attention
-        attention_backward(d_qkv, d_atty, qkv, att, B, T, C, NH);
+        attention_backward(d_qkv, d_atty, qkv, atty, att_lse, B, T, C, NH);
         gg_zero(d_ln1, (size_t)B * T * C);  // d_ln1 starts from zero (backward kernels accumulate)
         // attn_qkv (model.yaml:73): matmul
         matmul_backward(d_ln1, d_qkvw, d_qkvb, d_qkv, ln1, qkvw, B * T, C, (3 * C));
@@ -922,7 +1012,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "573bdd463718b9fdeb35"; }
+const char* gg_signature(void) { return "2eb7ff66335cbde16468"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
