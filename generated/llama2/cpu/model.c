@@ -59,6 +59,25 @@ GG_KERNEL float gg_mean(const float* x, size_t n) {  // summed in double, in ord
     return (float)(s / (double)n);
 }
 
+// Scratch memory for kernels, one buffer per (thread, slot), kept and grown as needed: a kernel called
+// with the same sizes allocates nothing after its first call. OpenMP keeps its threads, so a buffer
+// taken inside a parallel region is also reused. Running out of memory here aborts: only sizes the
+// layout already holds many times over are asked for.
+#define GG_SCRATCH_SLOTS 4
+static _Thread_local float* gg_scratch_buf[GG_SCRATCH_SLOTS];
+static _Thread_local size_t gg_scratch_cap[GG_SCRATCH_SLOTS];
+
+static float* gg_scratch(int slot, size_t n) {
+    if (n > gg_scratch_cap[slot]) {
+        size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+        free(gg_scratch_buf[slot]);
+        gg_scratch_buf[slot] = (float*)aligned_alloc(64, bytes);
+        if (!gg_scratch_buf[slot]) abort();
+        gg_scratch_cap[slot] = bytes / sizeof(float);
+    }
+    return gg_scratch_buf[slot];
+}
+
 // GELU, tanh approximation (GPT-2's, and torch's approximate="tanh"), and its derivative
 #define GG_SQRT_2_OVER_PI 0.7978845608028654f
 
@@ -237,20 +256,13 @@ static inline void mm_kernel(float* restrict acc, const float* restrict a, const
 }
 #endif
 
-// The packed panels of the shared operand: one buffer per calling thread, allocated on first use.
-static _Thread_local float* gg_mm_bpack;
-
 // out (rows x cols, row stride ldo) += A . Bm, a (rows x K) by (K x cols) product where
 //   A[r][q] = a[r*ar + q*aq]  and  Bm[q][c] = b[q*bq + c*bc],
 // so that any operand may be read transposed. Threads split the rows MR at a time, the same rows
 // in every block, and each output element adds its K-blocks in order.
 static void mm_gemm(float* out, size_t ldo, int rows, int cols, const float* a, size_t ar, size_t aq,
                     const float* b, size_t bq, size_t bc, int K) {
-    if (!gg_mm_bpack) {
-        gg_mm_bpack = (float*)aligned_alloc(64, sizeof(float) * GG_MM_KBLOCK * GG_MM_NBLOCK);
-        if (!gg_mm_bpack) abort();       // 384 KiB: only an exhausted machine gets here
-    }
-    float* bpack = gg_mm_bpack;
+    float* bpack = gg_scratch(0, (size_t)GG_MM_KBLOCK * GG_MM_NBLOCK);   // the calling thread's, kept
     int n_rblocks = (rows + GG_MM_MR - 1) / GG_MM_MR;
     #pragma omp parallel
     {
@@ -391,17 +403,41 @@ GG_KERNEL void rope_backward(float* d_inp,         // (B,T,H*D) accumulated
 // ----------------------------------------------------------------------------
 // attention: out[b,t,h] = sum_{t2 seen by t} softmax(q.k / sqrt(D)) v[t2]      (templates/c/ops/attention.c.j2)
 
-#define GG_ATT_TILE 64                 // keys per tile of the online softmax
-
-static inline float gg_dot(const float* a, const float* b, int n) {
-    float s = 0.0f;
-    #pragma omp simd reduction(+:s)
-    for (int i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+#define GG_ATT_QB 8                    // query rows that share one packed key tile
+#define GG_ATT_KT 64                   // keys per tile (the online softmax's step)
 
 static inline int gg_att_first(int t, int window) {   // the first key position query t sees
     return (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+}
+
+static inline int gg_att_sees(int t, int t2, int window) {
+    return t2 <= t && (window <= 0 || t2 > t - window);
+}
+
+// dst[i][j] = src[(j0 + j) * stride + i] for j < n (0 past n): rows of a (T, .) tensor, transposed into a
+// D x GG_ATT_KT tile so that scores vectorise over the keys (or queries) of the tile
+static inline void gg_att_pack(float* restrict dst, const float* src, size_t stride, int j0, int n, int D) {
+    for (int j = 0; j < GG_ATT_KT; j++) {
+        const float* r = src + (size_t)(j0 + (j < n ? j : 0)) * stride;
+        for (int i = 0; i < D; i++) dst[i * GG_ATT_KT + j] = j < n ? r[i] : 0.0f;
+    }
+}
+
+// s[r][j] = scale * sum_i a[r][i] * tile[i][j] for nr rows a (row stride as) against a packed tile
+static inline void gg_att_scores(float s[][GG_ATT_KT], const float* a, size_t as, int nr, const float* tile,
+                                 int D, float scale) {
+    for (int r = 0; r < nr; r++) {
+        float acc[GG_ATT_KT];
+        for (int j = 0; j < GG_ATT_KT; j++) acc[j] = 0.0f;
+        const float* ar = a + (size_t)r * as;
+        for (int i = 0; i < D; i++) {
+            const float ai = ar[i];
+            const float* ti = tile + i * GG_ATT_KT;
+            #pragma omp simd
+            for (int j = 0; j < GG_ATT_KT; j++) acc[j] += ai * ti[j];
+        }
+        for (int j = 0; j < GG_ATT_KT; j++) s[r][j] = acc[j] * scale;
+    }
 }
 
 // Row strides (floats between consecutive positions) qs, ks, vs, os of q, k, v, out; head h of q and out
@@ -410,107 +446,170 @@ static void gg_attention_forward(float* out, float* lse, const float* q, const f
                                  int B, int T, int H, int K, int D, int window,
                                  size_t qs, size_t ks, size_t vs, size_t os) {
     const float scale = 1.0f / sqrtf((float)D);
-    const int group = H / K;
+    const int group = H / K, nqb = (T + GG_ATT_QB - 1) / GG_ATT_QB;
     #pragma omp parallel for collapse(3) schedule(static, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < H; h++) {
-            for (int t = 0; t < T; t++) {
-                const int kh = h / group, lo = gg_att_first(t, window);
-                const float* qr = q + ((size_t)b * T + t) * qs + (size_t)h * D;
+            for (int qb = 0; qb < nqb; qb++) {
+                const int kh = h / group, t0 = qb * GG_ATT_QB;
+                const int nr = T - t0 < GG_ATT_QB ? T - t0 : GG_ATT_QB;
                 const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
                 const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
-                float* o = out + ((size_t)b * T + t) * os + (size_t)h * D;
-                float s[GG_ATT_TILE];
-                float m = -INFINITY, l = 0.0f;
-                for (int i = 0; i < D; i++) o[i] = 0.0f;      // the running weighted sum of values
-                for (int j0 = lo; j0 <= t; j0 += GG_ATT_TILE) {
-                    const int n = t + 1 - j0 < GG_ATT_TILE ? t + 1 - j0 : GG_ATT_TILE;
-                    float tile_max = -INFINITY;
-                    for (int j = 0; j < n; j++) {
-                        s[j] = gg_dot(qr, kb + (size_t)(j0 + j) * ks, D) * scale;
-                        if (s[j] > tile_max) tile_max = s[j];
-                    }
-                    const float m_new = tile_max > m ? tile_max : m;
-                    const float corr = expf(m - m_new);        // rescales what was summed against the old max
-                    l *= corr;
-                    #pragma omp simd
-                    for (int i = 0; i < D; i++) o[i] *= corr;
-                    for (int j = 0; j < n; j++) {
-                        const float p = expf(s[j] - m_new);
-                        const float* vr = vb + (size_t)(j0 + j) * vs;
-                        l += p;
-                        #pragma omp simd
-                        for (int i = 0; i < D; i++) o[i] += p * vr[i];
-                    }
-                    m = m_new;
+                float* kt = gg_scratch(1, (size_t)D * GG_ATT_KT);
+                float s[GG_ATT_QB][GG_ATT_KT], m[GG_ATT_QB], l[GG_ATT_QB];
+                for (int r = 0; r < nr; r++) {
+                    float* o = out + ((size_t)b * T + t0 + r) * os + (size_t)h * D;
+                    for (int i = 0; i < D; i++) o[i] = 0.0f;      // the running weighted sum of values
+                    m[r] = -INFINITY;
+                    l[r] = 0.0f;
                 }
-                const float inv = 1.0f / l;
-                #pragma omp simd
-                for (int i = 0; i < D; i++) o[i] *= inv;
-                lse[((size_t)b * H + h) * T + t] = m + logf(l);
+                const int lo = gg_att_first(t0, window), hi = t0 + nr - 1;
+                for (int j0 = lo; j0 <= hi; j0 += GG_ATT_KT) {
+                    const int n = hi + 1 - j0 < GG_ATT_KT ? hi + 1 - j0 : GG_ATT_KT;
+                    gg_att_pack(kt, kb, ks, j0, n, D);
+                    gg_att_scores(s, q + ((size_t)b * T + t0) * qs + (size_t)h * D, qs, nr, kt, D, scale);
+                    for (int r = 0; r < nr; r++) {
+                        const int t = t0 + r;
+                        float tile_max = -INFINITY;
+                        for (int j = 0; j < n; j++) {
+                            if (!gg_att_sees(t, j0 + j, window)) s[r][j] = -INFINITY;
+                            else if (s[r][j] > tile_max) tile_max = s[r][j];
+                        }
+                        if (tile_max == -INFINITY) continue;          // this tile holds no key that t sees
+                        const float m_new = tile_max > m[r] ? tile_max : m[r];
+                        const float corr = expf(m[r] - m_new);        // rescales what was summed so far
+                        float* o = out + ((size_t)b * T + t) * os + (size_t)h * D;
+                        l[r] *= corr;
+                        #pragma omp simd
+                        for (int i = 0; i < D; i++) o[i] *= corr;
+                        for (int j = 0; j < n; j++) {
+                            if (s[r][j] == -INFINITY) continue;
+                            const float p = expf(s[r][j] - m_new);
+                            const float* vr = vb + (size_t)(j0 + j) * vs;
+                            l[r] += p;
+                            #pragma omp simd
+                            for (int i = 0; i < D; i++) o[i] += p * vr[i];
+                        }
+                        m[r] = m_new;
+                    }
+                }
+                for (int r = 0; r < nr; r++) {
+                    float* o = out + ((size_t)b * T + t0 + r) * os + (size_t)h * D;
+                    const float inv = 1.0f / l[r];
+                    #pragma omp simd
+                    for (int i = 0; i < D; i++) o[i] *= inv;
+                    lse[((size_t)b * H + h) * T + t0 + r] = m[r] + logf(l[r]);
+                }
             }
         }
     }
 }
 
 // The gradient strides equal the tensors' (d_q like q, d_k like k, d_v like v, d_out like out).
+// d_score = p * (d_out.v - d_out.out) * scale: the softmax backward, since sum_t2 p d_out.v = d_out.out.
 static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const float* d_out,
                                   const float* q, const float* k, const float* v, const float* out,
                                   const float* lse, int B, int T, int H, int K, int D, int window,
                                   size_t qs, size_t ks, size_t vs, size_t os) {
+    if (!d_q && !d_k && !d_v) return;
     const float scale = 1.0f / sqrtf((float)D);
-    const int group = H / K;
-    // d_score = p * (d_out.v - d_out.out): the softmax backward, with sum_t2 p d_out.v = d_out.out
-    if (d_q) {
+    const int group = H / K, nqb = (T + GG_ATT_QB - 1) / GG_ATT_QB;
+    float* dt = gg_scratch(2, (size_t)B * H * T);          // d_out.out of every query row, [b][h][t]
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < H; h++) {
+                const size_t row = (size_t)b * T + t;
+                const float* g = d_out + row * os + (size_t)h * D;
+                const float* o = out + row * os + (size_t)h * D;
+                float acc = 0.0f;
+                #pragma omp simd reduction(+:acc)
+                for (int i = 0; i < D; i++) acc += g[i] * o[i];
+                dt[((size_t)b * H + h) * T + t] = acc;
+            }
+        }
+    }
+    if (d_q) {      // by query rows: d_q[t] += sum_t2 d_score[t][t2] k[t2]
         #pragma omp parallel for collapse(3) schedule(static, 1)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < H; h++) {
-                for (int t = 0; t < T; t++) {
-                    const int kh = h / group, lo = gg_att_first(t, window);
-                    const size_t row = (size_t)b * T + t;
-                    const float* qr = q + row * qs + (size_t)h * D;
-                    const float* g = d_out + row * os + (size_t)h * D;
-                    const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
-                    const float L = lse[((size_t)b * H + h) * T + t];
-                    float* dq = d_q + row * qs + (size_t)h * D;
-                    for (int t2 = lo; t2 <= t; t2++) {
-                        const float* kr = k + ((size_t)b * T + t2) * ks + (size_t)kh * D;
-                        const float* vr = v + ((size_t)b * T + t2) * vs + (size_t)kh * D;
-                        const float p = expf(gg_dot(qr, kr, D) * scale - L);
-                        const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
-                        #pragma omp simd
-                        for (int i = 0; i < D; i++) dq[i] += ds * kr[i];
+                for (int qb = 0; qb < nqb; qb++) {
+                    const int kh = h / group, t0 = qb * GG_ATT_QB;
+                    const int nr = T - t0 < GG_ATT_QB ? T - t0 : GG_ATT_QB;
+                    const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
+                    const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
+                    float* kt = gg_scratch(1, (size_t)2 * D * GG_ATT_KT);
+                    float* vt = kt + (size_t)D * GG_ATT_KT;
+                    float s[GG_ATT_QB][GG_ATT_KT], dp[GG_ATT_QB][GG_ATT_KT];
+                    const float* qrow = q + ((size_t)b * T + t0) * qs + (size_t)h * D;
+                    const float* grow = d_out + ((size_t)b * T + t0) * os + (size_t)h * D;
+                    const int lo = gg_att_first(t0, window), hi = t0 + nr - 1;
+                    for (int j0 = lo; j0 <= hi; j0 += GG_ATT_KT) {
+                        const int n = hi + 1 - j0 < GG_ATT_KT ? hi + 1 - j0 : GG_ATT_KT;
+                        gg_att_pack(kt, kb, ks, j0, n, D);
+                        gg_att_pack(vt, vb, vs, j0, n, D);
+                        gg_att_scores(s, qrow, qs, nr, kt, D, scale);
+                        gg_att_scores(dp, grow, os, nr, vt, D, 1.0f);
+                        for (int r = 0; r < nr; r++) {
+                            const int t = t0 + r;
+                            const float L = lse[((size_t)b * H + h) * T + t], Dt = dt[((size_t)b * H + h) * T + t];
+                            float* dq = d_q + ((size_t)b * T + t) * qs + (size_t)h * D;
+                            for (int j = 0; j < n; j++) {
+                                if (!gg_att_sees(t, j0 + j, window)) continue;
+                                const float ds = expf(s[r][j] - L) * (dp[r][j] - Dt) * scale;
+                                const float* kr = kb + (size_t)(j0 + j) * ks;
+                                #pragma omp simd
+                                for (int i = 0; i < D; i++) dq[i] += ds * kr[i];
+                            }
+                        }
                     }
                 }
             }
         }
     }
-    if (d_k || d_v) {
+    if (d_k || d_v) {   // by key rows: over the queries of every head of the group that see each key
         #pragma omp parallel for collapse(3) schedule(static, 1)
         for (int b = 0; b < B; b++) {
             for (int kh = 0; kh < K; kh++) {
-                for (int t2 = 0; t2 < T; t2++) {
-                    const size_t krow = (size_t)b * T + t2;
-                    const float* kr = k + krow * ks + (size_t)kh * D;
-                    const float* vr = v + krow * vs + (size_t)kh * D;
-                    float* dk = d_k ? d_k + krow * ks + (size_t)kh * D : NULL;
-                    float* dv = d_v ? d_v + krow * vs + (size_t)kh * D : NULL;
-                    const int hi = window > 0 && t2 + window - 1 < T - 1 ? t2 + window - 1 : T - 1;
+                for (int kb0 = 0; kb0 < nqb; kb0++) {
+                    const int j0 = kb0 * GG_ATT_QB, nr = T - j0 < GG_ATT_QB ? T - j0 : GG_ATT_QB;
+                    const float* krow = k + ((size_t)b * T + j0) * ks + (size_t)kh * D;
+                    const float* vrow = v + ((size_t)b * T + j0) * vs + (size_t)kh * D;
+                    float* qt = gg_scratch(1, (size_t)2 * D * GG_ATT_KT);
+                    float* gt = qt + (size_t)D * GG_ATT_KT;
+                    float s[GG_ATT_QB][GG_ATT_KT], dp[GG_ATT_QB][GG_ATT_KT];
+                    const int last = j0 + nr - 1;
+                    const int hi = window > 0 && last + window - 1 < T - 1 ? last + window - 1 : T - 1;
                     for (int h = kh * group; h < (kh + 1) * group; h++) {
-                        for (int t = t2; t <= hi; t++) {           // the queries that see key t2
-                            const size_t row = (size_t)b * T + t;
-                            const float* qr = q + row * qs + (size_t)h * D;
-                            const float* g = d_out + row * os + (size_t)h * D;
-                            const float p = expf(gg_dot(qr, kr, D) * scale - lse[((size_t)b * H + h) * T + t]);
-                            if (dv) {
-                                #pragma omp simd
-                                for (int i = 0; i < D; i++) dv[i] += p * g[i];
-                            }
-                            if (dk) {
-                                const float Dt = gg_dot(g, out + row * os + (size_t)h * D, D);
-                                const float ds = p * (gg_dot(g, vr, D) - Dt) * scale;
-                                #pragma omp simd
-                                for (int i = 0; i < D; i++) dk[i] += ds * qr[i];
+                        const float* qb = q + (size_t)b * T * qs + (size_t)h * D;
+                        const float* gb = d_out + (size_t)b * T * os + (size_t)h * D;
+                        for (int t0 = j0; t0 <= hi; t0 += GG_ATT_KT) {     // tiles of the queries after the keys
+                            const int n = hi + 1 - t0 < GG_ATT_KT ? hi + 1 - t0 : GG_ATT_KT;
+                            gg_att_pack(qt, qb, qs, t0, n, D);
+                            gg_att_pack(gt, gb, os, t0, n, D);
+                            gg_att_scores(s, krow, ks, nr, qt, D, scale);    // s[r][c]: key j0 + r, query t0 + c
+                            gg_att_scores(dp, vrow, vs, nr, gt, D, 1.0f);
+                            for (int r = 0; r < nr; r++) {
+                                const int t2 = j0 + r;
+                                float* dk = d_k ? d_k + ((size_t)b * T + t2) * ks + (size_t)kh * D : NULL;
+                                float* dv = d_v ? d_v + ((size_t)b * T + t2) * vs + (size_t)kh * D : NULL;
+                                for (int c = 0; c < n; c++) {
+                                    const int t = t0 + c;
+                                    if (!gg_att_sees(t, t2, window)) continue;
+                                    const size_t hr = ((size_t)b * H + h) * T + t;
+                                    const float p = expf(s[r][c] - lse[hr]);
+                                    const float* g = gb + (size_t)t * os;
+                                    if (dv) {
+                                        #pragma omp simd
+                                        for (int i = 0; i < D; i++) dv[i] += p * g[i];
+                                    }
+                                    if (dk) {
+                                        const float ds = p * (dp[r][c] - dt[hr]) * scale;
+                                        const float* qr = qb + (size_t)t * qs;
+                                        #pragma omp simd
+                                        for (int i = 0; i < D; i++) dk[i] += ds * qr[i];
+                                    }
+                                }
                             }
                         }
                     }
@@ -1083,7 +1182,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "2957fa711d972cbdb4c7"; }
+const char* gg_signature(void) { return "7b18c442dacddc1d4f7f"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
