@@ -18,10 +18,12 @@ length and nesting, so a hostile model file cannot exhaust the parser's recursio
 """
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 import re
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 Number = Union[int, float]
 
@@ -37,6 +39,55 @@ FLT_MAX = 3.4028234663852886e38          # the largest finite C float
 FLT_MIN = 1.1754943508222875e-38         # the smallest normal C float
 
 _TOKEN = re.compile(r"\s*(?:(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)|(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(//|[-+*/%(),]))")
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A short, bounded description of a value read from a file, for error messages (``spec`` re-exports it).
+
+    Error messages never format a whole value: YAML aliases let a few hundred bytes stand for a structure
+    far too large to print (an alias bomb), and ``repr`` would expand all of it; a whole number of
+    thousands of digits is slow to print, beyond 4,300 refused. This shows the start of a string or
+    number, and the type, length and first few items of a list or mapping. Scalars are written as YAML
+    and JSON write them (``null``, ``true``), since model files and config.json are where they come from."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _clipped(repr(value), limit, f"{len(value):,} characters", quoted=True)
+    if isinstance(value, numbers.Integral):           # also numpy's integers, which are no ints
+        value = int(value)
+        if value.bit_length() > 14_000:           # past ~4,200 digits, where str() of an int is refused
+            return f"a whole number of about {int(value.bit_length() * 0.30103):,} digits"
+        text = repr(value)
+        return _clipped(text, limit, f"{len(text.lstrip('-')):,} digits")
+    if isinstance(value, numbers.Real):               # numpy 2 writes np.float64(0.5)
+        return repr(float(value))
+    if isinstance(value, Mapping):
+        items = [f"{_item(k)}: {_item(v)}" for k, v in itertools.islice(value.items(), 3)]
+        more = ", ..." if len(value) > 3 else ""
+        return f"a mapping {{{', '.join(items)}{more}}} of {len(value):,} entries"
+    if isinstance(value, (list, tuple)):
+        items = [_item(v) for v in value[:3]]
+        more = ", ..." if len(value) > 3 else ""
+        return f"a list [{', '.join(items)}{more}] of {len(value):,} items"
+    return f"a {type(value).__name__}"
+
+
+def _clipped(text: str, limit: int, size: str, quoted: bool = False) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start and its size (the quote kept closed)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 4]}...{text[0] if quoted else ''} ({size})"
+
+
+def _item(value: Any) -> str:
+    """One item inside ``describe``: a short scalar, or just the kind of a nested container."""
+    if isinstance(value, Mapping):
+        return "{...}"
+    if isinstance(value, (list, tuple)):
+        return "[...]"
+    return describe(value, 24)
 
 
 class ExprError(ValueError):
@@ -118,9 +169,7 @@ class Num(Expr):
         if isinstance(v, float) and not math.isfinite(v):
             raise ExprRangeError(f"the number {v} is not finite (YAML's .inf, .nan, or a literal beyond about 1e308)")
         if isinstance(v, int) and not -INT_LIMIT < v < INT_LIMIT:
-            text = repr(v)
-            raise ExprRangeError(f"the number {text if len(text) <= 24 else text[:20] + '...'} is too large "
-                                 f"(whole numbers must stay within +-2**63)")
+            raise ExprRangeError(f"the number {describe(v, 24)} is too large (whole numbers must stay within +-2**63)")
 
     def eval(self, env):
         return self.value
@@ -355,23 +404,20 @@ class _Parser:
         raise ExprError(f"unexpected `{val}` in expression `{self.text}`")
 
     def number(self, kind: str, val: str) -> Num:
-        """A literal, refused when C could not hold it (``1e999`` would otherwise render as ``inff``)."""
-        if kind == "int" and len(val.lstrip("0")) > 19:      # int() of thousands of digits is slow or refused
-            raise ExprRangeError(f"the number {val[:24]}... in expression `{self.text}` is too large "
-                                 f"(whole numbers must stay within +-2**63)")
-        value = int(val) if kind == "int" else float(val)
+        """A literal, refused when C could not hold it (``1e999`` would otherwise render as ``inff``).
+
+        ``Num`` says what is wrong with the value; this adds the expression it is written in. A literal
+        has at most MAX_CHARS digits, so ``int()`` of it is quick."""
         try:
-            return Num(value)
-        except ExprError:
-            raise ExprRangeError(f"the number {val} in expression `{self.text}` is too large: "
-                                 + ("it is infinite as a float" if kind == "num"
-                                    else "whole numbers must stay within +-2**63")) from None
+            return Num(int(val) if kind == "int" else float(val))
+        except ExprRangeError as err:
+            raise ExprRangeError(f"{err}, in expression `{self.text}`") from None
 
 
 def parse(text: str | int | float) -> Expr:
     """Parse an expression (a YAML number is accepted as is)."""
     if isinstance(text, bool):
-        raise ExprError(f"expected a number or an expression, got {text!r}")
+        raise ExprError(f"expected a number or an expression, got {describe(text)}")
     if isinstance(text, (int, float)):
         return Num(text)        # a YAML number: checked like a literal (`.inf`, `.nan` and 1e999 are refused)
     if not isinstance(text, str):

@@ -117,9 +117,11 @@ class _Ctx:
         self.config = config
         self.env = dict(config)        # B and T at their maxima
 
-    def err(self, msg: str, node: Node | None = None, line: int | None = None, hint: str | None = None) -> SpecError:
+    def err(self, msg: str, node: Node | None = None, line: int | None = None, hint: str | None = None,
+            symbols=()) -> SpecError:
+        """``symbols``: the config names whose values the error concerns (it names an override among them)."""
         return self.spec.error(msg, line if line is not None else (node.line if node else None),
-                               node.name if node else None, hint)
+                               node.name if node else None, hint, symbols=symbols, config=self.config)
 
     def dim_values(self, t: TensorDecl, node: Node | None = None) -> tuple[int, ...]:
         out = []
@@ -127,10 +129,10 @@ class _Ctx:
             try:
                 v = E.c_int(d.eval_int(self.env, f"a dimension of `{t.name}`"), f"dimension `{d.text()}`")
             except E.ExprError as err:
-                raise self.err(f"shape of `{t.name}`: {err}", node, t.line) from None
+                raise self.err(f"shape of `{t.name}`: {err}", node, t.line, symbols=d.names()) from None
             if v < 1:
                 raise self.err(f"shape of `{t.name}` has a dimension `{d}` = {v}; dimensions must be positive",
-                               node, t.line)
+                               node, t.line, symbols=d.names())
             out.append(v)
         return tuple(out)
 
@@ -192,9 +194,9 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
                 attr_values[a.name] = float(ex.eval(ctx.env)) if ex is not None else float(a.default)
                 problem = E.c_float_problem(attr_values[a.name])   # it is passed to the kernel as a C float
                 if problem:
-                    raise ctx.err(f"attribute `{a.name}`: {problem}", node)
+                    raise ctx.err(f"attribute `{a.name}`: {problem}", node, symbols=ex.names() if ex else ())
         except E.ExprError as err:
-            raise ctx.err(f"attribute `{a.name}`: {err}", node) from None
+            raise ctx.err(f"attribute `{a.name}`: {err}", node, symbols=ex.names() if ex else ()) from None
 
     bound_by: dict[str, str] = {a.binds: f"attribute `{a.name}`" for a in op.attrs if a.binds}
     star: tuple[str, TensorDecl, tuple] | None = None

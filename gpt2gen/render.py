@@ -7,7 +7,6 @@ templates place names and numbers that ``gpt2gen.lower`` and ``gpt2gen.layout`` 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from . import ops as O
 from .cache import digest
 from .lower import Assign, Call, Decl, Fill, Guard, Loop, Program, Zero
 from .resources import model_label, templates_dir
-from .spec import SpecError
 
 
 @dataclass(frozen=True)
@@ -89,26 +87,6 @@ def _table(slots) -> tuple[list[dict], int]:
                  pad=width - len(s.name)) for s in slots], width
 
 
-_KERNEL_SYMBOL = re.compile(r"^(?:GG_KERNEL|static)[^;{=]*?\b([A-Za-z_]\w*)\s*\(", re.M)
-_MACRO = re.compile(r"^#define\s+([A-Za-z_]\w*)", re.M)
-
-
-def _check_names_against_kernels(program: Program, kernels: list[str]) -> None:
-    """A config, tensor or carry name must not be a function or macro of the kernels it is compiled with."""
-    taken = {}
-    for k in kernels:
-        for m in _KERNEL_SYMBOL.finditer(k):
-            taken[m.group(1)] = "a kernel function"
-        for m in _MACRO.finditer(k):
-            taken[m.group(1)] = "a kernel macro"
-    spec = program.spec
-    names = {n: spec.config_lines.get(n) for n in spec.config} | {n: t.line for n, t in spec.tensors.items()}
-    for name, line in names.items():
-        if name in taken:
-            raise SpecError(f"`{name}` is also {taken[name]} in the generated C", spec.path, line,
-                            hint="rename it in the model file")
-
-
 def signature(program: Program) -> str:
     return digest(program.spec.source, program.layout.table(), repr(sorted(program.config.items())))
 
@@ -117,8 +95,7 @@ def render_program(program: Program, target: str = "cpu", label: str | None = No
     """Render ``program`` for ``target``; returns {file name: source text}."""
     r = renderer_for(target)
     spec, layout = program.spec, program.layout
-    kernels = render_kernels(program.ops_used, target)
-    _check_names_against_kernels(program, kernels)
+    kernels = render_kernels(program.ops_used, target)   # no model name collides with theirs: spec.reserved_reason
     config = []
     for name, ex in spec.config.items():
         v = program.config[name]

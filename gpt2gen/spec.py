@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import math
 import numbers
+import os
 import re
+import stat
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from . import expr as E
+from .expr import describe  # noqa: F401 - the one way to show a value in a message (checkpoint uses it too)
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_CHARS = 63             # C guarantees 63 significant characters in an identifier
@@ -163,11 +166,19 @@ def reserved_reason(name: str) -> str | None:
 
 
 class SpecError(ValueError):
-    """A problem in a model file, located by file, line and (where there is one) graph node."""
+    """A problem in a model file, located by file, line and (where there is one) graph node.
+
+    ``symbols``: the config names whose values the problem concerns (the name being defined and those its
+    expression uses; the names in a failing shape, attribute, range or init), empty for a problem of
+    the text itself. A caller that supplied some of those values (the HF importer, from config.json)
+    can blame its own source from them without parsing the message. ``cause``: which overrides set
+    them, shown after the message; ``message`` stays the model file's own words."""
 
     def __init__(self, message: str, file: str | Path | None = None, line: int | None = None,
-                 node: str | None = None, hint: str | None = None):
+                 node: str | None = None, hint: str | None = None, symbols: tuple[str, ...] = (),
+                 cause: str | None = None):
         self.message, self.file, self.line, self.node, self.hint = message, file, line, node, hint
+        self.symbols, self.cause = tuple(symbols), cause
         where = str(file) if file else "<model>"
         if line:
             where += f":{line}"
@@ -175,6 +186,8 @@ class SpecError(ValueError):
         if node:
             text += f"node '{node}': "
         text += message
+        if cause:
+            text += f"; {cause}"
         if hint:
             text += f"\n  hint: {hint}"
         super().__init__(text)
@@ -191,43 +204,6 @@ class _LineDict(dict):
 
 class _LineList(list):
     line: int = 0
-
-
-def describe(value: Any, limit: int = 60) -> str:
-    """A short, bounded description of a value read from a file, for error messages.
-
-    Error messages never format a whole value: YAML aliases let a few hundred bytes stand for a structure
-    far too large to print (an alias bomb), and ``repr`` would expand all of it. This shows the start of a
-    string or number, and the type, length and first few items of a list or mapping."""
-    if isinstance(value, str):
-        text = repr(value)
-        return text if len(text) <= limit else f"{text[:limit - 4]}...' ({len(value):,} characters)"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"a whole number of about {int(value.bit_length() * 0.30103):,} digits"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Mapping):
-        items = [f"{_brief(k)}: {_brief(v)}" for k, v in itertools.islice(value.items(), 3)]
-        more = ", ..." if len(value) > 3 else ""
-        return f"a mapping {{{', '.join(items)}{more}}} of {len(value):,} entries"
-    if isinstance(value, (list, tuple)):
-        items = [_brief(v) for v in value[:3]]
-        more = ", ..." if len(value) > 3 else ""
-        return f"a list [{', '.join(items)}{more}] of {len(value):,} items"
-    return f"a {type(value).__name__}"
-
-
-def _brief(value: Any) -> str:
-    """One item inside ``describe``: a short scalar, or just the kind of a nested container."""
-    if isinstance(value, Mapping):
-        return "{...}"
-    if isinstance(value, (list, tuple)):
-        return "[...]"
-    return describe(value, 24)
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -282,22 +258,45 @@ class _Loader(yaml.SafeLoader):
         return node
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        """Python's own errors from PyYAML's constructors -- an int beyond Python's digit limit, a date like
-        2024-13-45, a tag that does not fit its value (``!!seq x``) -- become SpecErrors at the value's line."""
+        """What the constructors refuse becomes a SpecError at the value's line: a ConstructorError (an unknown
+        tag, a tag on the wrong kind of node, ``!!bool x``) or, from a scalar's constructor, a ValueError or
+        OverflowError (an int beyond Python's digit limit, a date like 2024-13-45). Anything else is a bug
+        of this loader, not of the file, and keeps its traceback."""
         try:
             return super().construct_object(node, deep)
-        except (SpecError, yaml.YAMLError):
-            raise
-        except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as err:
-            what = describe(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
-            tag = node.tag.rsplit(":", 1)[-1]
-            why = (str(err).split(":")[0] if isinstance(node, yaml.ScalarNode) and isinstance(err, (ValueError, OverflowError))
-                   else "the tag does not fit it")
-            raise SpecError(f"cannot read {what} as YAML {tag}: {why}", self.name, node.start_mark.line + 1,
-                            hint="remove the tag (!!...), or quote the value to make it a string") from None
+        except yaml.constructor.ConstructorError as err:
+            if isinstance(node, yaml.MappingNode) and node.tag == yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG:
+                raise _syntax_error(err, self.name) from None    # a merge key (<<) that merges no mapping
+            raise self._unreadable(node, err.problem) from None
+        except (ValueError, OverflowError) as err:
+            if isinstance(err, SpecError) or not isinstance(node, yaml.ScalarNode):
+                raise
+            raise self._unreadable(node, str(err).split(":")[0]) from None
+
+    def _unreadable(self, node: yaml.Node, why: str) -> SpecError:
+        """The SpecError for a value its tag cannot construct; the value and the tag are shown briefly."""
+        what = describe(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+        tag = "!!" + node.tag[len(_YAML_TAG):] if node.tag.startswith(_YAML_TAG) else node.tag
+        if node.tag not in self.yaml_constructors:      # PyYAML's problem text repeats the whole tag
+            why = ("it is not one of YAML's standard tags, the only ones a model file may use (!!str, !!int, "
+                   "!!float, !!bool, !!null, !!seq, !!map, ...)")
+        return SpecError(f"cannot read {what} as YAML {describe(tag)}: {why}", self.name, node.start_mark.line + 1,
+                         hint="remove the tag (!!...), or quote the value to make it a string")
+
+
+_YAML_TAG = "tag:yaml.org,2002:"
+
+
+def _needs_node(node: yaml.Node, kind: type[yaml.Node]) -> None:
+    """A ConstructorError, as PyYAML's own constructors raise, when a tag is on the wrong kind of node
+    (``!!seq 5``, ``!!map [1, 2]``): our constructors would otherwise iterate a string or a list."""
+    if not isinstance(node, kind):
+        raise yaml.constructor.ConstructorError(None, None, f"expected a {kind.id} node, but found {node.id}",
+                                                node.start_mark)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
+    _needs_node(node, yaml.MappingNode)
     loader.flatten_mapping(node)
     out = _LineDict()
     out.line = node.start_mark.line + 1
@@ -316,6 +315,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _LineDict:
 
 
 def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
+    _needs_node(node, yaml.SequenceNode)
     out = _LineList(loader.construct_object(n, deep=True) for n in node.value)
     out.line = node.start_mark.line + 1
     return out
@@ -323,6 +323,34 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> _LineList:
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+# What PyYAML's scalar constructors take for granted about their text: they index it, look it up or use a
+# pattern's match unchecked, so other text fails inside them with an IndexError, KeyError or AttributeError
+# (``!!int ''``, ``!!bool x``, ``!!timestamp x``) that cannot be told from a bug. Such text is refused as
+# a ConstructorError before they run; what they refuse themselves is a ValueError (``!!int x``).
+_SCALAR_FORMS = {
+    "bool": (lambda text: text.lower() in yaml.constructor.SafeConstructor.bool_values,
+             "true, false, yes, no, on or off"),
+    "int": (lambda text: re.fullmatch(r"[-+]?", text.replace("_", "")) is None, "a whole number"),
+    "float": (lambda text: text.replace("_", "") != "", "a number"),
+    "timestamp": (lambda text: yaml.constructor.SafeConstructor.timestamp_regexp.match(text) is not None,
+                  "a date (YYYY-MM-DD, optionally with a time)"),
+}
+
+
+def _scalar_constructor(tag: str, fits, wanted: str):
+    """PyYAML's constructor for ``tag``, called only on text it can take (``fits``)."""
+    original = yaml.SafeLoader.yaml_constructors[tag]
+
+    def construct(loader: _Loader, node: yaml.Node) -> Any:
+        if isinstance(node, yaml.ScalarNode) and not fits(node.value):
+            raise yaml.constructor.ConstructorError(None, None, f"it is not {wanted}", node.start_mark)
+        return original(loader, node)
+    return construct
+
+
+for _kind, (_fits, _wanted) in _SCALAR_FORMS.items():
+    _Loader.add_constructor(_YAML_TAG + _kind, _scalar_constructor(_YAML_TAG + _kind, _fits, _wanted))
 
 
 def _line(obj: Any, key: str | None = None, default: int = 0) -> int:
@@ -435,14 +463,9 @@ class HFMapping:
             value = _lookup(hf_config, key)
             if value is _ABSENT or value in allowed:
                 continue
-            problems.append(f"{key} = {_json_value(value)} (this model file represents "
-                            f"{' or '.join(_json_value(a) for a in allowed)})")
+            problems.append(f"{key} = {describe(value)} (this model file represents "
+                            f"{' or '.join(describe(a) for a in allowed)})")
         return problems
-
-
-def _json_value(value: Any) -> str:
-    """A config.json value in a message: a scalar as Python writes it, a container briefly (``describe``)."""
-    return repr(value) if value is None or isinstance(value, (bool, int, float)) else describe(value)
 
 
 @dataclass
@@ -469,89 +492,142 @@ class ModelSpec:
     def of_kind(self, kind: str) -> list[TensorDecl]:
         return [t for t in self.tensors.values() if t.kind == kind]
 
-    def error(self, message: str, line: int | None = None, node: str | None = None, hint: str | None = None) -> SpecError:
-        return SpecError(message, self.path, line, node, hint)
+    def error(self, message: str, line: int | None = None, node: str | None = None, hint: str | None = None,
+              symbols: Iterable[str] = (), config: Mapping[str, Any] | None = None) -> SpecError:
+        """A SpecError about this file; ``symbols``: the config names whose values it concerns.
 
-    def resolve(self, overrides: Mapping[str, int | float] | None = None) -> dict[str, int | float]:
-        """Evaluate config and batch maxima in file order; ``overrides`` replace values by name."""
+        Where ``config`` is what ``resolve`` returned and an override set one of those values, directly or
+        through the names it feeds (``--set NH=0`` makes ``HS: C / NH`` fail), the error names the
+        override and the hint says to change it: the file itself may be fine."""
+        order = {n: i for i, n in enumerate([*self.config, *self.batch])}
+        symbols = tuple(sorted(set(symbols) & set(order), key=order.get))
+        overrides = getattr(config, "overrides", None) or {}
+        fed = sorted(self.depends_on(symbols, set(overrides)) & set(overrides), key=order.get)
+        cause = None
+        if fed:
+            values = " and ".join(f"{n} = {describe(overrides[n])}" for n in fed)
+            sets = " ".join(f"--set {n}={describe(overrides[n])}" for n in fed)
+            args = ", ".join(f"{n}={describe(overrides[n])}" for n in fed)
+            cause = (f"{values} {'is' if len(fed) == 1 else 'are'} set by an override ({sets}, or the keyword "
+                     f"argument{'s' * (len(fed) > 1)} {args})")
+            own = ", ".join(f"`{n}: {(self.config.get(n) or self.batch[n]).text()}`" for n in fed)
+            hint = (f"give {' and '.join(fed)} another value, or drop the override to use the model file's {own}"
+                    + (f"; {hint}" if hint else ""))
+        return SpecError(message, self.path, line, node, hint, symbols=symbols, cause=cause)
+
+    def depends_on(self, names: Iterable[str], given: set[str]) -> set[str]:
+        """``names`` and every config name their model-file expressions use, transitively, except that a
+        ``given`` name (an override, a config.json value) is taken as it is: its expression is not followed."""
+        seen: set[str] = set()
+        todo = list(names)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            ex = self.config.get(n) or self.batch.get(n)
+            if n not in given and ex is not None:
+                todo.extend(ex.names())
+        return seen
+
+    def resolve(self, overrides: Mapping[str, int | float] | None = None) -> "Resolved":
+        """Evaluate config and batch maxima in file order; ``overrides`` replace values by name.
+
+        The result remembers the overrides, so that an error found later (a shape in lowering) can say
+        which override made it fail."""
         overrides = dict(overrides or {})
         known = set(self.config) | set(self.batch)
         for k in overrides:
             if k not in known:
                 raise SpecError(f"unknown config override `{k}`", self.path,
                                 hint=f"known names: {', '.join(sorted(known))}")
-        env: dict[str, int | float] = {}
+        env = Resolved()
+        env.overrides = overrides
         for section, entries in (("config", self.config), ("batch", self.batch)):
             for name, ex in entries.items():
                 line = self.config_lines.get(name)
                 if name in overrides:
                     v = overrides[name]
                     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                        raise SpecError(f"override {name}={describe(v)} is not a number", self.path, line)
+                        raise self.error(f"override {name}={describe(v)} is not a number", line, symbols=[name])
                     v = int(v) if isinstance(v, numbers.Integral) else float(v)
                     problem = _c_constant_problem(v)
                     if problem:
-                        raise SpecError(f"override {name}={v}: {problem}", self.path, line, hint=_RANGE_HINT)
+                        raise self.error(f"override {name}={describe(v)}: {problem}", line, hint=_RANGE_HINT,
+                                         symbols=[name])
                 else:
+                    uses = [name, *ex.names()]
                     try:
                         v = ex.eval(env)
                     except E.ExprError as err:
-                        raise SpecError(f"{section} `{name}`: {err}", self.path, line,
-                                        hint=_RANGE_HINT if isinstance(err, E.ExprRangeError) else
-                                        "a value may use only names defined above it"
-                                        if str(err).startswith("unknown name") else None) from None
+                        raise self.error(f"{section} `{name}`: {err}", line,
+                                         hint=_RANGE_HINT if isinstance(err, E.ExprRangeError) else
+                                         "a value may use only names defined above it"
+                                         if str(err).startswith("unknown name") else None,
+                                         symbols=uses, config=env) from None
                     problem = _c_constant_problem(v)
                     if problem:
-                        raise SpecError(f"{section} `{name}` = {ex.text()}: {problem}", self.path, line,
-                                        hint=_RANGE_HINT)
+                        raise self.error(f"{section} `{name}` = {ex.text()}: {problem}", line, hint=_RANGE_HINT,
+                                         symbols=uses, config=env)
                 if isinstance(v, float) and v.is_integer() and section == "batch":
                     v = int(v)
                 env[name] = v
         for name in ("B", "T"):
             v = env[name]
             if not isinstance(v, int) or v < 1:
-                raise SpecError(f"batch `{name}` must be a positive whole number, got {v}", self.path,
-                                self.config_lines.get(name))
+                raise self.error(f"batch `{name}` must be a positive whole number, got {describe(v)}",
+                                 self.config_lines.get(name), symbols=[name], config=env)
         self._check_values(env)
         return env
 
-    def _check_values(self, env: Mapping[str, int | float]) -> None:
+    def _check_values(self, env: "Resolved") -> None:
         """The other values that depend on the config, at their lines: every init value must be a float the
         parameters can hold (a std of 1e39 would fill them with inf), every input range a positive whole
         number, and the logits' columns a whole number no wider than the logits."""
         for t in self.of_kind("input"):
             if t.range is None:
                 continue
+            uses = t.range.names()
             try:
                 v = t.range.eval_int(env, f"range of `{t.name}`")
             except E.ExprError as err:
-                raise SpecError(f"range of `{t.name}`: {err}", self.path, t.line) from None
+                raise self.error(f"range of `{t.name}`: {err}", t.line, symbols=uses, config=env) from None
             if v < 1:
-                raise SpecError(f"range of `{t.name}` = {_shown(t.range, v)}: it must be positive (every value "
-                                f"of `{t.name}` must be >= 0 and < range)", self.path, t.line)
+                raise self.error(f"range of `{t.name}` = {_shown(t.range, v)}: it must be positive (every value "
+                                 f"of `{t.name}` must be >= 0 and < range)", t.line, symbols=uses, config=env)
         if self.logits_columns is not None and self.logits in self.tensors:
             line = self.output_lines.get("logits")
+            uses = self.logits_columns.names() | self.tensors[self.logits].shape[-1].names()
             try:
                 cols = self.logits_columns.eval_int(env, "logits columns")
                 width = self.tensors[self.logits].shape[-1].eval_int(env)
             except E.ExprError as err:
-                raise SpecError(f"outputs.logits: {err}", self.path, line) from None
+                raise self.error(f"outputs.logits: {err}", line, symbols=uses, config=env) from None
             if not 1 <= cols <= width:
-                raise SpecError(f"outputs.logits columns = {_shown(self.logits_columns, cols)}, but `{self.logits}` "
-                                f"has {width} columns", self.path, line,
-                                hint=f"columns must be between 1 and {width} (the last dimension of `{self.logits}`)")
+                raise self.error(f"outputs.logits columns = {_shown(self.logits_columns, cols)}, but `{self.logits}` "
+                                 f"has {width} columns", line,
+                                 hint=f"columns must be between 1 and {width} (the last dimension of `{self.logits}`)",
+                                 symbols=uses, config=env)
         for t in self.of_kind("param"):
             if t.init is None or t.init.value is None:
                 continue
+            uses = t.init.value.names()
             try:
                 v = t.init.value.eval(env)
             except E.ExprError as err:
-                raise SpecError(f"init of `{t.name}`: {err}", self.path, t.line) from None
+                raise self.error(f"init of `{t.name}`: {err}", t.line, symbols=uses, config=env) from None
             problem = E.c_float_problem(float(v))
             if problem is None and t.init.kind == "normal" and v < 0:
                 problem = f"a standard deviation of {v} is negative"
             if problem:
-                raise SpecError(f"init of `{t.name}` = {t.init.value.text()}: {problem}", self.path, t.line)
+                raise self.error(f"init of `{t.name}` = {t.init.value.text()}: {problem}", t.line, symbols=uses,
+                                 config=env)
+
+
+class Resolved(dict):
+    """Config name -> value, as ``ModelSpec.resolve`` computed them; ``overrides``: those the caller set
+    (a copy such as ``dict(config)`` forgets them, and errors then name no override)."""
+    overrides: Mapping[str, int | float] = types.MappingProxyType({})
 
 
 def _shown(e: E.Expr, value: int | float) -> str:
@@ -631,15 +707,23 @@ def load(path: str | Path) -> ModelSpec:
 
 
 def _read(path: Path) -> bytes:
-    """The file's bytes, at most MAX_FILE_BYTES + 1 of them (so /dev/zero or a huge file cannot hang it);
-    every OS error becomes a SpecError that says what to pass instead."""
+    """The file's bytes, at most MAX_FILE_BYTES + 1 of them (so a huge file cannot hang it); every OS error
+    becomes a SpecError that says what to pass instead.
+
+    Only a regular file is read: opening a named pipe blocks until something writes to it, and a device
+    (``/dev/zero``) or a socket is no model file either. The open does not block, so a path replaced by
+    a pipe after the check cannot hang it."""
     try:
-        if path.is_dir():
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind == "a directory":
             inside = path / "model.yaml"
             raise SpecError("this is a directory, not a model file", path,
                             hint=f"pass the model file itself, e.g. {inside}" if inside.is_file()
                             else "pass the path of a .yaml model file")
-        with open(path, "rb") as f:
+        if kind:
+            raise SpecError(f"this is {kind}, not a model file (only a regular file is read)", path,
+                            hint="save the model to a file and pass that file's path")
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:
             return f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise SpecError("model file not found", path,
@@ -649,6 +733,18 @@ def _read(path: Path) -> bytes:
                         hint="check the file's permissions (it needs to be readable)") from None
     except OSError as err:
         raise SpecError(f"the model file cannot be read: {err.strerror or err}", path) from None
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what the path is, in words."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "something other than a regular file"
 
 
 def _check_size(size: int, unit: str, path: Path) -> None:
@@ -671,6 +767,16 @@ def _decode(data: bytes, path: Path) -> str:
                              "token file?)") from None
 
 
+def _syntax_error(err: yaml.MarkedYAMLError, path: str | Path) -> SpecError:
+    """PyYAML's error at the line it marks (its problem text may quote a token of the file: cut it short)."""
+    mark = err.problem_mark or err.context_mark
+    problem = err.problem or str(err)
+    if len(problem) > 200:
+        problem = problem[:200] + "..."
+    return SpecError(f"YAML syntax error: {problem}", path, mark.line + 1 if mark else None,
+                     hint="check indentation, brackets and quoting on that line")
+
+
 def loads(text: str | bytes, path: str | Path = "<string>") -> ModelSpec:
     """Validate a model file's contents (``bytes`` are decoded as UTF-8); ``path`` names it in errors."""
     path = Path(path)
@@ -689,13 +795,7 @@ def loads(text: str | bytes, path: str | Path = "<string>") -> ModelSpec:
                         f"(U+{err.character:04X})", path, line,
                         hint="remove control characters; a model file is plain text") from None
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark else None
-        problem = err.problem or str(err)
-        if len(problem) > 200:
-            problem = problem[:200] + "..."
-        raise SpecError(f"YAML syntax error: {problem}", path, line,
-                        hint="check indentation, brackets and quoting on that line") from None
+        raise _syntax_error(err, path) from None
     except yaml.YAMLError as err:
         raise SpecError(f"YAML error: {describe(str(err), 200)}", path) from None
     doc = _mapping(doc, path, 1, "the model file")

@@ -5,12 +5,15 @@ loader, the validator, the lowering and the renderer must answer with a clear er
 never another exception (a traceback), a hang or a crash. The mutations are the edits people and
 tools make: lines deleted, duplicated, swapped or re-indented, numbers and names changed, the file
 cut short, YAML anchors, aliases, merge keys and tags inserted, and bytes that are not UTF-8. They are
-seeded, so a failure names the seed and the edits that reproduce it.
+seeded, so a failure names the seed and the edits that reproduce it. A second kind of edit keeps a file
+valid (a name renamed throughout, a config value rewritten), and the first few accepted ones are compiled:
+what validation accepts must not break the generated C.
 """
 from __future__ import annotations
 
 import random
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,13 +112,12 @@ def _mutant(text: str, seed: int) -> tuple[bytes, str]:
     return data, "; ".join(done)
 
 
-def _run(data: bytes, name: str) -> str:
-    """Everything up to the C source, short of compiling it; returns how far it got."""
+def _render(data: bytes, name: str) -> str:
+    """Everything up to the C source, short of compiling it; returns the generated model.c."""
     spec = S.loads(data, name)
     config = spec.resolve()
     program = lower(spec, config)
-    render_program(program, "cpu")
-    return "rendered"
+    return render_program(program, "cpu")["model.c"]
 
 
 @pytest.mark.parametrize("model", MODELS, ids=lambda p: p.name)
@@ -125,18 +127,94 @@ def test_mutated_model_files_give_a_clean_error_or_a_program(model):
     for seed in range(PER_MODEL):
         data, what = _mutant(text, seed)
         try:
-            outcomes[_run(data, model.name)] += 1
+            _render(data, model.name)
+            outcomes["rendered"] += 1
         except S.SpecError as err:
             outcomes["SpecError"] += 1
-            message = str(err)
-            assert message.startswith(model.name), f"seed {seed} ({what}): the error does not name the file: {message}"
-            assert len(message) < 2000, f"seed {seed} ({what}): an unbounded message ({len(message)} characters)"
+            _check_message(err, model, seed, what)
         except Exception as err:  # noqa: BLE001 - the point: nothing but a SpecError may escape
             raise AssertionError(f"{model.name}, seed {seed} ({what}): {type(err).__name__}: {err}") from err
     # the mutations exercise both outcomes, so neither path is tested vacuously
     assert outcomes["rendered"] > 0 and outcomes["SpecError"] > PER_MODEL // 3, outcomes
 
 
+def _check_message(err: S.SpecError, model: Path, seed: int, what: str) -> None:
+    message = str(err)
+    assert message.startswith(model.name), f"seed {seed} ({what}): the error does not name the file: {message}"
+    assert len(message) < 2000, f"seed {seed} ({what}): an unbounded message ({len(message)} characters)"
+
+
 def test_the_unmutated_files_render():
     for model in MODELS:
-        assert _run(model.read_bytes(), model.name) == "rendered"
+        assert "gg_forward" in _render(model.read_bytes(), model.name)
+
+
+# ---- what validation accepts, the C compiler accepts (issue 12 item 6) ---------------------------------------
+#
+# The line edits above almost never leave a file valid with different C. These edits do: a declared name
+# renamed throughout the file, or a config value rewritten. Names and values that pass validation once
+# broke the generated C (a config name `exp` or `__LINE__`, a value 1e999 rendered as `inff`), so the
+# first few accepted edits whose C differs are compiled, with the build's own compiler, flags and include
+# directory (-fsyntax-only: about half a second each).
+
+COMPILED = 8
+RENAMES = ["linux", "unix", "i386", "errno", "stdin", "EOF", "FILE", "M_PI", "SIZE_MAX", "CHAR_BIT", "INT_MAX",
+           "Inf", "NaN", "nanf", "I", "complex", "assert", "environ", "va_list", "bool_", "Bool", "main_", "n", "i",
+           "k", "x0", "w", "s", "out", "inp", "weight", "bias", "mean", "rstd", "num", "len", "dim", "stride", "eps",
+           "omp", "OMP_x", "gg", "GG", "d", "dX", "OFF", "L_", "Cc", "a" * 63, "\u00e9t\u00e9", "x__y", "_Cx"]
+EXPRESSIONS = ["{v} * 2", "round_up({v}, 3)", "max({v}, 1)", "(({v}))", "{v} + 0", "min({v}, 2 * {v})", "{v} // 1",
+               "{v} * 0.5", "1.1754944e-38", "3.4e38", "1e-30", "9223372036854775807", "2147483647", "-{v}", "0"]
+
+
+def _valid_edit(text: str, spec: S.ModelSpec, rng: random.Random) -> tuple[str, str]:
+    """A name renamed throughout the file, or one config value rewritten as an expression of itself."""
+    if rng.random() < 0.5:
+        old = rng.choice(sorted(spec.config) + sorted(spec.tensors))
+        new = rng.choice(RENAMES)
+        return re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", new, text), f"rename {old} -> {new}"
+    name = rng.choice(sorted(spec.config))
+    line = spec.config_lines[name]
+    lines = text.splitlines()
+    m = re.match(rf"(\s*{re.escape(name)}:\s*)([^#]*?)(\s*(?:#.*)?)$", lines[line - 1])
+    new = rng.choice(EXPRESSIONS).format(v=f"({m.group(2)})")
+    lines[line - 1] = m.group(1) + new + m.group(3)
+    return "\n".join(lines) + "\n", f"config {name}: {m.group(2)} -> {new}"
+
+
+def _code(source: str) -> list[str]:
+    """The lines of generated C that are code: not comments, not the file's digest."""
+    return [line for line in source.splitlines() if not line.lstrip().startswith("//") and "gg_signature" not in line]
+
+
+def test_accepted_edits_compile(tmp_path):
+    from gpt2gen.builder import _compiler, c_flags
+    from gpt2gen.resources import csrc_dir
+    command = [*_compiler("CC", "gcc", "C"), *c_flags(), f"-I{csrc_dir()}", "-fsyntax-only"]
+    compiled: list[str] = []
+    for seed in range(100 * len(MODELS)):
+        model = MODELS[seed % len(MODELS)]
+        text = model.read_text()
+        spec = S.loads(text, model.name)
+        rng = random.Random(seed)
+        edits = [_valid_edit(text, spec, rng)]
+        if rng.random() < 0.5:
+            edits.append(_valid_edit(edits[0][0], spec, rng))
+        mutated, what = edits[-1][0], "; ".join(w for _, w in edits)
+        try:
+            source = _render(mutated.encode(), model.name)
+        except S.SpecError as err:
+            _check_message(err, model, seed, what)
+            continue
+        except Exception as err:  # noqa: BLE001 - nothing but a SpecError may escape
+            raise AssertionError(f"{model.name}, seed {seed} ({what}): {type(err).__name__}: {err}") from err
+        if _code(source) == _code(_render(model.read_bytes(), model.name)):
+            continue
+        path = tmp_path / f"{model.stem}_{seed}.c"
+        path.write_text(source)
+        proc = subprocess.run([*command, str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, (f"{model.name}, seed {seed} ({what}) passes validation, but its C does not "
+                                      f"compile:\n{proc.stderr[:3000]}")
+        compiled.append(f"{model.name}: {what}")
+        if len(compiled) == COMPILED:
+            break
+    assert len(compiled) == COMPILED, compiled

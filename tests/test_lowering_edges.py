@@ -152,14 +152,34 @@ BASE = HEAD + GRAPHS["skip_read_in_every_layer"]
     (("targets: {shape: [B, T], range: V,", "targets: {shape: [B, T], range: Vp,"), "indexes `V` = 23"),
     (("wte: {shape: [Vp, C], init: {normal: 0.3}}", "wte: {shape: [Vp, C], init: {normal: 0.3 * nope}}"),
      "unknown name(s) nope"),
-    (("config: {V: 23,", "config: {GG_MM_KBLOCK: 8, V: 23,"), "reserved"),
-    (("config: {V: 23,", "config: {matmul_forward: 8, V: 23,"), "kernel function"),
     (("  extra: [B, T, C]", "  \"extra\\n\": [B, T, C]"), "identifier"),
 ])
 def test_model_file_mistakes(tmp_path, edit, message):
     old, new = edit
     assert old in BASE, old
     assert message in error_of(tmp_path, BASE.replace(old, new))
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("GG_MM_KBLOCK", "the prefix `GG_` is reserved by the generated C"),     # a macro of the matmul kernel
+    ("matmul_forward", "a kernel function of op `matmul`"),
+    ("mm_gemm", "a name of the generated C (templates/c/ops/matmul.c.j2)"),   # a helper of a kernel
+    ("w2", None),                                                            # one of the model's own names
+])
+def test_a_kernel_name_is_refused_when_the_file_is_loaded(tmp_path, name, reason):
+    """The names of the kernels a model is compiled with are reserved by validation, at the name's line, for
+    every model (not only for those that use the op): the renderer does not check them a second time."""
+    text = BASE.replace("config: {V: 23,", f"config: {{{name}: 8, V: 23,")
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    if reason is None:
+        with pytest.raises(S.SpecError, match="declared twice"):
+            S.load(p)
+        return
+    with pytest.raises(S.SpecError) as info:
+        S.load(p)
+    line = text[:text.index("config:")].count("\n") + 1
+    assert str(info.value).startswith(f"{p}:{line}: config name `{name}` is reserved: {reason}"), str(info.value)
 
 
 def test_infinite_attribute(tmp_path):
