@@ -18,7 +18,8 @@ Every write is atomic (temporary file in the same directory, fsync, rename), so 
 disk never leaves a half-written file where a good one was. Every load is all or nothing: names,
 shapes and values (NaN or infinity is refused, naming the tensor and the first bad index) are
 checked before a model is written. Nothing is unpickled: safetensors, or
-``torch.load(..., weights_only=True)`` for ``pytorch_model.bin``.
+``torch.load(..., weights_only=True, mmap=True)`` for ``pytorch_model.bin`` (memory-mapped, so its
+tensors are read only after the memory check, as safetensors are).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .cache import atomic_path, atomic_write_bytes
+from .spec import SpecError, describe
 
 LLMC_MAGIC = 20240326
 LLMC_FP32 = 3
@@ -53,17 +55,6 @@ class CheckpointError(ValueError):
     """A checkpoint file is truncated, corrupt, of the wrong kind, or does not fit the model."""
 
 
-def _short(value: Any, width: int = 60) -> str:
-    """A value for an error message: containers are described, not printed (config.json may nest deeply
-    or hold thousands of labels), and long reprs are cut."""
-    if isinstance(value, dict):
-        return f"a JSON object with {len(value)} key{'s' * (len(value) != 1)}"
-    if isinstance(value, list):
-        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def _nonfinite_at(a: np.ndarray) -> tuple[int, ...] | None:
     """The index of the first NaN or infinity in ``a`` (C order), or None when every value is finite.
 
@@ -78,12 +69,19 @@ def _nonfinite_at(a: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
 
 
+CORRUPT_HINT = "the checkpoint is corrupt or was saved from a run that diverged; use an earlier checkpoint"
+
+
 def check_finite(a: np.ndarray, what: str, where: str | os.PathLike | None = None,
-                 locate: Callable[[tuple[int, ...]], str] | None = None) -> None:
+                 locate: Callable[[tuple[int, ...]], str] | None = None, *,
+                 consequence: str = "nothing was loaded", hint: str = CORRUPT_HINT) -> None:
     """Refuse NaN or infinite weights where they are loaded, naming the file (``where``), the tensor
     (``what``, e.g. "tensor fcw") and the first bad index (``locate`` names that element better where
     it can, e.g. the parameter at an arena offset): loaded silently they would surface steps later as
-    a NaN loss, far from their cause."""
+    a NaN loss, far from their cause. ``consequence`` and ``hint`` finish the message; the defaults fit
+    a load (which these checks make all or nothing), a caller checking weights already in a model (the
+    trainer's starting weights) says what it refuses instead, e.g. "training from them cannot produce a
+    finite loss"."""
     at = _nonfinite_at(a)
     if at is None:
         return
@@ -91,8 +89,7 @@ def check_finite(a: np.ndarray, what: str, where: str | os.PathLike | None = Non
     element = f"{what}[{', '.join(map(str, at))}]" + (f" ({locate(at)})" if locate else "")
     prefix = f"{where}: " if where else ""
     raise CheckpointError(f"{prefix}{element} is {a[at]}: {count} of {a.size} values of {what} are NaN or "
-                          f"infinite, so nothing was loaded\n  hint: the checkpoint is corrupt or was saved "
-                          f"from a run that diverged; use an earlier checkpoint")
+                          f"infinite, so {consequence}\n  hint: {hint}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +264,8 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
     clash = {k: v for k, v in overrides.items() if k in shape and v != shape[k]}
     if clash:
         raise CheckpointError(f"{path}: overrides {clash} contradict the file's header {shape}")
-    # the padding is the model file's rule, not the header's: compare before compiling anything
-    from .spec import SpecError
+    # the padding is the model file's rule, not the header's: compare it once, before compiling anything
+    # (the build resolves the same config, so it pads the same; load_llmc compares every header field)
     try:
         vp = _load_spec(model).resolve({**overrides, **shape}).get("Vp")
     except SpecError:
@@ -277,9 +274,6 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
         raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
                               f"pads V={hdr['V']} to Vp={vp}")
     m = build(model=model, target=target, seed=None, **{**overrides, **shape})   # weights come from the file
-    if int(m.config.get("Vp", -1)) != hdr["Vp"]:
-        raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
-                              f"pads V={hdr['V']} to Vp={m.config.get('Vp')}")
     load_llmc(m, path)
     return m
 
@@ -335,11 +329,7 @@ class _HFTensors:
         else:
             import torch
             f = self.files[0]
-            try:
-                sd = torch.load(str(f), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True): {e}") \
-                    from None
+            sd = _torch_load(f)
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{f}: expected a state dict, found {type(sd).__name__}")
             self._torch = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -370,6 +360,32 @@ class _HFTensors:
                 return np.asarray(sf.get_tensor(name), dtype=np.float32)
         except Exception as e:   # a shard changed or broke since it was opened, an unreadable dtype
             raise CheckpointError(f"{self._where[name]}: cannot read tensor {name}: {e}") from None
+
+
+def _torch_load(f: Path) -> Any:
+    """A ``pytorch_model.bin``'s state dict, unpickling nothing but tensors (``weights_only``).
+
+    The zip format (every torch.save since PyTorch 1.6) is memory-mapped: its tensors are read when
+    they are copied, after check_hf has compared their shapes with the model and checked that the model
+    fits in memory. The legacy format cannot be mapped, and loading it reads every tensor: that is
+    refused when the file alone is larger than the memory available."""
+    import zipfile
+
+    import torch
+    mapped = zipfile.is_zipfile(f)
+    if not mapped:
+        from .builder import MemoryLimitError, _human, available_memory
+        available, source = available_memory()
+        size = f.stat().st_size
+        if available is not None and size > available:
+            raise MemoryLimitError(
+                f"{f}: this legacy-format (pre-zip) torch file is read whole to be loaded, and its {_human(size)} "
+                f"are more than the {_human(available)} available ({source})\n  hint: convert it to "
+                f"model.safetensors (or torch.save it again) on a larger machine; both are read tensor by tensor")
+    try:
+        return torch.load(str(f), map_location="cpu", weights_only=True, mmap=mapped)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True): {e}") from None
 
 
 def _has_torch() -> bool:
@@ -416,7 +432,7 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: config.json must hold a JSON object ({{\"key\": value, ...}}), "
-                              f"not {_short(cfg)}")
+                              f"not {describe(cfg)}")
     return cfg, cfg_path
 
 
@@ -431,7 +447,9 @@ def _unaccounted_config(hf_cfg: dict[str, Any], mapping) -> list[tuple[str, Any]
 
     A nested object is entered only where the model file names keys inside it (``rope_parameters``:
     its ``rope_theta`` is mapped and ``rope_type`` required, so a ``factor`` there is caught); any
-    other object counts as one entry. Walked without recursion: config.json may nest deeply."""
+    other object counts as one entry. An empty object sets nothing, so it needs no entry: transformers
+    4's full dicts write ``"pruned_heads": {}``, while a checkpoint with pruned heads (which computes
+    something else) is still refused. Walked without recursion: config.json may nest deeply."""
     known = _known_config_keys(mapping)
     out: list[tuple[str, Any]] = []
     todo: list[tuple[str, dict]] = [("", hf_cfg)]
@@ -439,7 +457,7 @@ def _unaccounted_config(hf_cfg: dict[str, Any], mapping) -> list[tuple[str, Any]
         prefix, node = todo.pop()
         for k, v in node.items():
             key = f"{prefix}{k}"
-            if any(fnmatch.fnmatchcase(key, pat) for pat in known):
+            if v == {} or any(fnmatch.fnmatchcase(key, pat) for pat in known):
                 continue
             if isinstance(v, dict) and any(pat.startswith(key + ".") for pat in known):
                 todo.append((key + ".", v))
@@ -461,8 +479,10 @@ def _source_key(mapping, hf_cfg: dict[str, Any], symbol: str) -> str:
 def _hf_values(hf_cfg: dict[str, Any], cfg_path: Path, spec, mapping,
                overrides: dict[str, Any]) -> dict[str, tuple[str, Any]]:
     """{our symbol: (config.json key, value)} for every mapped value that applies, each checked: a
-    number, finite, and a whole number where the model file's own value is one (a size or a count)."""
-    from .spec import SpecError
+    number, finite, and a whole number where the model file's own value is one (a size or a count).
+
+    A whole number written as a float (``"n_positions": 1e12``, ``2048.0``) is that whole number: JSON
+    has one number type, and the size it gives is for the model file and the memory check to judge."""
     try:
         defaults = spec.resolve({})
     except SpecError:
@@ -477,14 +497,14 @@ def _hf_values(hf_cfg: dict[str, Any], cfg_path: Path, spec, mapping,
             continue
         key = _source_key(mapping, hf_cfg, sym)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key} = {_short(value)} is not a number")
+            problems.append(f"{key} = {describe(value)} is not a number")
         elif not math.isfinite(value):
             problems.append(f"{key} = {value} is not a finite number")
-        elif isinstance(defaults.get(sym), int) and not isinstance(value, int):
+        elif isinstance(defaults.get(sym), int) and not isinstance(value, int) and not value.is_integer():
             problems.append(f"{key} = {value!r} is not a whole number (it sets {sym}, a size or a count: "
                             f"{defaults[sym]} in {spec.path})")
         else:
-            out[sym] = (key, value)
+            out[sym] = (key, int(value) if isinstance(defaults.get(sym), int) else value)
     if problems:
         raise CheckpointError(f"{cfg_path}: " + "; ".join(problems)
                               + f"\n  hint: fix config.json, or pass the value as an override (from_hf(..., "
@@ -518,23 +538,30 @@ def _origin(spec, names: set[str], hf_values: dict, overrides: dict, prefix: str
                                       ("the override " + ", ".join(ov)) if ov else ""]))
 
 
+def _named_symbols(spec, e: SpecError) -> set[str]:
+    """The config symbols a model-file error is about: those it carries (``SpecError.symbols``, set
+    where the error is raised); for an error that carries none, those its message names (inside
+    `...`, or as "NAME = value", not words such as "C int") and the one defined at its line."""
+    symbols = set(spec.config) | set(spec.batch)
+    carried = set(getattr(e, "symbols", None) or ())
+    if carried:
+        return carried & symbols
+    import re
+    words = [w for span in re.findall(r"`([^`]*)`", e.message) for w in re.findall(r"[A-Za-z_]\w*", span)]
+    words += re.findall(r"\b([A-Za-z_]\w*) =", e.message)
+    named = {w for w in words if w in symbols}
+    return named | {s for s, ln in spec.config_lines.items() if e.line and ln == e.line}
+
+
 def _hf_program(spec, build_cfg: dict, hf_values: dict, overrides: dict, cfg_path: Path):
     """Lower the model with config.json's values (no compiling, nothing allocated); a value the model
     file refuses is reported against config.json and its key, not against a model-file line."""
-    import re
-
     from . import lower as lower_mod
-    from .spec import SpecError
     spec.resolve(overrides)   # an override the model file refuses by itself is the caller's: its own message
     try:
         return lower_mod.lower(spec, spec.resolve(build_cfg))
     except SpecError as e:
-        symbols = set(spec.config) | set(spec.batch)
-        # the symbols the message names: inside `...`, or as "NAME = value" (not words such as "C int")
-        words = [w for span in re.findall(r"`([^`]*)`", e.message) for w in re.findall(r"[A-Za-z_]\w*", span)]
-        words += re.findall(r"\b([A-Za-z_]\w*) =", e.message)
-        named = {w for w in words if w in symbols}
-        named |= {s for s, ln in spec.config_lines.items() if e.line and ln == e.line}
+        named = _named_symbols(spec, e)
         used = _depends_on(spec, named, set(hf_values) | set(overrides))
         blamed = used & set(hf_values)
         if not blamed and used & set(overrides):
@@ -672,7 +699,7 @@ def check_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yam
                               + ". Importing it would give a different model; write a model file that has it.")
     unknown = _unaccounted_config(hf_cfg, mapping)
     if unknown:
-        listed = ", ".join(f"{k} = {_short(v)}" for k, v in unknown[:8])
+        listed = ", ".join(f"{k} = {describe(v)}" for k, v in unknown[:8])
         more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
         raise CheckpointError(
             f"{cfg_path}: {listed}{more}: {spec.path} neither maps, requires nor ignores "
@@ -826,10 +853,10 @@ def _meta_field(path: Path, meta: dict[str, str], key: str, kind: type, default:
     try:
         value = int(raw) if kind is int else raw if kind is str else json.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: training state metadata `{key}` = {_short(raw)} is not valid "
+        raise CheckpointError(f"{path}: training state metadata `{key}` = {describe(raw)} is not valid "
                               f"({e}); the file is damaged") from None
     if not isinstance(value, kind) or (kind is int and value < 0):
-        raise CheckpointError(f"{path}: training state metadata `{key}` = {_short(raw)} is not "
+        raise CheckpointError(f"{path}: training state metadata `{key}` = {describe(raw)} is not "
                               f"{'a non-negative integer' if kind is int else 'a ' + kind.__name__}; the "
                               f"file is damaged")
     return value
@@ -852,9 +879,9 @@ def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
                               f"safetensors file): {e}") from None
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a gpt2gen training state (format "
-                              f"{_short(meta.get('format'))}, expected {STATE_FORMAT!r})")
+                              f"{describe(meta.get('format'))}, expected {STATE_FORMAT!r})")
     if meta.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: training state version {_short(meta.get('version'))} is not "
+        raise CheckpointError(f"{path}: training state version {describe(meta.get('version'))} is not "
                               f"supported (expected {STATE_VERSION})")
     out: dict[str, Any] = {"step": _meta_field(path, meta, "step", int),
                            "sha256": _meta_field(path, meta, "sha256", str)}
@@ -864,7 +891,7 @@ def read_state_metadata(path: str | os.PathLike) -> dict[str, Any]:
            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
     if bad:
         raise CheckpointError(f"{path}: training state config has values that are not finite numbers: "
-                              f"{', '.join(f'{k} = {_short(v)}' for k, v in sorted(bad.items()))}; the file "
+                              f"{', '.join(f'{k} = {describe(v)}' for k, v in sorted(bad.items()))}; the file "
                               f"is damaged")
     return out
 

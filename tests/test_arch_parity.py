@@ -234,13 +234,13 @@ def save_hf(arch: str, directory, **fields):
 
 
 @pytest.mark.parametrize("arch,fields,word", [
-    ("llama2", dict(attention_bias=True), "attention_bias = True"),
-    ("llama2", dict(mlp_bias=True), "mlp_bias = True"),
+    ("llama2", dict(attention_bias=True), "attention_bias = true"),
+    ("llama2", dict(mlp_bias=True), "mlp_bias = true"),
     ("llama2", dict(hidden_act="gelu"), "hidden_act = 'gelu'"),
-    ("llama2", dict(tie_word_embeddings=True), "tie_word_embeddings = True"),
+    ("llama2", dict(tie_word_embeddings=True), "tie_word_embeddings = true"),
     ("llama2", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
      "rope_parameters.rope_type = 'linear'"),
-    ("gemma", dict(tie_word_embeddings=False), "tie_word_embeddings = False"),
+    ("gemma", dict(tie_word_embeddings=False), "tie_word_embeddings = false"),
 ])
 def test_unrepresentable_configs_are_refused(arch, fields, word, tmp_path):
     save_hf(arch, tmp_path, **fields)

@@ -554,16 +554,154 @@ def test_every_shipped_config_key_is_accounted_for():
             assert mapping.unsupported(d) == [], (f, use_diff)
 
 
+# config.json files as the hub serves them (the files themselves, keys and values as written; no weights
+# needed: check_hf stops at the missing weights only after every config check has passed)
+HUB_CONFIGS = {
+    "openai-community/gpt2": ("model.yaml", """{
+  "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+  "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+  "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12,
+  "n_layer": 12, "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": null,
+  "summary_first_dropout": 0.1, "summary_proj_to_labels": true, "summary_type": "cls_index",
+  "summary_use_proj": true, "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+  "vocab_size": 50257}""", dict(C=768, L=12, maxT=1024)),
+    "openai-community/gpt2-medium": ("model.yaml", """{
+  "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+  "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+  "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 1024, "n_head": 16,
+  "n_layer": 24, "n_positions": 1024, "n_special": 0, "predict_special_tokens": true, "resid_pdrop": 0.1,
+  "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+  "summary_type": "cls_index", "summary_use_proj": true,
+  "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}}, "vocab_size": 50257}""",
+                                     dict(C=1024, L=24, NH=16)),
+    "gpt2-medium, as transformers 4.6 saved it": ("model.yaml", """{
+  "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+  "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "gradient_checkpointing": false,
+  "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 1024,
+  "n_head": 16, "n_inner": null, "n_layer": 24, "n_positions": 1024, "n_special": 0,
+  "predict_special_tokens": true, "resid_pdrop": 0.1, "scale_attn_weights": true, "summary_activation": null,
+  "summary_first_dropout": 0.1, "summary_proj_to_labels": true, "summary_type": "cls_index",
+  "summary_use_proj": true, "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+  "transformers_version": "4.6.0.dev0", "use_cache": true, "vocab_size": 50257}""", dict(C=1024)),
+    "distilbert/distilgpt2": ("model.yaml", """{
+  "_num_labels": 1, "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+  "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "id2label": {"0": "LABEL_0"},
+  "initializer_range": 0.02, "label2id": {"LABEL_0": 0}, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+  "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 6, "n_positions": 1024, "resid_pdrop": 0.1,
+  "summary_activation": null, "summary_first_dropout": 0.1, "summary_proj_to_labels": true,
+  "summary_type": "cls_index", "summary_use_proj": true,
+  "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}}, "vocab_size": 50257}""",
+                              dict(L=6)),
+    "meta-llama/Llama-2-7b-hf": ("models/llama2.yaml", """{
+  "_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+  "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+  "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32,
+  "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_scaling": null, "tie_word_embeddings": false, "torch_dtype": "float16",
+  "transformers_version": "4.31.0.dev0", "use_cache": true, "vocab_size": 32000}""", dict(FF=11008, NKV=32)),
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": ("models/llama2.yaml", """{
+  "architectures": ["LlamaForCausalLM"], "attention_bias": false, "bos_token_id": 1, "eos_token_id": 2,
+  "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+  "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+  "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": null,
+  "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.35.0", "use_cache": true, "vocab_size": 32000}""", dict(NKV=4, theta=10000.0)),
+    "mistralai/Mistral-7B-v0.1": ("models/mistral.yaml", """{
+  "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+  "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+  "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+  "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": true, "vocab_size": 32000}""",
+                                  dict(window=4096, NKV=8)),
+    "mistralai/Mistral-7B-Instruct-v0.2": ("models/mistral.yaml", """{
+  "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+  "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+  "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+  "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+  "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": true,
+  "vocab_size": 32000}""", dict(window=0, theta=1e6)),
+    "google/gemma-2b": ("models/gemma.yaml", """{
+  "architectures": ["GemmaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 2,
+  "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+  "intermediate_size": 16384, "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 8,
+  "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+  "rope_scaling": null, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0",
+  "use_cache": true, "vocab_size": 256000}""", dict(HD=256, NKV=1, pad_id=0)),
+}
+
+# What transformers 4's PretrainedConfig.to_dict() writes for every model besides its own keys (4.30 to 4.46,
+# defaults), and what transformers 2 and 3 wrote too: saved with use_diff=False, or by code that dumps
+# config.to_dict(). Every shipped model file accounts for all of them.
+PRETRAINED_CONFIG_4 = {
+    "return_dict": True, "output_hidden_states": False, "output_attentions": False, "torchscript": False,
+    "torch_dtype": "float32", "use_bfloat16": False, "tf_legacy_loss": False, "pruned_heads": {},
+    "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "is_decoder": False,
+    "cross_attention_hidden_size": None, "add_cross_attention": False, "tie_encoder_decoder": False,
+    "max_length": 20, "min_length": 0, "do_sample": False, "early_stopping": False, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0,
+    "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None, "num_return_sequences": 1, "output_scores": False, "return_dict_in_generate": False,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "architectures": None, "finetuning_task": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "tokenizer_class": None, "prefix": None, "bos_token_id": None,
+    "pad_token_id": None, "eos_token_id": None, "sep_token_id": None, "decoder_start_token_id": None,
+    "task_specific_params": None, "problem_type": None, "_name_or_path": "", "_attn_implementation_autoset": True,
+    "transformers_version": "4.46.0",
+    # transformers 2 and 3, and 4 before 4.11
+    "output_past": True, "xla_device": None, "num_labels": 2, "_num_labels": 2, "gradient_checkpointing": False,
+}
+
+
+def _config_checks_pass(tmp_path, name: str, model: str, cfg: dict):
+    """Run check_hf on a directory holding only ``cfg`` as config.json: it must get past every config check
+    (and stop at the missing weights)."""
+    d = tmp_path / name.replace("/", "--").replace(" ", "_").replace(",", "")
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ck.CheckpointError, match="no model.safetensors, model.safetensors.index.json or "
+                                                 "pytorch_model.bin found"):
+        ck.check_hf(d, model)
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_hub_config_json_files_import(tmp_path, name, no_build):
+    """The config.json files of real hub checkpoints pass every config check of their model file, giving
+    the sizes they describe; also with everything transformers 4's full dict adds."""
+    from gpt2gen import spec
+    model, text, expect = HUB_CONFIGS[name]
+    cfg = json.loads(text)
+    s = spec.load(model)
+    assert s.huggingface.unsupported(cfg) == [] and ck._unaccounted_config(cfg, s.huggingface) == []
+    values = {sym: v for sym, (_, v) in ck._hf_values(cfg, tmp_path / "config.json", s, s.huggingface, {}).items()}
+    assert {k: values.get(k) for k in expect} == expect
+    _config_checks_pass(tmp_path, name, model, cfg)
+    _config_checks_pass(tmp_path, name + " full", model, {**PRETRAINED_CONFIG_4, **cfg})
+
+
+def test_keys_that_change_the_computation_are_still_refused(tmp_path, no_build):
+    """What the allowlist lets through changes nothing; pruned heads, quantization or an unknown key still stop
+    the import, and an empty object (transformers 4's `"pruned_heads": {}`) sets nothing."""
+    from gpt2gen import spec
+    mapping = spec.load("model.yaml").huggingface
+    base = json.loads(HUB_CONFIGS["openai-community/gpt2"][1])
+    assert ck._unaccounted_config({**base, "pruned_heads": {}, "mystery": {}}, mapping) == []
+    for key, value in [("pruned_heads", {"0": [1, 2]}), ("quantization_config", {"quant_method": "gptq"}),
+                       ("use_sliding_window", True), ("attn_scale", 0.5)]:
+        assert ck._unaccounted_config({**base, key: value}, mapping) == [(key, value)], key
+
+
 def test_hf_unknown_config_keys_are_refused(tiny_gpt2_dir, tmp_path, no_build):
     d = _edited(tiny_gpt2_dir, tmp_path / "a", use_fancy_attention=True)
     with pytest.raises(ck.CheckpointError) as info:
         ck.from_hf(d, B=2, T=8)
     msg = str(info.value)
-    assert str(d / "config.json") in msg and "use_fancy_attention = True" in msg
+    assert str(d / "config.json") in msg and "use_fancy_attention = true" in msg
     assert "neither maps, requires nor ignores" in msg and "huggingface.ignore_config in model.yaml" in msg
     # a nested object is one entry, described (not printed); several keys are listed together
     d = _edited(tiny_gpt2_dir, tmp_path / "b", extra={"deep": [[[[1]]]]}, other=[1, 2])
-    with pytest.raises(ck.CheckpointError, match=r"extra = a JSON object with 1 key, other = a list of 2 items"):
+    with pytest.raises(ck.CheckpointError, match=r"extra = a mapping \{'deep': \[...\]\} of 1 entries, other = a "
+                                                  r"list \[1, 2\] of 2 items"):
         ck.from_hf(d)
 
 
@@ -590,16 +728,18 @@ def test_hf_nested_config_keys_are_checked_inside_known_objects(tmp_path, no_bui
     (dict(n_embd=-16), r"config.json: model.yaml refuses n_embd = -16 \(C\): shape of `wte` has a dimension `C` = -16"),
     (dict(n_head=3), r"config.json: model.yaml refuses n_head = 3 \(NH\), n_embd = 16 \(C\): .*C % NH"),
     (dict(n_head="2"), r"config.json: n_head = '2' is not a number"),
-    (dict(n_head=True), r"config.json: n_head = True is not a number"),
-    (dict(n_positions=1e12), r"config.json: n_positions = 1000000000000.0 is not a whole number"),
+    (dict(n_head=True), r"config.json: n_head = true is not a number"),
+    # a whole number written as a float is that number: the model file's limits speak, as for 10 ** 12 below
+    (dict(n_positions=1e12), r"config.json: model.yaml refuses n_positions = 1000000000000 \(maxT\): "),
     (dict(layer_norm_epsilon=float("nan")), r"config.json: layer_norm_epsilon = nan is not a finite number"),
-    (dict(vocab_size=[64]), r"config.json: vocab_size = a list of 1 item is not a number"),
+    (dict(vocab_size=[64]), r"config.json: vocab_size = a list \[64\] of 1 items is not a number"),
     (dict(n_positions=10 ** 6), r"model.safetensors: tensor transformer.wpe.weight has shape \(16, 16\), but wpe "
                                 r"needs \(1000000, 16\)(.|\n)*from config.json's n_positions = 1000000 \(maxT\)"),
     (dict(n_positions=10 ** 12), r"config.json: model.yaml refuses n_positions = 1000000000000 \(maxT\): "),
     (dict(n_layer=2), r"'transformer.h.1.ln_1.weight' or 'h.1.ln_1.weight' \(for ln1w\) is missing(.|\n)*"
                       r"layer count come from config.json's n_layer = 2 \(L\)"),
-    (dict(n_layer=0.0), r"config.json: n_layer = 0.0 is not a whole number"),
+    (dict(n_layer=0.0), r"config.json: model.yaml refuses n_layer = 0 \(L\): "),
+    (dict(n_layer=1.5), r"config.json: n_layer = 1.5 is not a whole number"),
 ])
 def test_bad_hf_config_values_name_config_json(tiny_gpt2_dir, tmp_path, no_build, edits, match):
     """A bad value is reported against config.json and its key (never a model.yaml line), before anything
@@ -608,6 +748,32 @@ def test_bad_hf_config_values_name_config_json(tiny_gpt2_dir, tmp_path, no_build
     with pytest.raises(ck.CheckpointError, match=match) as info:
         ck.from_hf(d, B=2, T=8)
     assert str(d) in str(info.value) and "model.yaml:" not in str(info.value)
+
+
+def test_hf_model_file_errors_are_blamed_on_the_symbols_they_carry(tiny_gpt2_dir, monkeypatch, no_build):
+    """A model-file error that carries its symbols (SpecError.symbols) is blamed on the config.json keys
+    those come from, through the file's expressions (FF = 4 * C: n_embd), whatever its words; one that
+    carries none falls back to the names in its message, else to every value config.json gave."""
+    from gpt2gen import lower, spec
+
+    def refusing(message, symbols):
+        def lower_(*args, **kwargs):
+            e = spec.SpecError(message, "model.yaml")
+            e.symbols = symbols
+            raise e
+        return lower_
+    monkeypatch.setattr(lower, "lower", refusing("the MLP's tiles do not fit", ("FF",)))
+    with pytest.raises(ck.CheckpointError, match=r"config.json: model.yaml refuses n_embd = 16 \(C\): the MLP's "
+                                                  r"tiles do not fit\n  hint: fix config.json"):
+        ck.check_hf(tiny_gpt2_dir, "model.yaml", T=16)
+    monkeypatch.setattr(lower, "lower", refusing("`NH` does not divide the tiles", ()))
+    with pytest.raises(ck.CheckpointError, match=r"refuses n_head = 2 \(NH\): `NH` does not"):
+        ck.check_hf(tiny_gpt2_dir, "model.yaml", T=16)
+    monkeypatch.setattr(lower, "lower", refusing("the tiles do not fit", ()))
+    with pytest.raises(ck.CheckpointError, match=r"refuses vocab_size = 64 \(V\), n_positions = 16 \(maxT\), "
+                                                  r"n_layer = 1 \(L\), n_head = 2 \(NH\), n_embd = 16 \(C\), "
+                                                  r"layer_norm_epsilon = 1e-05 \(norm_eps\): the tiles"):
+        ck.check_hf(tiny_gpt2_dir, "model.yaml", T=16)
 
 
 def test_hf_checkpoint_with_more_layers_than_config_json(tmp_path, no_build):
@@ -626,10 +792,11 @@ def test_hf_huge_vocabulary_reaches_the_memory_check(tiny_gpt2_dir, tmp_path, no
     the build uses, before anything is compiled or allocated."""
     from gpt2gen.builder import MemoryLimitError
     monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "1G")
-    d = _edited(tiny_gpt2_dir, tmp_path / "v", vocab_size=10 ** 8)
-    with pytest.raises(MemoryLimitError, match=r"config.json: the model its values describe does not fit in "
-                                                r"memory(.|\n)*V=100000000"):
-        ck.from_hf(d, B=2, T=8)
+    for i, vocab in enumerate([10 ** 8, 1e8]):     # a whole number written as a float is that number
+        d = _edited(tiny_gpt2_dir, tmp_path / f"v{i}", vocab_size=vocab)
+        with pytest.raises(MemoryLimitError, match=r"config.json: the model its values describe does not fit in "
+                                                    r"memory(.|\n)*V=100000000,"):
+            ck.from_hf(d, B=2, T=8)
 
 
 def test_unreadable_config_json(tiny_gpt2_dir, tmp_path, no_build):
@@ -696,6 +863,50 @@ def test_from_llmc_padding_mismatch_is_refused_before_building(tmp_path, no_buil
     p = ck.save_llmc(FakeGPT2(V=100, Vp=256), tmp_path / "vp.bin")   # model.yaml pads 100 to 128
     with pytest.raises(ck.CheckpointError, match="Vp=256 in the file, but the model pads V=100 to Vp=128"):
         ck.from_llmc(p)
+
+
+def test_check_finite_says_what_is_refused():
+    """A load says nothing was loaded; a caller checking weights already in a model says its own consequence."""
+    a = np.zeros((2, 3), np.float32)
+    a[1, 2] = np.nan
+    with pytest.raises(ck.CheckpointError, match=r"^w.bin: tensor x\[1, 2\] is nan: 1 of 6 values of tensor x are "
+                                                  r"NaN or infinite, so nothing was loaded\n  hint: the checkpoint "
+                                                  r"is corrupt"):
+        ck.check_finite(a, "tensor x", "w.bin")
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.check_finite(a, "the starting weights", "run", consequence="training from them cannot produce a "
+                        "finite loss", hint="start from an earlier checkpoint")
+    assert str(info.value).endswith("are NaN or infinite, so training from them cannot produce a finite loss\n"
+                                    "  hint: start from an earlier checkpoint")
+    assert "nothing was loaded" not in str(info.value)
+    ck.check_finite(np.ones(3, np.float32), "fine")
+
+
+def test_pytorch_model_bin_is_memory_mapped(tmp_path, monkeypatch):
+    """A zip-format pytorch_model.bin is opened memory-mapped (tensors are read when copied, after the shape
+    and memory checks); a legacy one, which torch reads whole, is refused before reading when it is larger
+    than the memory available."""
+    import torch
+    src = FakeGPT2(seed=11)
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in _hf_state_for(src, V=100).items()}
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for legacy in (False, True):
+        d = tmp_path / f"legacy{legacy}"
+        d.mkdir()
+        torch.save(tensors, d / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        m = FakeGPT2(seed=12)
+        ck.load_hf_into(m, d, _gpt2_mapping())
+        assert calls.pop() == dict(map_location="cpu", weights_only=True, mmap=not legacy)
+        assert np.array_equal(m.params["fcw"], src.params["fcw"])
+    from gpt2gen.builder import MemoryLimitError
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "1K")
+    with pytest.raises(MemoryLimitError, match=r"legacyTrue/pytorch_model.bin: this legacy-format .* more than "
+                                                r"the 1.0 KiB available \(GPT2GEN_MAX_MEMORY=1K\)\n  hint: convert"):
+        ck.load_hf_into(FakeGPT2(), tmp_path / "legacyTrue", _gpt2_mapping())
+    assert calls == []      # refused before torch read anything
+    ck.load_hf_into(FakeGPT2(), tmp_path / "legacyFalse", _gpt2_mapping())   # mapped: nothing read up front
 
 
 def test_hf_nan_weights_are_refused_and_load_is_all_or_nothing(tmp_path):

@@ -94,3 +94,29 @@ def test_from_hf_follows_layer_norm_epsilon_and_n_inner(tmp_path):
         want = hf(torch.from_numpy(idx).long()).logits.numpy()
     assert_close("logits vs transformers (eps 0.1, n_inner 40)", model.logits, want, rtol=1e-4,
                  atol=scaled_atol(want, 1e-5))
+
+
+def test_from_hf_keys_it_ignores_change_nothing(tmp_path):
+    """A checkpoint whose config.json carries what older transformers wrote (transformers 4's full dict,
+    gradient_checkpointing, output_past, GPT-2's n_special and predict_special_tokens) imports, and computes
+    what transformers computes from the same directory: the keys the model file ignores change nothing."""
+    import json
+
+    from test_checkpoint import PRETRAINED_CONFIG_4
+    torch.manual_seed(5)
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=16, n_layer=2, n_head=2, n_embd=16, n_inner=40,
+                                  layer_norm_epsilon=0.1, bos_token_id=0, eos_token_id=0)   # the build above
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    legacy = {k: v for k, v in PRETRAINED_CONFIG_4.items() if not k.startswith("_") and k not in saved}
+    path.write_text(json.dumps({**legacy, **saved, "n_special": 0, "predict_special_tokens": True,
+                                "use_cache": True, "architectures": ["GPT2LMHeadModel"]}))
+    model = gpt2gen.from_hf(tmp_path, B=2, T=9)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = np.random.default_rng(6).integers(0, 96, (2, 9)).astype(np.int32)
+    model.forward(idx)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(idx).long()).logits.numpy()
+    assert_close("logits vs transformers (legacy config keys)", model.logits, want, rtol=1e-4,
+                 atol=scaled_atol(want, 1e-5))
