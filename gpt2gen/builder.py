@@ -11,9 +11,10 @@ only when complete, so concurrent builds never see or leave half a file.
 
 ``CC`` and ``CXX`` are commands, split like a shell would (``CC="ccache gcc"``, ``CC="gcc -m64"``);
 ``GPT2GEN_CFLAGS`` adds flags to the generated code's compile (``-march=x86-64-v3`` tests the AVX2
-paths on an AVX-512 machine) and is part of the key. A model whose arenas do not fit in the memory
-available is refused before anything is compiled or allocated (``GPT2GEN_MAX_MEMORY`` overrides the
-figure the system gives).
+paths on an AVX-512 machine) and is part of the key. A model that can never run on this machine (its
+parameters and activations beyond the machine's total memory) is refused before anything is compiled or
+allocated; training checks all its arenas against the memory available when it starts (see "memory"
+below; ``GPT2GEN_MAX_MEMORY`` overrides the figures the system gives).
 
 Finding a build without a compiler: the key needs the compiler's version, which only the compiler
 can tell. So every build also records, under ``index/``, a *recall key* -- the same inputs without
@@ -277,7 +278,20 @@ def binding_object(tc: dict[str, str]) -> Path:
 
 
 # ---- memory ---------------------------------------------------------------------------------------------
+#
+# One policy, two uses. numpy's zeros are lazy: an arena costs memory only where it is written. Building a
+# model writes none of them, running it (forward, generate) writes params and acts, and only training writes
+# grads, m, v and dacts too. So
+#   * building and creating a model (check_memory) refuse only what can never run here: params + acts beyond
+#     the machine's total memory (MemTotal, or the cgroup limit), a steady figure, so the verdict does not
+#     flip with what else happens to run;
+#   * training, where it starts (check_available_memory, through runtime.check_training_memory), refuses all
+#     six arenas beyond the memory available now (MemAvailable, or the cgroup's headroom), counting what the
+#     arenas already hold as theirs.
+# GPT2GEN_MAX_MEMORY, when set, replaces both figures: the most memory the model may use.
 
+ARENAS = ("params", "grads", "m", "v", "acts", "dacts")
+RUN_ARENAS = ("params", "acts")            # what forward and generate write; training writes all of ARENAS
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
@@ -290,65 +304,116 @@ def _parse_size(text: str) -> int:
     return int(float(m[1]) * _UNITS[m[2].upper()])
 
 
-def _meminfo_available() -> int | None:
+def _override() -> tuple[int, str] | None:
+    """``$GPT2GEN_MAX_MEMORY`` as (bytes, source), when set: it replaces every figure the system gives."""
+    env = os.environ.get(MAX_MEMORY_ENV, "").strip()
+    return (_parse_size(env), f"{MAX_MEMORY_ENV}={env}") if env else None
+
+
+def _meminfo(field: str) -> int | None:
+    """A field of /proc/meminfo (``MemTotal``, ``MemAvailable``) in bytes, if the system has it."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
-def _cgroup_limit() -> int | None:
-    """The smallest memory limit of this process's cgroup and its ancestors (v2 or v1), if any is set."""
-    limits: list[int] = []
+def _sysconf_pages(name: str) -> int | None:
+    try:
+        return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):   # not known on this system
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_in_use(d: Path, v2: bool) -> int | None:
+    """What a cgroup uses, less the file cache the kernel reclaims before it refuses memory (the working set,
+    as container runtimes count it)."""
+    usage = _read_int(d / ("memory.current" if v2 else "memory.usage_in_bytes"))
+    if usage is None:
+        return None
+    inactive = 0
+    try:
+        stats = dict(line.split()[:2] for line in (d / "memory.stat").read_text().splitlines() if " " in line)
+        inactive = int(stats.get("inactive_file" if v2 else "total_inactive_file", 0))
+    except (OSError, ValueError):
+        pass
+    return max(usage - inactive, 0)
+
+
+def _cgroup_limits() -> list[tuple[int, int | None]]:
+    """(limit, in use) for this process's cgroup and each ancestor that sets a memory limit (v2 or v1)."""
+    found: list[tuple[int, int | None]] = []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return found
     for line in lines:
         _, controllers, rel = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":
-            base, name = Path("/sys/fs/cgroup"), "memory.max"                   # v2
+            base, name, v2 = Path("/sys/fs/cgroup"), "memory.max", True                       # v2
         elif "memory" in controllers.split(","):
-            base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"  # v1
+            base, name, v2 = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", False    # v1
         else:
             continue
         d = base / rel.lstrip("/")
         while True:
-            try:
-                text = (d / name).read_text().strip()
-                if text.isdigit() and int(text) < 2**60:                            # v1 writes ~2**63 for none
-                    limits.append(int(text))
-            except OSError:
-                pass
+            limit = _read_int(d / name)
+            if limit is not None and limit < 2**60:                     # v1 writes ~2**63 for none, v2 "max"
+                found.append((limit, _cgroup_in_use(d, v2)))
             if d == base or base not in d.parents:
                 break
             d = d.parent
-    return min(limits) if limits else None
+    return found
+
+
+def machine_memory() -> tuple[int | None, str]:
+    """The most memory this process can ever have, and where that figure comes from (None: unknown)."""
+    override = _override()
+    if override is not None:
+        return override
+    found: list[tuple[int, str]] = []
+    total = _meminfo("MemTotal")
+    if total is None:
+        total = _sysconf_pages("SC_PHYS_PAGES")
+        source = "physical memory (sysconf)"
+    else:
+        source = "MemTotal in /proc/meminfo"
+    if total is not None:
+        found.append((total, source))
+    found += [(limit, "this process's cgroup memory limit") for limit, _ in _cgroup_limits()]
+    return min(found) if found else (None, "unknown")
 
 
 def available_memory() -> tuple[int | None, str]:
-    """The bytes a new model may use, and where that figure comes from (None: the system does not say)."""
-    env = os.environ.get(MAX_MEMORY_ENV, "").strip()
-    if env:
-        return _parse_size(env), f"{MAX_MEMORY_ENV}={env}"
+    """The memory this process can have now, and where that figure comes from (None: unknown)."""
+    override = _override()
+    if override is not None:
+        return override
     found: list[tuple[int, str]] = []
-    avail = _meminfo_available()
-    if avail is not None:
-        found.append((avail, "MemAvailable in /proc/meminfo"))
+    avail = _meminfo("MemAvailable")
+    if avail is None:
+        avail = _sysconf_pages("SC_AVPHYS_PAGES")
+        source = "free physical pages (sysconf)"
     else:
-        for name, what in (("SC_AVPHYS_PAGES", "free physical pages (sysconf)"),
-                           ("SC_PHYS_PAGES", "physical memory (sysconf)")):
-            try:
-                found.append((os.sysconf(name) * os.sysconf("SC_PAGE_SIZE"), what))
-                break
-            except (ValueError, OSError, AttributeError):   # not known on this system
-                continue
-    limit = _cgroup_limit()
-    if limit is not None:
-        found.append((limit, "this process's cgroup memory limit"))
+        source = "MemAvailable in /proc/meminfo"
+    if avail is not None:
+        found.append((avail, source))
+    for limit, used in _cgroup_limits():
+        if used is None:
+            found.append((limit, "this process's cgroup memory limit"))
+        else:
+            found.append((max(limit - used, 0), "this process's cgroup memory limit less what the cgroup uses"))
     return min(found) if found else (None, "unknown")
 
 
@@ -367,18 +432,27 @@ def arena_bytes(program: _lower.Program) -> dict[str, int]:
             "acts": lay.acts.nbytes, "dacts": lay.dacts.nbytes}
 
 
-def memory_error(program: _lower.Program, reason: str) -> MemoryLimitError:
-    """The error for a model too large for this machine: every arena's size, the total, why, and a hint."""
+def memory_error(program: _lower.Program, reason: str, arenas: tuple[str, ...] = ARENAS,
+                 now: bool = False) -> MemoryLimitError:
+    """The error for a model too large: the size of each arena ``arenas`` counts, their total, why (``reason``),
+    what training adds when only the running arenas were counted, and a hint (``now``: the figure was the
+    memory available at the moment, so freeing memory helps too)."""
     sizes = arena_bytes(program)
-    total = sum(sizes.values())
-    rows = "\n".join(f"  {name:<7} {_human(n):>14}" for name, n in sizes.items())
+    total = sum(sizes[n] for n in arenas)
+    rows = "\n".join(f"  {n:<7} {_human(sizes[n]):>14}" for n in arenas)
+    rest = [n for n in ARENAS if n not in arenas]
+    what = "its arenas" if not rest else f"its {' and '.join(arenas)} arenas (what running it writes)"
+    also = (f"\n  training also needs {', '.join(f'{n} {_human(sizes[n])}' for n in rest)} "
+            f"({_human(sum(sizes.values()))} in all)") if rest else ""
     cfg = ", ".join(f"{k}={v}" for k, v in program.config.items())
+    free = "; or stop what else uses memory on this machine" if now else ""
     return MemoryLimitError(
-        f"{program.spec.path}: the model needs {_human(total)} ({total:,} bytes) for its arenas, {reason}:\n"
-        f"{rows}\n  {'total':<7} {_human(total):>14}\n  config: {cfg}\n"
+        f"{program.spec.path}: the model needs {_human(total)} ({total:,} bytes) for {what}, {reason}:\n"
+        f"{rows}\n  {'total':<7} {_human(total):>14}{also}\n  config: {cfg}\n"
         f"hint: make the model smaller -- fewer layers or channels (L, C), a smaller vocabulary or context -- or "
-        f"lower the batch maxima (B, T), which size the activations; e.g. --set / build(..., L=4, C=256). If the "
-        f"figure for this machine is wrong, set {MAX_MEMORY_ENV} (e.g. {MAX_MEMORY_ENV}=64G)")
+        f"lower the batch maxima (B, T), which size the activations; e.g. --set / build(..., L=4, C=256), or -b/-t "
+        f"to the trainer{free}. If the figure for this machine is wrong, set {MAX_MEMORY_ENV} "
+        f"(e.g. {MAX_MEMORY_ENV}=64G)")
 
 
 def describe_available() -> str:
@@ -386,11 +460,43 @@ def describe_available() -> str:
     return f"{_human(available)} available ({source})" if available is not None else "memory available unknown"
 
 
+_FITS: set[tuple] = set()    # (arena sizes, GPT2GEN_MAX_MEMORY) already found to fit this machine
+
+
 def check_memory(program: _lower.Program) -> None:
-    """Refuse a model whose arenas exceed the memory available, before compiling or allocating it."""
+    """Refuse, before compiling or allocating, a model that can never run on this machine: its params and acts
+    beyond the machine's total memory (what training adds is checked where training starts).
+
+    Once per model: from_hf checks before it builds, and the build it then runs finds the verdict here."""
+    sizes = arena_bytes(program)
+    key = (tuple(sizes.items()), os.environ.get(MAX_MEMORY_ENV, "").strip())
+    if key in _FITS:
+        return
+    total, source = machine_memory()
+    if total is not None and sum(sizes[n] for n in RUN_ARENAS) > total:
+        raise memory_error(program, f"more than this machine's {_human(total)} ({source})", RUN_ARENAS)
+    _FITS.add(key)
+
+
+def check_available_memory(program: _lower.Program, held: int = 0) -> None:
+    """Refuse a training run whose six arenas do not fit in the memory available now.
+
+    ``held``: bytes the arenas already occupy (params written by the initialisation or a load, acts by a
+    forward); MemAvailable no longer counts them, so only the rest must fit in it. Under GPT2GEN_MAX_MEMORY,
+    the most memory the model may use, everything counts."""
     available, source = available_memory()
-    if available is not None and sum(arena_bytes(program).values()) > available:
-        raise memory_error(program, f"more than the {_human(available)} available ({source})")
+    if available is None:
+        return
+    total = sum(arena_bytes(program).values())
+    held = 0 if _override() is not None else min(max(held, 0), total)
+    if total - held <= available:
+        return
+    if held:
+        reason = (f"and the {_human(total - held)} of it not yet in memory is more than the {_human(available)} "
+                  f"available now ({source})")
+    else:
+        reason = f"more than the {_human(available)} available now ({source})"
+    raise memory_error(program, reason, now=True)
 
 
 # ---- models ---------------------------------------------------------------------------------------------

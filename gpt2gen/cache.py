@@ -5,10 +5,12 @@ The cache root is ``$GPT2GEN_CACHE`` if set, else ``$XDG_CACHE_HOME/gpt2gen``, e
 Every entry lives in a directory named by a build key (a hash of everything that changes the output);
 ``file_lock`` serialises builders of the same key so concurrent builds never corrupt an entry.
 
-Temporaries are named ``.<target>.gpt2gen-<host>-<pid>-<n>.tmp`` (plus an extension for scratch files
+Temporaries are named ``.<target>.gpt2gen-<owner>-<pid>-<n>.tmp`` (plus an extension for scratch files
 a compiler needs, e.g. ``.tmp.c``), so a process killed with ``kill -9`` leaves files that say whose
-they were: the next write into the same directory (:func:`atomic_path`) removes those of processes
-on this host that no longer exist, and never one whose process is still running.
+they were: the next write into the same directory (:func:`atomic_path`) removes those whose process no
+longer exists. A process id means something only within one PID namespace of one boot, so ``<owner>``
+hashes the hostname, the boot and the PID namespace, and only a temporary of this very owner is judged by
+its pid; names from older versions, which say less, are judged only once they are ten minutes old.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import itertools
 import os
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -63,26 +66,55 @@ def file_lock(path: Path) -> Iterator[None]:
 
 # ---- temporaries ---------------------------------------------------------------------------------------
 
-_TMP_RE = re.compile(r"^\.(?P<target>.+)\.gpt2gen-(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)-\d+\.tmp"
+_TMP_RE = re.compile(r"^\.(?P<target>.+)\.gpt2gen-(?P<owner>[A-Za-z0-9_-]*)-(?P<pid>\d+)-\d+\.tmp"
                      r"(?:\.[A-Za-z0-9_.-]+)?$")
 # what earlier versions left: `.<target>.<pid>.tmp`, and `.<target>.<pid>.model.o`/`.init.o` from a build;
 # they name no host, so they are removed only where gpt2gen alone writes such names (see remove_stale_temporaries)
 _LEGACY_RE = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?:tmp|model\.o|init\.o)$")
+LEGACY_MIN_AGE_S = 600       # a temporary judged by a weaker rule is left alone until it is this old
 _counter = itertools.count()
 
 
-def _host() -> str:
-    """This host's short name as it can appear in a file name (temporaries of other hosts on a shared
-    file system are never judged by this host's process table)."""
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (the inode of /proc/self/ns/pid): process ids are numbered per
+    namespace, so containers on one host, host networking or not, each have their own; "" where unknown."""
+    try:
+        st = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _owner() -> str:
+    """Whose temporaries this process's pid can judge: a short hash of the full hostname, this boot
+    (/proc/sys/kernel/random/boot_id) and this PID namespace. Hostnames alone repeat (pods whose names
+    share a prefix, hosts that differ after the first dot, containers sharing the host's name), and a pid
+    from another namespace or boot names another process or none, so only this very owner's temporaries
+    are judged by their pid."""
+    return digest("gpt2gen temporary owner", socket.gethostname(), _read_text("/proc/sys/kernel/random/boot_id"),
+                  _pid_namespace())[:16]
+
+
+def _legacy_host() -> str:
+    """How the previous version named this host in temporaries (its short name, cut to 24 characters):
+    ambiguous across hosts and containers, so such names are judged by the weaker rule."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:24]
 
 
 def temp_path(path: str | os.PathLike, suffix: str = "") -> Path:
-    """A fresh temporary name next to ``path`` that records this host and process; ``suffix`` (e.g.
-    ``".c"``) is for scratch files whose extension matters to a compiler. Unique within the process
-    too, so two threads writing the same file never share a temporary."""
+    """A fresh temporary name next to ``path`` that records this process and its owner (:func:`_owner`);
+    ``suffix`` (e.g. ``".c"``) is for scratch files whose extension matters to a compiler. Unique within
+    the process too, so two threads writing the same file never share a temporary."""
     path = Path(path)
-    return path.with_name(f".{path.name}.gpt2gen-{_host()}-{os.getpid()}-{next(_counter)}.tmp{suffix}")
+    return path.with_name(f".{path.name}.gpt2gen-{_owner()}-{os.getpid()}-{next(_counter)}.tmp{suffix}")
 
 
 def _alive(pid: int) -> bool:
@@ -100,33 +132,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _judged_pid(name: str, owner: str, legacy_host: str, legacy_glob: str | None) -> tuple[int, bool] | None:
+    """(pid, weak) for a temporary this process may judge by its pid: ``weak`` when only its age makes
+    the verdict safe (names of older versions); None for every other file, which is never touched."""
+    m = _TMP_RE.match(name)
+    if m is not None:
+        if m["owner"] == owner:
+            return int(m["pid"]), False
+        return (int(m["pid"]), True) if m["owner"] == legacy_host else None
+    m = _LEGACY_RE.match(name) if legacy_glob else None
+    if m is None or not fnmatch.fnmatchcase(m["target"], legacy_glob):
+        return None
+    return int(m["pid"]), True
+
+
 def remove_stale_temporaries(directory: str | os.PathLike, legacy_glob: str | None = None) -> list[Path]:
     """Remove the temporaries in ``directory`` whose process died (``kill -9``, a crash, a power cut);
     returns what was removed.
 
-    Only names this module makes are considered, only those made on this host, and only when their
-    process no longer exists: a running writer's temporary is never touched, and neither is one
-    another host is writing on a shared file system. ``legacy_glob`` also removes the host-less names
-    of older versions (``.<target>.<pid>.tmp``) whose target matches it; they are ambiguous enough to
-    be removed only where gpt2gen alone makes them (the build cache, a checkpoint directory).
+    Only names this module makes are considered, and a temporary is judged by its pid only when this
+    process's owner made it (:func:`_owner`: the same host, boot and PID namespace) and its process no
+    longer exists: a running writer's temporary is never touched, and neither is one another host or
+    container is writing on a shared file system. Names of older versions say less about their writer,
+    so they are removed only when their pid is not running here and they are LEGACY_MIN_AGE_S old: the
+    host-labelled names of the previous version when the label is this host's, and, with ``legacy_glob``,
+    the host-less ``.<target>.<pid>.tmp`` whose target matches it -- ambiguous enough to be considered only
+    where gpt2gen alone makes them (the build cache, a checkpoint directory).
     """
     removed: list[Path] = []
-    host = _host()
+    owner, legacy_host, now = _owner(), _legacy_host(), time.time()
     try:
         entries = list(os.scandir(directory))
     except OSError:          # missing, not a directory, unreadable: nothing of ours to clean
         return removed
     for entry in entries:
-        m = _TMP_RE.match(entry.name)
-        if m is not None:
-            if m["host"] != host:
-                continue
-        else:
-            m = _LEGACY_RE.match(entry.name) if legacy_glob else None
-            if m is None or not fnmatch.fnmatchcase(m["target"], legacy_glob):
-                continue
+        judged = _judged_pid(entry.name, owner, legacy_host, legacy_glob)
+        if judged is None:
+            continue
+        pid, weak = judged
         try:
-            if not entry.is_file(follow_symlinks=False) or _alive(int(m["pid"])):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if weak and now - entry.stat(follow_symlinks=False).st_mtime < LEGACY_MIN_AGE_S:
+                continue
+            if _alive(pid):
                 continue
             os.unlink(entry.path)
         except OSError:      # gone already (another process cleaned it), or not ours to remove

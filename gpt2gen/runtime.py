@@ -4,14 +4,21 @@
 computed, exposes every tensor as a zero-copy numpy view (``params``, ``grads``, ``acts``), and calls
 the compiled forward, backward, zero-grad and AdamW update. Every input is checked here — dtype,
 shape within the build-time maxima, token ids within range — so the C code never reads out of bounds.
+
+The arenas are allocated lazily (numpy's zeros): memory is taken where they are written. Running a model
+writes params and acts only; grads, m, v and dacts are written by training, which checks that they fit
+where it starts (:func:`check_training_memory`).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 from pathlib import Path
 
 import numpy as np
 
-from .builder import Built, check_memory, describe_available, load_extension, memory_error
+from .builder import Built, check_available_memory, describe_available, load_extension, memory_error
 from .layout import ALIGN_FLOATS, Arena
 from .render import signature
 
@@ -25,6 +32,33 @@ def _aligned(n: int) -> np.ndarray:
 
 def _views(arena: Arena, base: np.ndarray) -> dict[str, np.ndarray]:
     return {s.name: base[s.offset:s.offset + s.numel].reshape(s.dims) for s in arena.slots}
+
+
+@functools.lru_cache(maxsize=None)
+def _mincore():
+    """libc's mincore(2), which tells which pages of a range are in memory; None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _resident_bytes(a: np.ndarray) -> int:
+    """Bytes of ``a`` in memory now (the pages touched: written, or read, which maps them too); 0 when the
+    system cannot say, so that a check counting on it errs towards needing more."""
+    mincore = _mincore()
+    if mincore is None or a.nbytes == 0:
+        return 0
+    page = mmap.PAGESIZE
+    start = a.ctypes.data // page * page
+    length = a.ctypes.data + a.nbytes - start
+    vec = np.zeros((length + page - 1) // page, np.uint8)
+    if mincore(start, length, vec.ctypes.data) != 0:
+        return 0
+    return min(int(np.count_nonzero(vec & 1)) * page, a.nbytes)
 
 
 class Model:
@@ -42,20 +76,21 @@ class Model:
             raise RuntimeError(f"the extension {built.extension} does not match its model's layout; "
                                f"delete that directory and build again")
         lay = self.layout
-        self.arenas = self._allocate()
-        a = self.arenas
+        self._arenas = self._allocate()
+        self._fresh = True      # grads, m and v as allocated: zero, and untouched (see init_weights)
+        a = self._arenas
         self._handle = self._ext.Arenas(a["params"], a["grads"], a["m"], a["v"], a["acts"], a["dacts"])
         self.params = _views(lay.params, a["params"])
-        self.grads = _views(lay.params, a["grads"])
+        self._grads = _views(lay.params, a["grads"])
         self.acts = _views(lay.acts, a["acts"])
         self.inputs = self.program.inputs
         self.step = 0
         self._last: tuple[list, int, int] | None = None
 
     def _allocate(self) -> dict[str, np.ndarray]:
-        """The six arenas, after checking again that they fit: memory may have gone since the build (other
-        models in this process, other processes), and a clear refusal beats numpy's MemoryError."""
-        check_memory(self.program)
+        """The six arenas. The build refused what can never fit; numpy's zeros take memory only where they
+        are written, so a refusal here (a system without overcommit) still gets the sizes, not a bare
+        MemoryError."""
         lay = self.layout
         sizes = {"params": lay.params.size, "grads": lay.params.size, "m": lay.params.size, "v": lay.params.size,
                  "acts": lay.acts.size, "dacts": lay.dacts.size}
@@ -65,6 +100,18 @@ class Model:
             raise memory_error(self.program, f"and allocating them failed with {describe_available()}") from None
 
     # ---- properties --------------------------------------------------------------------------------------
+    @property
+    def arenas(self) -> dict[str, np.ndarray]:
+        """The six flat arenas. Whoever holds them may write grads, m or v, so init_weights zeroes those again."""
+        self._fresh = False
+        return self._arenas
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """The gradient views (zero-copy, into ``arenas["grads"]``)."""
+        self._fresh = False
+        return self._grads
+
     @property
     def max_batch(self) -> tuple[int, int]:
         return int(self.config["B"]), int(self.config["T"])
@@ -83,7 +130,7 @@ class Model:
         _, B, T = self._last
         slot = self.layout.acts[self.spec.logits]
         width = slot.numel // (self.config["B"] * self.config["T"])
-        full = self.arenas["acts"][slot.offset:slot.offset + B * T * width].reshape(B, T, width)
+        full = self._arenas["acts"][slot.offset:slot.offset + B * T * width].reshape(B, T, width)
         if self.spec.logits_columns is not None:
             full = full[:, :, :int(self.spec.logits_columns.eval(self.config))]
         return full
@@ -153,9 +200,11 @@ class Model:
         arrays, B, T = self._last
         if any(a is None for a in arrays):
             raise RuntimeError("backward needs the last forward to have had targets")
+        self._fresh = False
         self._ext.backward(self._handle, arrays, B, T)
 
     def zero_grad(self) -> None:
+        self._fresh = False
         self._ext.zero_grad(self._handle)
 
     def update(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
@@ -164,6 +213,7 @@ class Model:
         self.step = self.step + 1 if step is None else int(step)
         if self.step < 1:
             raise ValueError(f"step must be >= 1, got {self.step}")
+        self._fresh = False
         self._ext.update(self._handle, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                          self.step, float(grad_scale))
 
@@ -183,8 +233,9 @@ class Model:
             else:
                 std = float(init.value.eval(self.config))
                 view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
-        for name in ("m", "v", "grads"):
-            self.arenas[name][...] = 0.0
+        if not self._fresh:     # writing zeros over fresh ones would take their memory for nothing
+            for name in ("m", "v", "grads"):
+                self._arenas[name][...] = 0.0
         self.step = 0
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -205,3 +256,13 @@ class Model:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"<gpt2gen Model {self.spec.name} target={self.target} {cfg}>"
+
+
+def check_training_memory(model: Model) -> None:
+    """Refuse, where training starts, a model whose six arenas do not fit in the memory available now
+    (:class:`gpt2gen.builder.MemoryLimitError`, with the size of each arena and a hint).
+
+    Building and running a model write only params and acts, so only the training footprint can fail
+    this; what the arenas already hold is counted as theirs (MemAvailable no longer includes it)."""
+    held = sum(_resident_bytes(a) for a in model.arenas.values())
+    check_available_memory(model.program, held)

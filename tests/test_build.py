@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,27 @@ from gpt2gen.cache import cache_root
 from gpt2gen.cli import generated_sources, main
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    """A build cache of this test's own: what the test builds is new to it whatever ran before (a test that
+    asserts a compile must not find the build in the shared cache), and nothing is left behind. It starts
+    with the shared cache's Python binding and OpenMP probe, which are not what these tests are about, so
+    only the model itself is compiled."""
+    shared = cache_root()
+    builder._check_openmp(builder.toolchain())
+    builder.binding_object(builder.toolchain())
+    cache = tmp_path / "cache"
+    for part in ("binding", "toolchain"):
+        shutil.copytree(shared / part, cache / part)
+    monkeypatch.setenv("GPT2GEN_CACHE", str(cache))
+    return cache
+
+
+def _new_cfg(**kw) -> dict:
+    """A small model's config; new to a ``fresh_cache``."""
+    return dict(V=1000, L=1, C=16, NH=2, maxT=8, B=1, T=8) | kw
 
 
 def test_generated_sources_are_what_the_generator_produces():
@@ -41,8 +63,8 @@ def test_generated_file_reads_like_a_hand_written_one():
     assert "// attn_qkv (model.yaml:" in text                # calls name their node and line
 
 
-def test_unchanged_rebuild_does_nothing_and_an_edit_recompiles_only_the_model(tmp_path):
-    cfg = dict(V=1000 + time.time_ns() % 100000, L=1, C=16, NH=2, maxT=8, B=1, T=8)   # new to the cache
+def test_unchanged_rebuild_does_nothing_and_an_edit_recompiles_only_the_model(tmp_path, fresh_cache):
+    cfg = _new_cfg()
     first = compile_model("model.yaml", **cfg)
     again = compile_model("model.yaml", **cfg)
     assert again.extension == first.extension and not again.compiled
@@ -58,8 +80,8 @@ def test_unchanged_rebuild_does_nothing_and_an_edit_recompiles_only_the_model(tm
     assert binding.stat().st_mtime_ns == mtime, "the binding must not be recompiled for a model edit"
 
 
-def test_concurrent_builds_share_one_compile(tmp_path):
-    cfg = dict(V=1000 + time.time_ns() % 100000, L=1, C=16, NH=2, maxT=8, B=1, T=4)   # new to the cache
+def test_concurrent_builds_share_one_compile(tmp_path, fresh_cache):
+    cfg = _new_cfg(T=4)
     code = ("import json, sys; from gpt2gen.builder import compile_model; "
             f"b = compile_model('model.yaml', **{cfg!r}); "
             "print(json.dumps([str(b.extension), b.compiled]))")
@@ -144,10 +166,11 @@ def test_a_changed_binding_changes_every_model_key(monkeypatch):
         compile_model("model.yaml", **cfg)
 
 
-# ---- memory: a model too large for this machine is refused before compiling ------------------------------
+# ---- memory: one policy -- what can never run is refused at build time, training checks what is free -----
 
 HUGE = dict(C=2 ** 28, NH=16)   # 144 EiB of arenas, yet every dimension fits the kernels' C int (the issue's
                                 # C = 1.2e12 is refused earlier, as a dimension the C cannot hold: test_spec_errors)
+GiB = 2 ** 30
 
 
 def _no_compiling(monkeypatch):
@@ -158,21 +181,32 @@ def _no_compiling(monkeypatch):
     monkeypatch.setattr(builder, "_build_once", forbidden)
 
 
+def _machine(monkeypatch, total: int, available: int, cgroup: list | None = None):
+    """Pretend this machine has ``total`` bytes of memory, ``available`` of them free now, and ``cgroup``
+    (limit, in use) levels; nothing overrides the figures and no earlier verdict is remembered."""
+    monkeypatch.delenv("GPT2GEN_MAX_MEMORY", raising=False)
+    monkeypatch.setattr(builder, "_meminfo", {"MemTotal": total, "MemAvailable": available}.get)
+    monkeypatch.setattr(builder, "_cgroup_limits", lambda: list(cgroup or []))
+    monkeypatch.setattr(builder, "_FITS", set())
+
+
 def test_a_model_too_large_for_memory_is_refused_before_compiling(monkeypatch):
     _no_compiling(monkeypatch)
     with pytest.raises(builder.MemoryLimitError) as e:
         compile_model("model.yaml", **HUGE)
     msg = str(e.value)
-    assert msg.startswith("model.yaml: the model needs") and "for its arenas, more than the" in msg, msg
-    for needle in ("params ", "grads ", "m ", "v ", "acts ", "dacts ", "total ", "C=268435456",
-                   "available (", "hint: make the model smaller", "(L, C)", "(B, T)", "GPT2GEN_MAX_MEMORY"):
+    assert msg.startswith("model.yaml: the model needs") and "for its params and acts arenas (what running it " \
+                                                              "writes), more than this machine's" in msg, msg
+    for needle in ("params ", "acts ", "total ", "training also needs grads ", "m ", "v ", "dacts ", "C=268435456",
+                   "hint: make the model smaller", "(L, C)", "(B, T)", "GPT2GEN_MAX_MEMORY"):
         assert needle in msg, (needle, msg)
 
 
 def test_the_memory_limit_can_be_set_and_a_bad_one_is_named(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "1M")
     _no_compiling(monkeypatch)
-    with pytest.raises(builder.MemoryLimitError, match=r"more than the 1\.0 MiB available \(GPT2GEN_MAX_MEMORY=1M\)"):
+    with pytest.raises(builder.MemoryLimitError,
+                       match=r"more than this machine's 1\.0 MiB \(GPT2GEN_MAX_MEMORY=1M\)"):
         compile_model("model.yaml", L=2, C=64, NH=2, V=500, maxT=64, B=4, T=64)
     assert main(["build", "--set", "L=2", "--set", "C=64", "--set", "NH=2", "--out", str(tmp_path / "src")]) == 2
     err = capsys.readouterr().err
@@ -183,12 +217,86 @@ def test_the_memory_limit_can_be_set_and_a_bad_one_is_named(monkeypatch, tmp_pat
         compile_model("model.yaml", L=1, C=16, NH=2, V=50, maxT=8, B=1, T=8)
 
 
-def test_available_memory_comes_from_the_system(monkeypatch):
+def test_memory_figures_come_from_the_system(monkeypatch):
     monkeypatch.delenv("GPT2GEN_MAX_MEMORY", raising=False)
+    total, source = builder.machine_memory()
+    assert total is not None and total > 0, source
+    assert source in ("MemTotal in /proc/meminfo", "physical memory (sysconf)", "this process's cgroup memory limit")
     available, source = builder.available_memory()
-    assert available is not None and available > 0, source
+    assert available is not None and 0 <= available <= total, source
     assert source in ("MemAvailable in /proc/meminfo", "free physical pages (sysconf)",
-                      "physical memory (sysconf)", "this process's cgroup memory limit")
+                      "this process's cgroup memory limit",
+                      "this process's cgroup memory limit less what the cgroup uses")
+
+
+def test_a_cgroup_limit_caps_both_figures(monkeypatch, tmp_path):
+    (tmp_path / "memory.current").write_text("6442450944\n")                       # 6 GiB, 1 GiB of it
+    (tmp_path / "memory.stat").write_text("anon 5368709120\ninactive_file 1073741824\nactive_file 1\n")
+    assert builder._cgroup_in_use(tmp_path, v2=True) == 5 * GiB                    # reclaimable file cache
+    _machine(monkeypatch, total=64 * GiB, available=60 * GiB, cgroup=[(8 * GiB, 6 * GiB), (16 * GiB, None)])
+    assert builder.machine_memory() == (8 * GiB, "this process's cgroup memory limit")
+    assert builder.available_memory() == (2 * GiB, "this process's cgroup memory limit less what the cgroup uses")
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "3G")           # replaces both
+    assert builder.machine_memory() == builder.available_memory() == (3 * GiB, "GPT2GEN_MAX_MEMORY=3G")
+
+
+def test_the_build_counts_what_running_writes_against_the_machines_total(monkeypatch, capsys):
+    """The default Llama 2 (25 GiB of parameters, 103 GiB to train) builds on a 64 GiB machine however little
+    is free at the moment: building allocates nothing and running it writes only params and acts. On a
+    16 GiB machine it can never run, and is refused before compiling."""
+    def reached(*a, **k):
+        raise BuildError("reached the compiler")
+    monkeypatch.setattr(builder, "toolchain", reached)
+    monkeypatch.setattr(builder, "_recall", lambda recall: None)
+    _machine(monkeypatch, total=64 * GiB, available=1 * GiB)
+    assert main(["build", "--model", "models/llama2.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "reached the compiler" in err and "needs" not in err, err
+    _machine(monkeypatch, total=16 * GiB, available=15 * GiB)
+    with pytest.raises(builder.MemoryLimitError, match=r"(?s)llama2\.yaml: the model needs 27\.7 GiB .* for its "
+                                                       r"params and acts arenas .*more than this machine's 16\.0 GiB "
+                                                       r"\(MemTotal in /proc/meminfo\).*training also needs .*"
+                                                       r"\(103\.1 GiB in all\)"):
+        compile_model("models/llama2.yaml")
+
+
+def test_training_checks_all_arenas_against_what_is_available_now(monkeypatch):
+    _machine(monkeypatch, total=64 * GiB, available=90 * GiB)
+    program, _ = builder.generate("models/llama2.yaml")
+    builder.check_available_memory(program, held=25 * GiB)   # 103 GiB fit in the 25 GiB params hold + 90 free
+    _machine(monkeypatch, total=64 * GiB, available=20 * GiB)
+    with pytest.raises(builder.MemoryLimitError) as e:
+        builder.check_available_memory(program, held=25 * GiB)
+    msg = str(e.value)
+    assert "the model needs 103.1 GiB" in msg and "for its arenas, and the 78.1 GiB of it not yet in memory is more " \
+                                                "than the 20.0 GiB available now (MemAvailable in /proc/meminfo)" in msg
+    for needle in ("params ", "grads ", "m ", "v ", "acts ", "dacts ", "total ", "-b/-t to the trainer",
+                   "stop what else uses memory"):
+        assert needle in msg, (needle, msg)
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "100G")         # the most the model may use: what it holds counts
+    with pytest.raises(builder.MemoryLimitError, match=r"more than the 100\.0 GiB available now \(GPT2GEN_MAX_"):
+        builder.check_available_memory(program, held=25 * GiB)
+
+
+def test_the_check_runs_once_per_entry_point(tmp_path, monkeypatch):
+    """gpt2gen.build (compile + Model), from_llmc, and from_hf's order (its own check, then the build) each read
+    the machine's figure once: the Model does not check again, and a verdict is remembered."""
+    import gpt2gen
+    calls = []
+    machine_memory = builder.machine_memory
+    monkeypatch.setattr(builder, "machine_memory", lambda: calls.append(1) or machine_memory())
+    cfg = dict(V=89, L=2, C=24, NH=2, maxT=16, B=1, T=8)
+    monkeypatch.setattr(builder, "_FITS", set())
+    m = gpt2gen.build("model.yaml", **cfg)
+    assert len(calls) == 1
+    m.save_llmc(tmp_path / "tiny.bin")
+    monkeypatch.setattr(builder, "_FITS", set())
+    gpt2gen.from_llmc(tmp_path / "tiny.bin", B=1, T=8)
+    assert len(calls) == 2
+    monkeypatch.setattr(builder, "_FITS", set())
+    builder.check_memory(builder.generate("model.yaml", **cfg)[0])
+    compile_model("model.yaml", **cfg)
+    assert len(calls) == 3
 
 
 def test_checkpoint_imports_are_refused_by_the_same_check(tmp_path, monkeypatch):
@@ -199,7 +307,7 @@ def test_checkpoint_imports_are_refused_by_the_same_check(tmp_path, monkeypatch)
     m.save_llmc(tmp_path / "tiny.bin")
     monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "64K")
     _no_compiling(monkeypatch)
-    with pytest.raises(builder.MemoryLimitError, match=r"model\.yaml: the model needs .* 64\.0 KiB available"):
+    with pytest.raises(builder.MemoryLimitError, match=r"model\.yaml: the model needs .* machine's 64\.0 KiB"):
         gpt2gen.from_llmc(tmp_path / "tiny.bin", B=1, T=8)
 
 
@@ -214,11 +322,7 @@ def _logging_wrapper(tmp_path: Path) -> tuple[Path, Path]:
     return wrap, log
 
 
-def _new_cfg(**kw) -> dict:
-    return dict(V=1000 + time.time_ns() % 100000, L=1, C=16, NH=2, maxT=8, B=1, T=8) | kw   # new to the cache
-
-
-def test_cc_may_name_a_wrapper_and_flags(tmp_path, monkeypatch):
+def test_cc_may_name_a_wrapper_and_flags(tmp_path, monkeypatch, fresh_cache):
     wrap, log = _logging_wrapper(tmp_path)
     monkeypatch.setenv("CC", f"{wrap} gcc -pipe")
     monkeypatch.setenv("CXX", f"{wrap} g++")
@@ -283,8 +387,9 @@ def test_a_cached_build_needs_no_compiler(tmp_path, monkeypatch):
     assert again.extension == first.extension and again.key == first.key and not again.compiled
     m = gpt2gen.build("model.yaml", **cfg)
     assert np.isfinite(m.forward(np.zeros((1, 8), np.int32), np.ones((1, 8), np.int32)))
+    monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path / "empty"))
     with pytest.raises(BuildError, match="C compiler `gcc` not found on PATH.*\nhint: install"):
-        compile_model("model.yaml", **_new_cfg())          # nothing cached: today's clear error
+        compile_model("model.yaml", **cfg)                 # nothing cached: today's clear error
 
 
 # ---- concurrency and temporaries of killed processes -----------------------------------------------------
@@ -314,35 +419,78 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
-    from gpt2gen.cache import _host, atomic_write_bytes, remove_stale_temporaries
-    dead, host = _dead_pid(), _host()
+def _write_aged(path: Path, seconds: float, data: bytes = b"data") -> Path:
+    """Write ``path`` with its mtime ``seconds`` in the past."""
+    path.write_bytes(data)
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+    return path
+
+
+def test_only_temporaries_of_dead_processes_of_this_owner_are_removed(tmp_path):
+    from gpt2gen.cache import LEGACY_MIN_AGE_S, _legacy_host, _owner, atomic_write_bytes, remove_stale_temporaries
+    dead, owner, host = _dead_pid(), _owner(), _legacy_host()
+    old = LEGACY_MIN_AGE_S + 60
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        names = {
-            "dead": f".state_000100.safetensors.gpt2gen-{host}-{dead}-0.tmp",
-            "dead_scratch": f".gg_x.so.gpt2gen-{host}-{dead}-3.tmp.model.o",
-            "live": f".state_000200.safetensors.gpt2gen-{host}-{live.pid}-0.tmp",
-            "other_host": f".state_000300.safetensors.gpt2gen-{host}x-{dead}-0.tmp",
-            "legacy_state": f".state_000400.safetensors.{dead}.tmp",
-            "legacy_other": f".notes.txt.{dead}.tmp",
-            "user": ".state_000500.safetensors.tmp",
-            "state": "state_000100.safetensors",
+        names = {   # name: age in seconds
+            "dead": (f".state_000100.safetensors.gpt2gen-{owner}-{dead}-0.tmp", 0),
+            "dead_scratch": (f".gg_x.so.gpt2gen-{owner}-{dead}-3.tmp.model.o", 0),
+            "live": (f".state_000200.safetensors.gpt2gen-{owner}-{live.pid}-0.tmp", old),
+            "other_owner": (f".state_000300.safetensors.gpt2gen-{'0' * 16}-{dead}-0.tmp", old),
+            "previous_dead_old": (f".state_000310.safetensors.gpt2gen-{host}-{dead}-0.tmp", old),
+            "previous_dead_new": (f".state_000320.safetensors.gpt2gen-{host}-{dead}-0.tmp", 60),
+            "previous_live_old": (f".state_000330.safetensors.gpt2gen-{host}-{live.pid}-0.tmp", old),
+            "legacy_state_old": (f".state_000400.safetensors.{dead}.tmp", old),
+            "legacy_state_new": (f".state_000410.safetensors.{dead}.tmp", 60),
+            "legacy_other": (f".notes.txt.{dead}.tmp", old),
+            "user": (".state_000500.safetensors.tmp", old),
+            "state": ("state_000100.safetensors", old),
         }
-        for n in names.values():
-            (tmp_path / n).write_bytes(b"data")
+        for n, age in names.values():
+            _write_aged(tmp_path / n, age)
         atomic_write_bytes(tmp_path / "new.bin", lambda fh: fh.write(b"new"))     # any write sweeps the directory
+        gone = {"dead", "dead_scratch", "previous_dead_old"}
         left = {p.name for p in tmp_path.iterdir()}
-        assert names["dead"] not in left and names["dead_scratch"] not in left
-        assert left >= {names[k] for k in names if k not in ("dead", "dead_scratch")}, left
+        assert left == {names[k][0] for k in names if k not in gone} | {"new.bin"}, left
         removed = remove_stale_temporaries(tmp_path, legacy_glob="state_*.safetensors")   # as the trainer does
-        assert [p.name for p in removed] == [names["legacy_state"]]
+        assert [p.name for p in removed] == [names["legacy_state_old"][0]]
         left = {p.name for p in tmp_path.iterdir()}
-        assert left == {names[k] for k in ("live", "other_host", "legacy_other", "user", "state")} | {"new.bin"}
+        assert left == {names[k][0] for k in names if k not in gone | {"legacy_state_old"}} | {"new.bin"}, left
         assert (tmp_path / "state_000100.safetensors").read_bytes() == b"data"
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_temporary_of_another_pid_namespace_boot_or_host_is_never_judged_by_its_pid(tmp_path, monkeypatch):
+    """A pid means nothing outside its PID namespace and boot: a container sharing the host's name (host
+    networking), pods whose names share the first 24 characters, hosts that differ after the first dot.
+    Their temporaries get another owner, so a writer's pid that does not exist here never gets its file
+    removed, however old."""
+    from gpt2gen import cache
+    ours = cache._owner()
+    real_host, real_read, real_ns = cache.socket.gethostname(), cache._read_text, cache._pid_namespace
+    others = {}
+    monkeypatch.setattr(cache, "_pid_namespace", lambda: "4:4026532999")
+    others["another PID namespace"] = cache._owner()
+    monkeypatch.setattr(cache, "_pid_namespace", real_ns)
+    monkeypatch.setattr(cache, "_read_text", lambda path: "another-boot-id")
+    others["another boot"] = cache._owner()
+    monkeypatch.setattr(cache, "_read_text", real_read)
+    for a, b in [("trainer-7f9c5d4b8-abcdefghijk-0", "trainer-7f9c5d4b8-abcdefghijk-1"), ("gpu.a.lab", "gpu.b.lab")]:
+        monkeypatch.setattr(cache.socket, "gethostname", lambda: a)
+        owner_a, label_a = cache._owner(), cache._legacy_host()
+        monkeypatch.setattr(cache.socket, "gethostname", lambda: b)
+        assert cache._owner() != owner_a and cache._legacy_host() == label_a, (a, b)   # the old label collided
+        others[f"host {b} beside {a}"] = owner_a
+    monkeypatch.setattr(cache.socket, "gethostname", lambda: real_host)
+    assert cache._owner() == ours and len(set(others.values()) | {ours}) == len(others) + 1, others
+    dead = _dead_pid()
+    files = [_write_aged(tmp_path / f".state_{i:06d}.safetensors.gpt2gen-{owner}-{dead}-0.tmp", 86400)
+             for i, owner in enumerate(others.values())]
+    assert cache.remove_stale_temporaries(tmp_path, legacy_glob="*") == []
+    assert all(f.exists() for f in files)
 
 
 def test_a_write_killed_with_sigkill_is_cleaned_up_and_loses_nothing(tmp_path):
@@ -363,7 +511,7 @@ def test_a_write_killed_with_sigkill_is_cleaned_up_and_loses_nothing(tmp_path):
     assert target.read_bytes() == b"the previous good state"
 
 
-def test_a_build_killed_mid_compile_leaves_nothing_after_the_next_build(tmp_path, monkeypatch):
+def test_a_build_killed_mid_compile_leaves_nothing_after_the_next_build(tmp_path, monkeypatch, fresh_cache):
     """kill -9 of a builder while the compiler runs: the next build of that model removes its temporaries."""
     hold, started = tmp_path / "hold", tmp_path / "started"
     wrap = tmp_path / "slowcc"
@@ -382,7 +530,7 @@ def test_a_build_killed_mid_compile_leaves_nothing_after_the_next_build(tmp_path
     proc.wait()
     stale = list((cache_root() / "models").glob(f"*/.*.gpt2gen-*-{proc.pid}-*.tmp*"))
     assert stale, "the killed build should have left its object file"
-    (stale[0].parent / f".gg_old.so.{proc.pid}.model.o").write_bytes(b"")   # what earlier versions left
+    _write_aged(stale[0].parent / f".gg_old.so.{proc.pid}.model.o", 3600, b"")   # what earlier versions left
     hold.unlink()
     monkeypatch.setenv("CC", f"{wrap} gcc")
     built = compile_model("model.yaml", **cfg)
@@ -393,16 +541,17 @@ def test_a_build_killed_mid_compile_leaves_nothing_after_the_next_build(tmp_path
 
 def test_the_trainer_removes_what_a_killed_run_left_in_its_checkpoint_directory(tmp_path, capsys):
     from gpt2gen import data as D, train as TR
-    from gpt2gen.cache import _host
+    from gpt2gen.cache import _owner
     D.write_tokens(tmp_path / "train.bin", np.arange(4000) % 50)
     ck = tmp_path / "ck"
     ck.mkdir()
     dead = _dead_pid()
-    stale = [ck / f".state_000004.safetensors.gpt2gen-{_host()}-{dead}-0.tmp",
+    stale = [ck / f".state_000004.safetensors.gpt2gen-{_owner()}-{dead}-0.tmp",
              ck / f".state_000002.safetensors.{dead}.tmp"]                  # what earlier versions left
-    kept = [ck / f".state_000006.safetensors.gpt2gen-{_host()}-{os.getpid()}-0.tmp", ck / "notes.txt"]
+    kept = [ck / f".state_000006.safetensors.gpt2gen-{_owner()}-{os.getpid()}-0.tmp", ck / "notes.txt",
+            ck / f".state_000003.safetensors.{dead}.tmp"]                  # an earlier version's, too new to judge
     for p in stale + kept:
-        p.write_bytes(b"x" * 100)
+        _write_aged(p, 3600 if p.name.startswith(".state_000002") else 0, b"x" * 100)
     TR.train(TR.build_parser().parse_args([
         "--train-data", str(tmp_path / "train.bin"), "--val-data", "", "--sample-tokens", "0", "--no-progress",
         "--set", "L=1", "--set", "C=16", "--set", "NH=2", "--set", "V=64", "--set", "maxT=16", "-b", "1", "-t", "8",

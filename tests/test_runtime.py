@@ -125,16 +125,66 @@ def test_state_dict_round_trip(model):
         model.load_state_dict({"wte": saved["wte"][:3]})
 
 
-def test_arenas_that_no_longer_fit_are_refused_before_allocating(monkeypatch):
-    """Memory can go between the build and the allocation (other models, other processes): the runtime
-    checks again and refuses with the sizes instead of numpy's MemoryError."""
-    from gpt2gen.builder import MemoryLimitError, compile_model
-    from gpt2gen.runtime import Model
-    built = compile_model("model.yaml", **CFG)
-    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", "100K")
-    with pytest.raises(MemoryLimitError, match=r"(?s)the model needs .*more than the 100\.0 KiB available.*"
-                                               r"acts .*total .*hint: make the model smaller"):
-        Model(built)
+def _machine(monkeypatch, available: int):
+    """Pretend ``available`` bytes are free now (and plenty exist): no override, no cgroup."""
+    from gpt2gen import builder
+    monkeypatch.delenv("GPT2GEN_MAX_MEMORY", raising=False)
+    monkeypatch.setattr(builder, "_meminfo", {"MemTotal": 2 ** 40, "MemAvailable": available}.get)
+    monkeypatch.setattr(builder, "_cgroup_limits", list)
+
+
+def test_a_model_that_runs_but_cannot_train_here_is_refused_where_training_starts(monkeypatch):
+    """Building and running write params and acts only, so a limit between that and the training footprint
+    builds and runs the model; check_training_memory, called where training starts, refuses it with every
+    arena's size."""
+    from gpt2gen import builder, runtime
+    program, _ = builder.generate("model.yaml", **CFG)
+    sizes = builder.arena_bytes(program)
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", str(sizes["params"] + sizes["acts"] + 1024))
+    m = gpt2gen.build("model.yaml", **CFG)
+    assert np.isfinite(m.forward(np.zeros((2, 8), np.int32), np.ones((2, 8), np.int32)))
+    with pytest.raises(builder.MemoryLimitError) as e:
+        runtime.check_training_memory(m)
+    msg = str(e.value)
+    assert msg.startswith("model.yaml: the model needs") and "for its arenas, more than the " in msg, msg
+    assert "available now (GPT2GEN_MAX_MEMORY=" in msg and "hint: make the model smaller" in msg, msg
+    for name in ("params", "grads", "m", "v", "acts", "dacts", "total"):
+        assert f"\n  {name} " in msg, (name, msg)
+    _machine(monkeypatch, available=0)            # nothing free, but the arenas hold all they need already
+    monkeypatch.setattr(runtime, "_resident_bytes", lambda a: a.nbytes)
+    runtime.check_training_memory(m)
+    monkeypatch.setattr(runtime, "_resident_bytes", lambda a: 0)
+    with pytest.raises(builder.MemoryLimitError, match=r"more than the 0 bytes available now \(MemAvailable"):
+        runtime.check_training_memory(m)
+
+
+def test_fresh_arenas_take_memory_only_where_written():
+    """What the memory policy rests on: a fresh arena is not in memory until written (mincore says so)."""
+    from gpt2gen import runtime
+    a = runtime._aligned(64 * 2 ** 20)                      # 256 MiB
+    assert runtime._resident_bytes(a) <= 4 * 2 ** 20
+    a[:2 ** 20] = 1.0                                       # 4 MiB written
+    assert 4 * 2 ** 20 <= runtime._resident_bytes(a) <= 12 * 2 ** 20
+
+
+def test_initialising_a_new_model_leaves_grads_m_and_v_untouched():
+    """init_weights zeroes grads, m and v only when something may have written them: writing zeros over
+    fresh ones would take 3x the parameters' memory for a model that is only run."""
+    m = gpt2gen.build("model.yaml", **CFG, seed=None)
+    for name in ("grads", "m", "v"):
+        m._arenas[name].flags.writeable = False             # a write would raise
+    m.init_weights(5)
+    assert m.params["ln1w"].all() and not m._arenas["m"].any()
+    for name in ("grads", "m", "v"):
+        m._arenas[name].flags.writeable = True
+    rng = np.random.default_rng(2)
+    m.forward(rng.integers(0, 89, (2, 8)).astype(np.int32), rng.integers(0, 89, (2, 8)).astype(np.int32))
+    m.zero_grad()
+    m.backward()
+    m.update(1e-3)
+    assert m.arenas["m"].any() and m.grads["qkvw"].any()
+    m.init_weights(5)                                       # after training: zeroed again
+    assert not m.arenas["m"].any() and not m.arenas["v"].any() and not m.arenas["grads"].any() and m.step == 0
 
 
 def test_an_allocation_that_fails_anyway_gets_the_same_clear_error(monkeypatch):
