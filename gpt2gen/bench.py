@@ -36,7 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from .checks import Bounded, UsageError, check_bounds
+
 KINDS = ("gpt2gen", "eager", "compile", "sgemm")
+# the numeric options' ranges, checked when parsed and again by run_bench (a Namespace made by hand)
+BOUNDS = {"batch_size": Bounded(int, 1), "seq_len": Bounded(int, 1), "steps": Bounded(int, 1),
+          "rounds": Bounded(int, 1), "warmup": Bounded(int, 0), "threads": Bounded(int, 1), "seed": Bounded(int, 0)}
 
 
 # ---- what a step computes ----------------------------------------------------------------------------
@@ -70,6 +75,39 @@ def step_work(program, B: int, T: int) -> dict[str, Any]:
     gemm_flops = sum(6 * M * K * N * c for (M, K, N), c in gemms.items())
     return {"gemms": [[M, K, N, c] for (M, K, N), c in gemms.items()], "gemm_flops": gemm_flops,
             "flops": gemm_flops + attn}
+
+
+def _nodes(graph) -> list:
+    from . import spec as _spec
+    out = []
+    for item in graph:
+        out.extend(_nodes(item.body) if isinstance(item, _spec.Repeat) else [item])
+    return out
+
+
+def torch_traits(spec, config: dict[str, Any]) -> dict[str, Any]:
+    """What the PyTorch module of ``gpt2gen.bench_torch`` must do to compute what the model file computes.
+    Here, without torch, so that the command refuses a model file it has no module for before starting
+    any process; a file of another family is a UsageError naming it."""
+    nodes = {n.op: n for n in reversed(_nodes(spec.graph))}     # the first node of each op
+    ops = {n.op for n in _nodes(spec.graph)}
+
+    def attr(op: str, name: str, default):
+        n = nodes.get(op)
+        ex = n.attrs.get(name) if n else None
+        return float(ex.eval(config)) if ex is not None else default
+
+    head = next((n for n in _nodes(spec.graph) if n.op == "matmul" and spec.logits in n.outputs), None)
+    if {"embedding", "layernorm", "attention", "gelu"} <= ops:
+        return {"family": "gpt2", "eps": attr("layernorm", "eps", 1e-5), "head": head.inputs[1] if head else "wte"}
+    if {"token_embedding", "rmsnorm", "rope", "gqa_attention"} <= ops and ops & {"swiglu", "geglu"}:
+        return {"family": "llama", "eps": attr("rmsnorm", "eps", 1e-6),
+                "offset": attr("rmsnorm", "weight_offset", 0.0), "scale": attr("token_embedding", "scale", 1.0),
+                "theta": attr("rope", "theta", 10000.0), "window": int(attr("gqa_attention", "window", 0)),
+                "act": "silu" if "swiglu" in ops else "gelu_tanh", "head": head.inputs[1] if head else "wte"}
+    raise UsageError(f"{spec.path}: gpt2gen bench has a PyTorch module for GPT-2 and Llama-family model files "
+                     f"(ops used here: {', '.join(sorted(ops))})",
+                     hint="benchmark one of those, or add a module for this family to gpt2gen/bench_torch.py")
 
 
 def cpu_features(cc: str, flags: list[str]) -> list[str]:
@@ -147,6 +185,16 @@ def _setup(kind: str, job: dict[str, Any]):
     return step
 
 
+def _failure(err: Exception) -> dict[str, Any]:
+    """A contender's failed setup as the parent is told it: a user error (a model too large for the
+    machine, a file gpt2gen bench has no module for) in its own words, anything else with its type (a bug)."""
+    from .checks import describe_error
+    from .cli import user_errors
+    if isinstance(err, user_errors()):
+        return {"ready": False, "error": describe_error(err), "user_error": True}
+    return {"ready": False, "error": f"{type(err).__name__}: {err}", "user_error": False}
+
+
 def worker_main(kind: str, job_path: str) -> int:
     """A contender's process: set up, warm up, then run timed turns as the parent asks on stdin."""
     job = json.loads(Path(job_path).read_text())
@@ -163,7 +211,7 @@ def worker_main(kind: str, job_path: str) -> int:
             ready["note"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " \
                             f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
     except Exception as e:   # reported to the parent, which benchmarks the others
-        print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), file=out, flush=True)
+        print(json.dumps(_failure(e)), file=out, flush=True)
         return 1
     print(json.dumps(ready), file=out, flush=True)
     i = job["warmup"]
@@ -224,6 +272,7 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     from .cli import parse_overrides
     from .resources import find_model
 
+    check_bounds(args, {k: b for k, b in BOUNDS.items() if getattr(args, k) is not None})   # None: the default
     overrides = parse_overrides(args.overrides)
     program, _ = generate(args.model, "cpu", **overrides)
     B = args.batch_size or int(program.config["B"])
@@ -232,6 +281,7 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     work = step_work(program, B, T)
     threads = args.threads or len(os.sched_getaffinity(0))
     kinds = [k for k in KINDS if not (k == "compile" and args.no_compile)]
+    torch_traits(program.spec, program.config)   # a file with no PyTorch module: refused before any process
     cfg = program.config
     result: dict[str, Any] = {
         "model": str(find_model(args.model)), "config": {k: cfg[k] for k in cfg}, "B": B, "T": T,
@@ -254,10 +304,11 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
                 say(f"  starting {kind} ...")
                 c = _Contender(kind, job_path, threads)
                 if not c.info.get("ready"):
-                    say(f"  {kind}: could not start: {c.info.get('error')}")
                     c.close()
-                    if kind == "gpt2gen":
-                        raise RuntimeError(f"gpt2gen bench: the gpt2gen contender failed: {c.info.get('error')}")
+                    if kind == "gpt2gen":   # the others load its weights: nothing to compare
+                        failed = UsageError if c.info.get("user_error") else RuntimeError
+                        raise failed(f"gpt2gen bench: the gpt2gen contender could not start: {c.info.get('error')}")
+                    say(f"  {kind}: could not start: {c.info.get('error')}")
                     continue
                 contenders.append(c)
             for r in range(args.rounds):
@@ -315,22 +366,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="model.yaml", help="model file (default: %(default)s)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", dest="overrides",
                    help="override a config value, e.g. --set L=4 (repeatable)")
-    p.add_argument("-b", "--batch-size", type=int, default=None, help="B (default: the model file's)")
-    p.add_argument("-t", "--seq-len", type=int, default=None, help="T (default: the model file's)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per turn (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="turns of every contender (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="threads for every contender (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-b", "--batch-size", type=BOUNDS["batch_size"], default=None, help="B (default: the model file's)")
+    p.add_argument("-t", "--seq-len", type=BOUNDS["seq_len"], default=None, help="T (default: the model file's)")
+    p.add_argument("--steps", type=BOUNDS["steps"], default=3, help="timed steps per turn (default: %(default)s)")
+    p.add_argument("--rounds", type=BOUNDS["rounds"], default=5, help="turns of every contender (default: %(default)s)")
+    p.add_argument("--warmup", type=BOUNDS["warmup"], default=2, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--threads", type=BOUNDS["threads"], default=None,
+                   help="threads for every contender (default: all cores)")
+    p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--fused-adamw", action="store_true", help="PyTorch uses AdamW(fused=True)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"gpt2gen bench: --{name} must be at least 1")
+    """The handler of ``gpt2gen bench``; errors are reported by :func:`gpt2gen.cli.run_command`."""
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     r = run_bench(args, say)
     print(json.dumps(r, indent=1) if args.json else format_report(r))
@@ -352,9 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1], argv[2])
+    from .cli import run_command
+
     p = argparse.ArgumentParser(prog="python -m gpt2gen.bench", description=__doc__.split("\n")[0])
     add_arguments(p)
-    return cmd_bench(p.parse_args(argv))
+    return run_command(cmd_bench, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,36 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import spec as _spec
-
-
-def _nodes(graph) -> list:
-    out = []
-    for item in graph:
-        out.extend(_nodes(item.body) if isinstance(item, _spec.Repeat) else [item])
-    return out
-
-
-def traits(spec: _spec.ModelSpec, config: dict[str, Any]) -> dict[str, Any]:
-    """What the PyTorch module must do to compute what the model file computes."""
-    nodes = {n.op: n for n in reversed(_nodes(spec.graph))}     # the first node of each op
-    ops = {n.op for n in _nodes(spec.graph)}
-
-    def attr(op: str, name: str, default):
-        n = nodes.get(op)
-        ex = n.attrs.get(name) if n else None
-        return float(ex.eval(config)) if ex is not None else default
-
-    head = next((n for n in _nodes(spec.graph) if n.op == "matmul" and spec.logits in n.outputs), None)
-    if {"embedding", "layernorm", "attention", "gelu"} <= ops:
-        return {"family": "gpt2", "eps": attr("layernorm", "eps", 1e-5), "head": head.inputs[1] if head else "wte"}
-    if {"token_embedding", "rmsnorm", "rope", "gqa_attention"} <= ops and ops & {"swiglu", "geglu"}:
-        return {"family": "llama", "eps": attr("rmsnorm", "eps", 1e-6),
-                "offset": attr("rmsnorm", "weight_offset", 0.0), "scale": attr("token_embedding", "scale", 1.0),
-                "theta": attr("rope", "theta", 10000.0), "window": int(attr("gqa_attention", "window", 0)),
-                "act": "silu" if "swiglu" in ops else "gelu_tanh", "head": head.inputs[1] if head else "wte"}
-    raise ValueError(f"{spec.path}: gpt2gen bench has a PyTorch module for GPT-2 and Llama-family model files "
-                     f"(ops used here: {', '.join(sorted(ops))})\n  hint: benchmark one of those, or add a "
-                     f"module for this family to gpt2gen/bench_torch.py")
+from .bench import torch_traits as traits
 
 
 # ---- GPT-2, as nanoGPT writes it ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .cache import atomic_write_bytes
+from .checks import Bounded, Output, check_outputs, read_text
 
 DATA_MAGIC = 20240520
 DATA_VERSION = 1
@@ -352,27 +353,39 @@ def _split_sections(text: str) -> list[str]:
     return [p + "\n\n" for p in parts[:-1]] + parts[-1:]
 
 
-def _check_split_outputs(option: str, out: Path, files: list[Path], inputs=()) -> None:
-    """Before downloading or tokenising: the output directory and token files can be written, and an
-    existing file there is a token file (never a user's other file, never an input)."""
-    from .cli import Output, check_outputs
-
+def _split_outputs(option: str, out: Path, files: list[Path], hint: str | None = None) -> list[Output]:
+    """The output directory and token files of a split: an existing file there must be a token file
+    (never a user's other file)."""
     signature = np.array([DATA_MAGIC], dtype="<i4").tobytes()
-    check_outputs([Output(option, out, "dir", "the token files"),
-                   *(Output(option, f, "file", "an llm.c token file", signature) for f in files)], inputs)
+    return [Output(option, out, "dir", "the token files", hint=hint),
+            *(Output(option, f, "file", "an llm.c token file", signature, hint=hint) for f in files)]
+
+
+def tinyshakespeare_files(data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> tuple[Path, Path, Path]:
+    """(directory, train file, val file) that :func:`prepro_tinyshakespeare` writes under ``data_dir``."""
+    out = Path(data_dir) / "tinyshakespeare"
+    return out, out / "tiny_shakespeare_train.bin", out / "tiny_shakespeare_val.bin"
+
+
+def tinyshakespeare_outputs(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, option: str = "--data-dir",
+                            hint: str | None = None) -> list[Output]:
+    """What preparing tiny Shakespeare writes, for :func:`gpt2gen.checks.check_outputs`. ``option`` and
+    ``hint`` are what the caller's user can change: the trainer, which prepares it in the default place
+    and has no --data-dir, names its own options."""
+    out, train, val = tinyshakespeare_files(data_dir)
+    return _split_outputs(option, out, [train, val], hint)
 
 
 def prepro_tinyshakespeare(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, force: bool = False,
                            quiet: bool = False) -> PreproResult:
     """Download (or build) tiny Shakespeare and write ``tiny_shakespeare_{train,val}.bin``."""
     say = (lambda *a: None) if quiet else print
-    out = Path(data_dir) / "tinyshakespeare"
-    train, val = out / "tiny_shakespeare_train.bin", out / "tiny_shakespeare_val.bin"
+    out, train, val = tinyshakespeare_files(data_dir)
     src_note = out / "SOURCE.txt"
-    _check_split_outputs("--data-dir", out, [train, val])
+    check_outputs(tinyshakespeare_outputs(data_dir))
     if not force and train.is_file() and val.is_file():
         n_train, n_val = read_header(train), read_header(val)
-        source = src_note.read_text().strip() if src_note.is_file() else "unknown"
+        source = read_text(src_note).strip() if src_note.is_file() else "unknown"
         say(f"tiny Shakespeare already prepared in {out} ({n_train:,} train / {n_val:,} val tokens)")
         return PreproResult(train, val, n_train, n_val, source)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,8 +422,8 @@ def prepro_text(files: Sequence[str | os.PathLike], out_dir: str | os.PathLike |
         check_input_file(p, "a text file")
     name = name or paths[0].stem
     out = Path(out_dir) if out_dir is not None else DEFAULT_DATA_DIR / name
-    _check_split_outputs("--out-dir", out, [out / f"{name}_val.bin", out / f"{name}_train.bin"],
-                         inputs=[("text", p) for p in paths])
+    check_outputs(_split_outputs("--out-dir", out, [out / f"{name}_val.bin", out / f"{name}_train.bin"]),
+                  inputs=[("text", p) for p in paths])
     sections: list[str] = []
     for p in paths:
         sections.extend(_split_sections(p.read_text(encoding="utf-8", errors="replace")))
@@ -442,8 +455,6 @@ def _cmd_text(args: argparse.Namespace) -> None:
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
     """Add ``prepro`` (with ``tinyshakespeare`` and ``text``) to an argparse subparsers object."""
-    from .cli import Bounded
-
     fmt = _HelpFormatter
     p = subparsers.add_parser("prepro", help="prepare tokenized training data (llm.c format)",
                               description="Tokenize text with the GPT-2 tokenizer into llm.c "

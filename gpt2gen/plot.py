@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .cli import Bounded, Output, UsageError, check_outputs, run_command
+from .checks import Bounded, Output, UsageError, check_outputs
 from .data import DataError, check_input_file
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,13 +36,31 @@ def _record(raw: bytes, path: Path, lineno: int) -> dict | None:
     return rec
 
 
+MAX_STEP = 2 ** 63 - 1   # what the plot's int64 axis holds
+
+
 def _loss_point(rec: dict, path: Path, lineno: int) -> tuple[int, float]:
+    """(step, loss) of a train/val record. JSON integers are unbounded, so a loss is converted under a
+    check (``float(10**400)`` raises OverflowError) and a step is held to what the axis holds."""
     step, loss = rec["step"], rec["loss"]
-    if isinstance(step, bool) or not isinstance(step, int) or isinstance(loss, bool) or \
-            not isinstance(loss, (int, float)):
-        raise DataError(f"{path}:{lineno}: a {rec['type']} record needs a whole-number step and a numeric "
-                        f"loss, got step {step!r}, loss {loss!r}")
-    return step, float(loss)
+    numeric = not isinstance(loss, bool) and isinstance(loss, (int, float))
+    whole = not isinstance(step, bool) and isinstance(step, int)
+    try:
+        value = float(loss) if numeric else None
+    except OverflowError:
+        value = None
+    if value is None or not whole or not 0 <= step <= MAX_STEP:
+        raise DataError(f"{path}:{lineno}: a {rec['type']} record needs a whole-number step in [0, 2^63) "
+                        f"and a numeric loss a float can hold, got step {_brief(step)}, loss {_brief(loss)}")
+    return step, value
+
+
+def _brief(value) -> str:
+    """A log value in a message: a huge integer by its size, not its 400 digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 20:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -153,6 +171,8 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import run_command
+
     p = argparse.ArgumentParser(prog="python -m gpt2gen.plot", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
     add_arguments(p)

@@ -26,8 +26,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import checkpoint as ckpt
-from .cli import Bounded, Output, UsageError, check_outputs, describe, parse_override, run_command
-from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare, read_header
+from .checks import Bounded, Output, UsageError, check_bounds, check_outputs, error_parts
+from .cli import parse_override, run_command
+from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare, read_header, tinyshakespeare_outputs
+from .runtime import Model, check_training_memory
 
 # Shape overrides of the presets (on top of the model file's config). "demo" fits a few minutes of
 # 2-core CPU time; "model" keeps the model file's own sizes (GPT-2 124M for model.yaml).
@@ -409,11 +411,8 @@ def _build_model(args, say, resume_meta):
 def _check_args(args, from_state: set[str] = frozenset()) -> int:
     """Validate the settings (those a resumed state supplied too, against the same ranges); returns the
     number of micro-batches per step."""
-    for name, bound in BOUNDS.items():
-        why = bound.problem(getattr(args, name))
-        if why:
-            source = " (the value saved in the resumed run's state)" if name in from_state else ""
-            raise UsageError(f"--{name.replace('_', '-')} {why}{source}")
+    check_bounds(args, BOUNDS, lambda name: " (the value saved in the resumed run's state)" if name in from_state
+                 else "")
     bt = args.batch_size * args.seq_len
     total = args.total_batch_size or bt
     if total % bt:
@@ -431,9 +430,27 @@ def _check_resume_options(args, resume_meta: dict) -> None:
                          f"resumed state holds the weights", hint="drop --init-from to resume")
     cfg = resume_meta.get("config", {})
     for name, value in args.overrides:
-        if name in cfg and cfg[name] != value:
+        if name not in cfg:   # the state predates the symbol (GPT-2's norm_eps), or the file has none such
+            raise UsageError(f"--set {name}={value}: the resumed run's state records no {name} (it was saved "
+                             f"before the model file had that symbol, or the model has none), and a resumed "
+                             f"run keeps the model it was saved with",
+                             hint=f"drop --set {name}=..., or start a new run")
+        if cfg[name] != value:
             raise UsageError(f"--set {name}={value}: the resumed run's model has {name}={cfg[name]}, and a "
                              f"resumed run keeps its shape", hint=f"drop --set {name}=..., or start a new run")
+
+
+# The trainer prepares tiny Shakespeare in the default place, chosen by no option of its own: a problem
+# there names what the trainer's user can change instead of prepro's --data-dir.
+PREPARE_HINT = (f"without --train-data the trainer prepares tiny Shakespeare in {DEFAULT_DATA_DIR}/tinyshakespeare "
+                f"under the current directory: run it from another directory, pass --train-data and --val-data "
+                f"token files, or prepare them elsewhere with `gpt2gen prepro tinyshakespeare --data-dir DIR`")
+
+
+def _prepares_tinyshakespeare(args) -> bool:
+    """Whether this run prepares tiny Shakespeare before training (its default training file is missing)."""
+    train_path = Path(args.train_data)
+    return train_path == DEFAULT_TRAIN and not train_path.exists()
 
 
 def _check_run_outputs(args, log_path: Path, ckpt_dir: Path | None, resume_path: Path | None) -> None:
@@ -447,6 +464,10 @@ def _check_run_outputs(args, log_path: Path, ckpt_dir: Path | None, resume_path:
                               np.array([ckpt.LLMC_MAGIC], dtype="<i4").tobytes(), "model.bin"))
     inputs = [("--train-data", args.train_data), ("--val-data", args.val_data),
               ("--init-from", args.init_from), ("--resume", resume_path)]
+    if _prepares_tinyshakespeare(args):   # the token files it writes are outputs first, then the inputs
+        prepared = tinyshakespeare_outputs(DEFAULT_DATA_DIR, "the default --train-data", PREPARE_HINT)
+        outputs += prepared
+        inputs = [(o, p) for o, p in inputs if not any(p and Path(p) == out.path for out in prepared)]
     check_outputs(outputs, inputs)
     if ckpt_dir is not None:
         _check_checkpoint_dir(args, ckpt_dir, resume_path)
@@ -467,59 +488,26 @@ def _check_checkpoint_dir(args, ckpt_dir: Path, resume_path: Path | None) -> Non
                               f"--checkpoint-dir (or --run-name)")
 
 
-def _first_nonfinite(a: np.ndarray, chunk: int = 1 << 22) -> tuple[int, int]:
-    """(count, first flat index) of the NaN/inf values in a flat array, in chunks (no arena-sized mask)."""
-    count, first = 0, -1
-    for i in range(0, a.size, chunk):
-        bad = ~np.isfinite(a[i:i + chunk])
-        n = int(np.count_nonzero(bad))
-        if n and first < 0:
-            first = i + int(np.argmax(bad))
-        count += n
-    return count, first
-
-
-def _param_at(model, index: int) -> str:
-    """The parameter (and its element) at a flat offset of the params arena (the AdamW moments share it)."""
-    base = model.arenas["params"]
-    for name, view in model.params.items():
-        off = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // base.itemsize
-        if off <= index < off + view.size:
-            at = np.unravel_index(index - off, view.shape)
-            return f"{name}[{', '.join(str(int(i)) for i in at)}]"
-    return f"offset {index}"
-
-
-def _check_finite_start(model, source: str) -> None:
-    """Refuse to train from NaN/inf weights or AdamW moments: every step would only produce a NaN loss."""
-    for arena, what in (("params", "weights"), ("m", "AdamW first moments"), ("v", "AdamW second moments")):
-        a = model.arenas.get(arena)
-        if a is None:
-            continue
-        count, first = _first_nonfinite(a)
-        if count:
-            raise ckpt.CheckpointError(
-                f"{source}: the starting {what} hold {count:,} NaN or infinite values (the first at "
-                f"{_param_at(model, first)}); training from them cannot produce a finite loss\n"
-                f"  hint: the run had diverged or the file is corrupt: start from an earlier checkpoint")
-
-
 class _CtrlC:
     """What Ctrl-C (SIGINT) does during a run.
 
     The first one only sets ``requested``, checked between steps: the current step completes (with its
     validation, sample and checkpoint), the state is saved and the run stops. A second one stops at
-    once (KeyboardInterrupt), and the last consistent state is saved. While a file is being written
-    (:meth:`writing`) and once the run is stopping, further Ctrl-Cs are ignored with a notice: an
-    interrupted atomic write keeps nothing, so the save that was promised would be lost.
+    once (KeyboardInterrupt), and the last consistent state is saved. Inside a protected section
+    (:meth:`protected`: writing a file, or applying an update together with the record that it was
+    applied) a second Ctrl-C takes effect only when the section is done: an interrupted atomic write
+    keeps nothing, and an update without its record would be saved with the previous step's loader
+    and RNG state. Once the run is stopping, further Ctrl-Cs are ignored with a notice, so the save
+    that was promised is not lost.
     """
 
     def __init__(self, notice: str, write):
         self.notice, self._write = notice, write
         self.requested = False
         self.stopping = False
-        self._file: str | None = None
-        self._ignored = 0
+        self._doing: str | None = None
+        self._held = 0          # Ctrl-Cs held back in the current protected section
+        self._stop_after = False   # one of them was a second Ctrl-C: stop when the section is done
         self._old = None
 
     def install(self) -> None:
@@ -539,22 +527,33 @@ class _CtrlC:
         return KeyboardInterrupt()
 
     @contextlib.contextmanager
-    def writing(self, what: str):
-        """Ctrl-C cannot interrupt writing ``what``; one pressed meanwhile stops the run after it."""
-        outer, self._file, self._ignored = self._file, what, 0
+    def protected(self, doing: str):
+        """Ctrl-C cannot interrupt ``doing`` (e.g. "writing the training state PATH"); a second one
+        pressed meanwhile stops the run once it is done (unless the run is stopping already)."""
+        outer = self._doing
+        if outer is None:
+            self._held, self._stop_after = 0, False
+        self._doing = doing
         try:
             yield
         finally:
-            self._file = outer
+            self._doing = outer
+        if outer is None and self._stop_after and not self.stopping:
+            raise self.stop_now()
+
+    def writing(self, what: str):
+        """:meth:`protected` for writing the file ``what``."""
+        return self.protected(f"writing {what}")
 
     def _handle(self, signum, frame) -> None:
-        if self._file is not None or self.stopping:
+        if self.stopping or (self._doing is not None and self.requested):
             self.requested = True
-            self._ignored += 1
-            if self._ignored == 1:
-                what = f"writing {self._file}" if self._file else "saving and stopping"
+            self._stop_after = self._stop_after or self._doing is not None
+            self._held += 1
+            if self._held == 1:
+                what = self._doing or "saving and stopping"
                 self._write(f"interrupt: {what}; Ctrl-C is ignored until that is done, then the run stops "
-                            f"(kill -9 would stop at once, keeping the previous file intact)")
+                            f"(kill -9 would stop at once, keeping the files already saved intact)")
             return
         if self.requested:
             raise self.stop_now()
@@ -595,14 +594,16 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         Path(prev["checkpoint_dir"]) if prev.get("checkpoint_dir") else Path("out") / run_name)
     # a resumed run keeps saving states (it came from one), so a Ctrl-C in it saves too
     save_states = args.checkpoint_every > 0 or args.checkpoint_dir is not None or resume_path is not None
-    _check_run_outputs(args, log_path, ckpt_dir if save_states or args.stop_after else None, resume_path)
+    # --export-llmc may fall back to saving a state in ckpt_dir (a full disk at the end), so it is checked then too
+    _check_run_outputs(args, log_path, ckpt_dir if save_states or args.stop_after or args.export_llmc else None,
+                       resume_path)
     from .cache import remove_stale_temporaries   # a state half-written by a killed run: GBs for 124M
     for stale in remove_stale_temporaries(ckpt_dir, legacy_glob="state_*.safetensors"):
         say(f"removed {stale}, a temporary left by a run that was killed")
 
     # data
     train_path = Path(args.train_data)
-    if not train_path.exists() and train_path == DEFAULT_TRAIN:
+    if _prepares_tinyshakespeare(args):
         say("training data not found; preparing tiny Shakespeare ...")
         prepro_tinyshakespeare(DEFAULT_DATA_DIR, quiet=quiet)
     for data_file in (train_path, args.val_data):   # a bad token file is found before the model is compiled
@@ -610,6 +611,8 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
             read_header(data_file)
 
     model = _build_model(args, say, resume_meta)
+    if isinstance(model, Model):       # training writes all six arenas: refuse now what cannot fit
+        check_training_memory(model)
     V = int(model.config["V"])
     loader = DataLoader(train_path, args.batch_size, args.seq_len, shuffle=args.shuffle,
                         seed=args.seed, vocab_size=V)
@@ -627,7 +630,6 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if "hparams" not in prev and prev.get("steps") not in (None, args.steps):
             warn(f"the resumed run was planned for {prev['steps']} steps, this one for "
                  f"{args.steps}: the learning-rate schedule changes")
-    _check_finite_start(model, str(resume_path or args.init_from or f"the initialisation from {args.model}"))
     if args.export_llmc:   # fail now, not after training, when the weights cannot be exported
         try:
             ckpt.check_llmc_compatible(model)
@@ -640,29 +642,46 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         f"again to stop sooner: the state saved is still exact)" if save_states else
         "interrupt: finishing the current step, then stopping; this run saves no training state (Ctrl-C "
         "again to stop at once)", lambda msg: tqdm.write(msg, file=sys.stderr))
-    saved: dict[str, Any] = {"step": None, "post_done": None}
+    # the newest state this run wrote, or the one it resumed from (it holds the weights at `start`)
+    saved: dict[str, Any] = {"step": None, "post_done": None, "path": None}
+    if resume_path is not None:
+        saved.update(step=start, post_done=not prev.get("post_step_pending"), path=resume_path)
 
     def export() -> None:
-        """Write --export-llmc; if that fails and the trained weights are in no state yet, keep them in one."""
+        """Write --export-llmc; if that fails, the message names the state file holding the trained weights."""
         try:
             with ctrl_c.writing(f"the llm.c model file {args.export_llmc}"):
                 ckpt.save_llmc(model, args.export_llmc, args.export_dtype)
         except OSError as e:
-            kept = ""
-            if saved["step"] != result.step or not saved["post_done"]:
-                with contextlib.suppress(OSError):
-                    save(result.step)
-                    kept = (f"; the trained weights are kept in {ckpt_dir}: export them later with --resume "
-                            f"{ckpt_dir} --export-llmc PATH")
-            raise ckpt.CheckpointError(f"--export-llmc {args.export_llmc}: could not write it: "
-                                       f"{describe(e)}{kept}") from None
+            text, hint = error_parts(e)
+            kept, why_not = keep_trained_weights()
+            if kept is not None:
+                later = f"export them later with --resume {kept} --export-llmc PATH"
+                text += f"; the trained weights are kept in {kept}"
+                hint = f"{hint}; then {later}" if hint else later
+            else:
+                text += f"; saving the trained weights as a training state failed too: {why_not}"
+            raise ckpt.CheckpointError(f"--export-llmc {args.export_llmc}: could not write it: {text}"
+                                       + (f"\n  hint: {hint}" if hint else "")) from None
         say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
 
+    def keep_trained_weights() -> tuple[Path | None, str | None]:
+        """After a failed export: the state file holding the trained weights -- the one saved or resumed
+        from at this step, else one saved now -- or None and why it could not be saved. The fallback save
+        prunes nothing: the states already in the directory may be the only copies of other weights."""
+        if saved["step"] == result.step:
+            return saved["path"], None
+        try:
+            return save(result.step, prune=False), None
+        except OSError as e:
+            return None, error_parts(e)[0]
+
     def save(step: int, data_state: dict | None = None, rng_state: dict | None = None,
-             post_done: bool = True) -> None:
+             post_done: bool = True, prune: bool = True) -> Path:
         """Save the state at ``step``: the model's arenas as they are now, with the given (default:
         current) loader and sampler states. ``post_done=False``: the step's update is applied but
-        its validation/sample/checkpoint are not, and a resume does them first."""
+        its validation/sample/checkpoint are not, and a resume does them first. ``prune``: keep only
+        the newest --keep-checkpoints states."""
         path = ckpt_dir / f"state_{step:06d}.safetensors"
         extra = {"run_name": run_name, "log": str(log_path), "checkpoint_dir": str(ckpt_dir),
                  "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}}
@@ -673,12 +692,13 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
                             data={"train": data_state if data_state is not None else loader.state_dict()},
                             rng={"sample": rng_state if rng_state is not None else rng.bit_generator.state},
                             extra=extra)
-            saved.update(step=step, post_done=post_done)
+            saved.update(step=step, post_done=post_done, path=path)
             result.checkpoints.append(path)
             log.write(type="checkpoint", step=step, path=str(path))
-            if args.keep_checkpoints > 0:
+            if prune and args.keep_checkpoints > 0:
                 for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
                     old.unlink(missing_ok=True)
+        return path
 
     if resume_path is not None and start >= args.steps and not prev.get("post_step_pending"):
         log = JsonlLog(None)
@@ -747,7 +767,8 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         state, post_done = (pending, False) if pending is not None and pending["step"] > start else (snap, True)
         if state["step"] <= start:
             return f"no step completed, so no new state was saved (the run is still at step {start})"
-        if (saved["step"], saved["post_done"]) != (state["step"], post_done):
+        # a state of this step saved with its post-step work done (a checkpoint) is as good or better
+        if saved["step"] != state["step"] or (post_done and not saved["post_done"]):
             save(state["step"], state["data"], state["rng"], post_done=post_done)
         return f"the state at step {state['step']} is saved in {ckpt_dir}"
 
@@ -787,9 +808,12 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
                 if args.grad_clip > 0 and norm > args.grad_clip:
                     scale *= args.grad_clip / norm
                 data_after = loader.state_dict()
-                model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
-                             grad_scale=scale)
-                pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
+                # the update and the record that it was applied are one: a Ctrl-C between them would save
+                # this step's weights with the previous step's loader and RNG state
+                with ctrl_c.protected(f"applying the update of step {step}"):
+                    model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
+                                 grad_scale=scale)
+                    pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
                 dt = time.perf_counter() - t0
                 result.train_losses.append((step, loss))
                 result.step = step

@@ -79,3 +79,60 @@ def test_bench_command_runs_end_to_end():
         assert row["ms_per_step"] > 0 and row["peak_rss_gib"] > 0
     assert r["ratios"]["eager/gpt2gen"] > 0 and 0 < r["ratios"]["gpt2gen share of sgemm"]
     assert r["B"] == 2 and r["T"] == 8 and r["threads"] >= 1
+
+
+# ------------------------------------------------------------------------------ bad input: one error line
+
+def test_bench_options_out_of_range_are_refused(capsys, monkeypatch):
+    """A zero step or round count is refused when parsed (it used to exit 1 with a bare SystemExit text), and
+    by run_bench for a Namespace made by hand, as one `gpt2gen: error:` line with exit status 2."""
+    import argparse
+
+    from gpt2gen import cli
+    monkeypatch.setattr(bench, "_Contender", lambda *a, **k: pytest.fail("a contender started"))
+    for option in ("--steps", "--rounds", "--threads", "-b"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", option, "0"])
+        assert e.value.code == 2
+        assert "must be a whole number >= 1, got 0" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args([])
+    args.steps = 0
+    assert cli.run_command(bench.cmd_bench, args) == 2
+    err = capsys.readouterr().err
+    assert err == "gpt2gen: error: --steps must be a whole number >= 1, got 0\n", err
+
+
+def test_a_model_file_bench_has_no_torch_module_for(tmp_path, capsys, monkeypatch):
+    """A model file of neither family (GPT-2 without its GELU) is a UsageError naming the file and the fix,
+    from the API and from `gpt2gen bench` before any process starts; it used to be a plain ValueError."""
+    from gpt2gen import cli
+    from gpt2gen.checks import UsageError
+    import re
+    text = (gpt2gen.resources.data_root() / "model.yaml").read_text()
+    text, dropped = re.subn(r"^ *- \{name: *mlp_gelu,.*\n", "", text, flags=re.M)   # the GELU node ...
+    text, rewired = re.subn(r"in: *\[fch_gelu,", "in: [fch,", text)                  # ... and its one reader
+    assert dropped == rewired == 1
+    other = tmp_path / "nogelu.yaml"
+    other.write_text(text)
+    small = dict(V=97, L=1, C=32, NH=2, maxT=16, T=16)
+    program, _ = gpt2gen.builder.generate(other, "cpu", **small)
+    with pytest.raises(UsageError, match="gpt2gen bench has a PyTorch module for GPT-2 and Llama-family") as e:
+        bench_torch.make_module(program.spec, program.config)
+    assert str(other) in str(e.value) and "hint: benchmark one of those" in str(e.value)
+    monkeypatch.setattr(bench, "_Contender", lambda *a, **k: pytest.fail("a contender started"))
+    sets = [x for k, v in small.items() for x in ("--set", f"{k}={v}")]
+    assert cli.main(["bench", "--model", str(other), *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2gen: error: {other}: gpt2gen bench has a PyTorch module") and "Traceback" not in err
+    assert err.count("\n") == 2 and "\n  hint: benchmark one of those" in err   # one line and its hint
+
+
+def test_a_contender_reports_a_user_error_in_its_own_words():
+    """A contender whose setup fails with a user error tells the parent the message, not the exception's type;
+    a bug keeps its type (the parent raises a UsageError for the first, a RuntimeError for the second)."""
+    from gpt2gen.checks import UsageError
+    assert bench._failure(UsageError("x.yaml: too big", hint="smaller")) == {
+        "ready": False, "error": "x.yaml: too big\n  hint: smaller", "user_error": True}
+    assert bench._failure(KeyError("wte")) == {"ready": False, "error": "KeyError: 'wte'", "user_error": False}

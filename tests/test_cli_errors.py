@@ -86,7 +86,9 @@ def test_plot_errors(capsys, files, tmp_path):
     latin1.write_bytes(b'{"type": "config"}\n{"type": "sample", "text": "caf\xe9"}\n')
     _user_error(capsys, ["plot", str(latin1)], f"{latin1}:2: not UTF-8 text")
     for n, line in enumerate(["[" * 100_000, "3", '{"type": "train", "step": "x", "loss": 1}',
-                              '{"type": "val", "step": 1, "loss": [1]}'], 1):
+                              '{"type": "val", "step": 1, "loss": [1]}',
+                              '{"type": "train", "step": 1, "loss": 1' + "0" * 400 + '}',   # past a float
+                              '{"type": "train", "step": 1' + "0" * 30 + ', "loss": 1}'], 1):   # past int64
         bad = tmp_path / f"bad{n}.jsonl"
         bad.write_text('{"type": "config"}\n' + line + "\n")
         _user_error(capsys, ["plot", str(bad)], f"{bad}:2: ")
@@ -122,11 +124,42 @@ def test_the_wrapper_reports_os_memory_and_decode_errors(capsys, monkeypatch, tm
         (MemoryError("Unable to allocate 7.28 TiB for an array with shape (2000000000000,)"),
          ["out of memory: Unable to allocate 7.28 TiB", "hint: the model or batch is too large"]),
         (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"),
-         ["cannot decode byte offset 2 as utf-8", "UTF-8 text"]),
+         ["not UTF-8 text: byte 0xff at byte offset 2 (invalid start byte)", "hint: the file must be UTF-8 text"]),
     ]
     for exc, needles in cases:
         monkeypatch.setattr(cli, "compile_model", raising(exc))
         _user_error(capsys, ["build"], *needles)
+
+
+def test_a_decode_error_names_the_file_where_the_call_site_knows_it(tmp_path):
+    """A UnicodeDecodeError knows its byte offset but not its file: the call site adds it (``where``), and
+    checks.read_text, which library code reads text files with, always does."""
+    from gpt2gen import checks
+    err = UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte")
+    assert checks.describe_error(err, where="notes.txt") == ("notes.txt: not UTF-8 text: byte 0xff at byte offset 2 "
+                                                             "(invalid start byte)\n  hint: the file must be UTF-8 text")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9")
+    with pytest.raises(checks.UsageError, match=rf"^{bad}: not UTF-8 text: byte 0xe9 at byte offset 3"):
+        checks.read_text(bad)
+
+
+def test_the_library_modules_take_their_checks_from_checks_not_the_command_line():
+    """data, plot and train share UsageError, Bounded, Output and check_outputs through gpt2gen.checks, and
+    the command line keeps no copies of them (nor an error formatter named like spec.describe)."""
+    import ast
+    from pathlib import Path
+
+    import gpt2gen
+    root = Path(gpt2gen.__file__).parent
+    shared = {"UsageError", "Bounded", "Output", "check_outputs", "describe_error", "describe"}
+    for module in ("data", "plot", "train", "bench"):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        from_cli = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "cli"
+                    for a in node.names}
+        assert not from_cli & shared, (module, from_cli & shared)
+    assert not hasattr(cli, "describe") and not hasattr(cli, "Bounded")
+    assert cli.UsageError is __import__("gpt2gen.checks", fromlist=["x"]).UsageError   # used by cli itself
 
 
 def test_a_bug_keeps_its_traceback_and_ctrl_c_is_130(capsys, monkeypatch):
@@ -148,6 +181,7 @@ def test_a_bug_keeps_its_traceback_and_ctrl_c_is_130(capsys, monkeypatch):
     ("gpt2gen.train", ["--train-data", "{dir}", "--no-progress"]),
     ("gpt2gen.data", ["prepro", "text", "{dir}"]),
     ("gpt2gen.plot", ["{dir}"]),
+    ("gpt2gen.bench", ["--model", "{dir}"]),
 ])
 def test_every_python_m_entry_point(tmp_path, module, argv):
     """The real entry points, in a fresh interpreter: status 2 and one message, no traceback."""
@@ -161,4 +195,4 @@ def test_every_python_m_entry_point(tmp_path, module, argv):
                           timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("gpt2gen: error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{tmp_path} is a directory" in proc.stderr
+    assert f"{tmp_path}: this is a directory" in proc.stderr or f"{tmp_path} is a directory" in proc.stderr

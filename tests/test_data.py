@@ -251,3 +251,33 @@ def test_loader_state_of_another_kind_is_a_data_error():
         with pytest.raises(D.DataError, match="no valid position"):
             dl.load_state_dict(bad)
     assert (dl.epoch, dl.position) == (0, 0)   # left as it was
+
+
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path, monkeypatch):
+    """A prepared directory whose SOURCE.txt is not UTF-8: the error names that file and the byte (a bare
+    UnicodeDecodeError named only a byte offset), and the token files are left as they are."""
+    from gpt2gen.checks import UsageError
+    out = tmp_path / "tinyshakespeare"
+    out.mkdir()
+    for name in ("tiny_shakespeare_train.bin", "tiny_shakespeare_val.bin"):
+        D.write_tokens(out / name, np.arange(100) % 50)
+    (out / "SOURCE.txt").write_bytes(b"tiny Shakespeare from caf\xe9\n")
+    monkeypatch.setattr(D, "_fetch_url", lambda url, timeout: pytest.fail("refetched"))
+    with pytest.raises(UsageError) as e:
+        D.prepro_tinyshakespeare(tmp_path, quiet=True)
+    assert str(e.value) == (f"{out / 'SOURCE.txt'}: not UTF-8 text: byte 0xe9 at byte offset 25 (invalid "
+                            f"continuation byte)\n  hint: the file must be UTF-8 text")
+    assert D.read_header(out / "tiny_shakespeare_train.bin") == 100
+
+
+def test_prepro_outputs_name_the_option_that_chose_them(tmp_path):
+    """The same outputs, named by whichever option chose them: prepro's --data-dir, or (for the trainer,
+    which has no such option) its own words and hint."""
+    from gpt2gen.checks import UsageError, check_outputs
+    (tmp_path / "data").write_text("a file\n")
+    with pytest.raises(UsageError, match=r"^--data-dir .*: .* is a file, so no directory can be created") as e:
+        check_outputs(D.tinyshakespeare_outputs(tmp_path / "data"))
+    assert e.value.hint == "choose a path whose parent directories are directories"
+    with pytest.raises(UsageError, match=r"^the default --train-data .*tinyshakespeare: ") as e:
+        check_outputs(D.tinyshakespeare_outputs(tmp_path / "data", "the default --train-data", "pass --train-data"))
+    assert e.value.hint == "pass --train-data"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,6 +307,46 @@ def test_export_llmc_is_checked_before_training(tmp_path, tokens, fake_build, ca
     assert not (tmp_path / "out.bin").exists()
 
 
+def test_a_failed_export_keeps_the_weights_and_deletes_no_state(tmp_path, tokens, fake_build, capsys, monkeypatch):
+    """--export-llmc failing at the end (a full disk) saves the trained weights as a state and names that
+    file. The fallback save used to go into a directory nobody had checked and prune it with the default
+    --keep-checkpoints 2: a second run with the same --run-name deleted the first run's states and its own,
+    and still said the weights were kept."""
+    import errno
+
+    from safetensors.numpy import load_file
+    train, val = tokens
+    monkeypatch.chdir(tmp_path)
+    base = [*_base(tmp_path, train, val), "--run-name", "shk"]
+    assert TR.main([*base, "--steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "0"]) == 0
+    first = {p: p.read_bytes() for p in sorted((tmp_path / "out" / "shk").iterdir())}
+    assert [p.name for p in first] == [f"state_00000{i}.safetensors" for i in (2, 4, 6)]
+
+    def full_disk(model, path, dtype="fp32"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(ck, "check_llmc_compatible", lambda model: None)
+    monkeypatch.setattr(ck, "save_llmc", full_disk)
+    capsys.readouterr()
+    # another run into the same out/shk is refused before it trains, and the first run's states stay
+    assert TR.main([*base, "--steps", "1", "--export-llmc", "x.bin"]) == 2
+    assert "out/shk: holds 3 training state(s) of another run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "out" / "shk").iterdir())} == first
+    # a new run whose export fails: its weights are in the state file the message names
+    assert TR.main([*_base(tmp_path, train, val), "--run-name", "new", "--steps", "1", "--export-llmc", "x.bin"]) == 2
+    err = capsys.readouterr().err
+    kept = Path("out") / "new" / "state_000001.safetensors"
+    assert (f"--export-llmc x.bin: could not write it: x.bin: No space left on device; the trained weights are "
+            f"kept in {kept}") in err, err
+    assert "hint: free some disk space" in err and f"then export them later with --resume {kept} --export-llmc PATH" in err
+    assert ck.verify_state(kept)["step"] == 1
+    assert load_file(str(kept))["params"].tobytes() == fake_build[-1].arenas["params"].tobytes()
+    # resuming a run whose states are already saved names its newest state, and saves no other
+    assert TR.main(["--resume", "out/shk", "--no-progress", "--export-llmc", "x.bin"]) == 2
+    err = capsys.readouterr().err
+    assert f"the trained weights are kept in {Path('out/shk/state_000006.safetensors')}" in err, err
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "out" / "shk").iterdir())} == first
+
+
 def test_resume_falls_back_past_a_corrupt_newest_state(tmp_path, tokens, fake_build, capsys):
     train, val = tokens
     base = ["--train-data", str(train), "--val-data", str(val), "--no-progress", "--steps", "6", "-b", "4",
@@ -405,6 +446,24 @@ def test_every_output_path_is_checked_before_training(tmp_path, tokens, fake_bui
     assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before
 
 
+def test_preparing_tiny_shakespeare_names_what_the_trainer_user_can_change(tmp_path, fake_build, capsys,
+                                                                           monkeypatch):
+    """Without --train-data the trainer prepares tiny Shakespeare in ./data: a problem there is found before
+    anything starts and names the trainer's options, not prepro's --data-dir (which the trainer lacks)."""
+    from gpt2gen import data as data_module
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").write_text("my data notes\n")   # a file where the data directory would go
+    monkeypatch.setattr(data_module, "_fetch_url", lambda *a: pytest.fail("downloaded despite a bad output"))
+    assert TR.main(["--no-progress", "--steps", "1", "--log", str(tmp_path / "l.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2gen: error: the default --train-data {Path('data/tinyshakespeare')}: "
+                          f"{tmp_path / 'data'} is a file, so no directory can be created under it"), err
+    assert "hint: without --train-data the trainer prepares tiny Shakespeare in data/tinyshakespeare" in err
+    assert "pass --train-data and --val-data" in err and "--data-dir DIR" in err and "(--data-dir" not in err
+    assert (tmp_path / "data").read_text() == "my data notes\n" and fake_build == []
+    assert not (tmp_path / "l.jsonl").exists()
+
+
 def test_an_output_directory_that_cannot_be_written(tmp_path, tokens, fake_build, capsys, monkeypatch):
     import os
     train, val = tokens
@@ -463,22 +522,29 @@ def test_resumed_settings_are_range_checked_too(tmp_path, tokens, fake_build, ca
     assert "--lr must be a finite number >= 0, got nan (the value saved in the resumed run's state)" in err
 
 
-@pytest.mark.parametrize("arena,index,what", [("params", 3 * 256 + 5, "weights hold 1 NaN or infinite values "
-                                                                      "(the first at w[3, 5])"),
-                                              ("v", 7, "AdamW second moments hold 1 NaN")])
-def test_nonfinite_starting_weights_are_refused(tmp_path, tokens, fake_build, capsys, monkeypatch, arena, index,
-                                                what):
+def test_nonfinite_starting_weights_are_refused_where_they_are_loaded(tmp_path, tokens, fake_build, capsys,
+                                                                      monkeypatch):
+    """NaN/inf weights or AdamW moments in a resumed state are refused by the loader, naming the element, before
+    the first step; the trainer does not scan them again, and a fresh random init is not scanned at all."""
     train, val = tokens
-    made = Bigram.__init__
-
-    def poisoned(self, *a, **k):
-        made(self, *a, **k)
-        self.arenas[arena][index] = np.nan if arena == "params" else np.inf
-    monkeypatch.setattr(Bigram, "__init__", poisoned)
-    assert TR.main(_base(tmp_path, train, val)) == 2
+    base = _base(tmp_path, train, val)
+    assert TR.main([*base, "--steps", "4", "--stop-after", "2", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    path = tmp_path / "ck" / "state_000002.safetensors"
+    meta = ck.read_state_metadata(path)
+    model = fake_build[-1]
+    model.arenas["v"][7] = np.inf
+    ck.save_state(path, model, step=2, data=meta["data"], rng=meta["rng"], extra=meta["extra"])
+    capsys.readouterr()
+    log = (tmp_path / "l.jsonl").read_text()
+    assert TR.main(["--resume", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert what in err and "the initialisation from model.yaml" in err and "hint:" in err, err
-    assert not (tmp_path / "l.jsonl").exists()   # refused before the first step
+    assert err.startswith("gpt2gen: error: ") and str(path) in err and "v[7]" in err and "inf" in err, err
+    assert (tmp_path / "l.jsonl").read_text() == log and len(fake_build) == 1   # refused before the model is built
+
+    def scanned(*a, **k):
+        raise AssertionError("a fresh random init was scanned for NaN")
+    monkeypatch.setattr(ck, "check_finite", scanned)
+    assert TR.main([*base, "--log", str(tmp_path / "fresh.jsonl")]) == 0
 
 
 def test_a_diverged_loss_stops_before_the_update_and_keeps_the_last_good_state(tmp_path, tokens, fake_build,
@@ -528,6 +594,43 @@ def test_resume_refuses_options_it_cannot_honour(tmp_path, tokens, fake_build, c
         capsys.readouterr().err
     assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress", "--init-from", str(train)]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    # a symbol the state predates (saved before the model file had GPT-2's norm_eps) is refused, not ignored
+    assert TR.main(["--resume", str(tmp_path / "ck"), "--no-progress", "--set", "norm_eps=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--set norm_eps=0.001: the resumed run's state records no norm_eps" in err and \
+        "hint: drop --set norm_eps=..., or start a new run" in err, err
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["state_000002.safetensors"]   # nothing trained
+
+
+def test_a_second_ctrl_c_as_the_update_returns_saves_that_step(tmp_path, tokens, fake_build, monkeypatch):
+    """Two Ctrl-Cs landing as step 5's update returns, before the trainer has recorded that it was applied:
+    the second used to stop the run there, saving step 4's loader and RNG state with step 5's weights (a
+    resume then diverged from an uninterrupted run). The trainer's own SIGINT handler is called directly,
+    as Python calls it between bytecodes, so the interrupt lands exactly there."""
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the trainer installs its own
+    train, val = tokens
+    full = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    update = Bigram.update
+
+    def update_then_ctrl_c_twice(self, *a, **k):
+        update(self, *a, **k)
+        if a[5] == 5:   # the step number
+            handler = signal.getsignal(signal.SIGINT)
+            handler(signal.SIGINT, None)   # the first: finish the step, then stop
+            handler(signal.SIGINT, None)   # the second: stop now
+    monkeypatch.setattr(Bigram, "update", update_then_ctrl_c_twice)
+    with pytest.raises(KeyboardInterrupt):
+        TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--checkpoint-dir", str(tmp_path / "ck"),
+                       "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    monkeypatch.setattr(Bigram, "update", update)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    states = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert states == ["state_000005.safetensors"]   # step 5's update, with step 5's loader state
+    assert ck.read_state_metadata(tmp_path / "ck" / states[0])["extra"]["post_step_pending"]
+    rest = TR.train(_args(tmp_path, train, val, *INTERRUPT_COMMON, "--resume", str(tmp_path / "ck"),
+                          "--log", str(tmp_path / "b.jsonl")), quiet=True)
+    _check_matches_full(full, rest, 6)
 
 
 # A child process: the fake model, a save that waits for the parent (so signals land during it), and the
@@ -712,3 +815,16 @@ def test_trainer_runs_other_architectures(tmp_path, real_tokens, arch):
     assert res.model.config["pad_id"] == -1       # the file's padding id is not a GPT-2 token
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert len(res.samples) == 1
+
+
+def test_a_model_that_runs_but_cannot_train_here_is_refused_before_the_first_step(tmp_path, real_tokens, monkeypatch):
+    """The build checks what running needs (params, acts); the trainer checks all six arenas before step 1."""
+    train, val = real_tokens
+    sizes = gpt2gen.builder.generate("model.yaml", "cpu", **TINY, B=2, T=16)[0].layout
+    run = 4 * (sizes.params.size + sizes.acts.size)
+    monkeypatch.setenv("GPT2GEN_MAX_MEMORY", str(run + 4 * sizes.params.size))   # runs; cannot hold grads, m, v
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    with pytest.raises(gpt2gen.builder.MemoryLimitError, match="arenas"):
+        TR.train(_args(tmp_path, train, val, *sets, "--steps", "2", "-b", "2", "-t", "16",
+                       "--log", str(tmp_path / "a.jsonl")), quiet=True)
+    assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
