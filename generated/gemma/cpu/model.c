@@ -1179,7 +1179,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "41949cd069ece5db6eb6"; }
+const char* gg_signature(void) { return "3975428e986d2e55bd11"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
