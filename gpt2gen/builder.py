@@ -377,20 +377,21 @@ def _cgroup_limits() -> list[tuple[int, int | None]]:
     return found
 
 
+def _system_figure(meminfo_key: str, sysconf_name: str, fallback_source: str) -> tuple[int | None, str]:
+    """A /proc/meminfo figure, or its sysconf fallback, with where it came from (None: neither)."""
+    value = _meminfo(meminfo_key)
+    if value is not None:
+        return value, f"{meminfo_key} in /proc/meminfo"
+    return _sysconf_pages(sysconf_name), fallback_source
+
+
 def machine_memory() -> tuple[int | None, str]:
     """The most memory this process can ever have, and where that figure comes from (None: unknown)."""
     override = _override()
     if override is not None:
         return override
-    found: list[tuple[int, str]] = []
-    total = _meminfo("MemTotal")
-    if total is None:
-        total = _sysconf_pages("SC_PHYS_PAGES")
-        source = "physical memory (sysconf)"
-    else:
-        source = "MemTotal in /proc/meminfo"
-    if total is not None:
-        found.append((total, source))
+    total, source = _system_figure("MemTotal", "SC_PHYS_PAGES", "physical memory (sysconf)")
+    found = [(total, source)] if total is not None else []
     found += [(limit, "this process's cgroup memory limit") for limit, _ in _cgroup_limits()]
     return min(found) if found else (None, "unknown")
 
@@ -400,15 +401,8 @@ def available_memory() -> tuple[int | None, str]:
     override = _override()
     if override is not None:
         return override
-    found: list[tuple[int, str]] = []
-    avail = _meminfo("MemAvailable")
-    if avail is None:
-        avail = _sysconf_pages("SC_AVPHYS_PAGES")
-        source = "free physical pages (sysconf)"
-    else:
-        source = "MemAvailable in /proc/meminfo"
-    if avail is not None:
-        found.append((avail, source))
+    avail, source = _system_figure("MemAvailable", "SC_AVPHYS_PAGES", "free physical pages (sysconf)")
+    found: list[tuple[int, str]] = [(avail, source)] if avail is not None else []
     for limit, used in _cgroup_limits():
         if used is None:
             found.append((limit, "this process's cgroup memory limit"))

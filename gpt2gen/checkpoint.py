@@ -512,25 +512,9 @@ def _hf_values(hf_cfg: dict[str, Any], cfg_path: Path, spec, mapping,
     return out
 
 
-def _depends_on(spec, names: set[str], given: set[str]) -> set[str]:
-    """``names`` and the config symbols their model-file expressions use, down to the ``given`` ones."""
-    seen: set[str] = set()
-    todo = list(names)
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n not in given:
-            ex = spec.config.get(n) or spec.batch.get(n)
-            if ex is not None:
-                todo.extend(ex.names())
-    return seen
-
-
 def _origin(spec, names: set[str], hf_values: dict, overrides: dict, prefix: str = "config.json's ") -> str:
     """Where the values of ``names`` come from: "config.json's n_layer = 0 (L) and the override T = 99"."""
-    used = _depends_on(spec, names, set(hf_values) | set(overrides))
+    used = spec.depends_on(names, set(hf_values) | set(overrides))
     order = list(spec.config) + list(spec.batch)
     parts = [f"{hf_values[s][0]} = {hf_values[s][1]!r} ({s})" for s in order if s in used and s in hf_values]
     ov = [f"{s} = {overrides[s]!r}" for s in order if s in used and s in overrides]
@@ -562,7 +546,7 @@ def _hf_program(spec, build_cfg: dict, hf_values: dict, overrides: dict, cfg_pat
         return lower_mod.lower(spec, spec.resolve(build_cfg))
     except SpecError as e:
         named = _named_symbols(spec, e)
-        used = _depends_on(spec, named, set(hf_values) | set(overrides))
+        used = spec.depends_on(named, set(hf_values) | set(overrides))
         blamed = used & set(hf_values)
         if not blamed and used & set(overrides):
             raise   # the overrides alone are at fault: the model file's own message says it best
