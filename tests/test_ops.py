@@ -152,6 +152,20 @@ def test_gelu(lib, n):
     check_grad("d_inp", d, d0, x.grad)
 
 
+def test_gelu_keeps_its_relative_accuracy_in_the_tails(lib):
+    """GELU tends to 0 for x << 0, where 0.5 x (1 + tanh(u)) cancels: the kernel computes x sigmoid(2u)
+    instead, so every output, however small, is within rtol 2e-5 of the float64 value: computing u in
+    fp32 (three roundings, 3 x 6e-8 relative) shifts exp(-2u) by about |2u| x 1.8e-7, and |2u| <= 70 for
+    |x| <= 9. (tanh in fp32 leaves no correct digit at x = -9.)"""
+    x = np.linspace(-9, 9, 20001).astype(np.float32)
+    xd = x.astype(np.float64)
+    u = np.sqrt(2 / np.pi) * (xd + 0.044715 * xd ** 3)
+    want = xd / (1 + np.exp(-2 * u))
+    out = np.zeros_like(x)
+    lib.gelu_forward(P(out), P(x), Z(x.size))
+    assert_close("gelu out, tails included", out, want, rtol=2e-5, atol=0)
+
+
 @pytest.mark.parametrize("n", [1, 13, 4096])
 def test_residual(lib, n):
     rng = np.random.default_rng(6)
