@@ -7,7 +7,7 @@ backward products (d_inp, d_weight) of each.
 
     python benchmarks/bench_gemm.py                 # B*T = 256, 2 threads
     python benchmarks/bench_gemm.py --rows 1024 --pairs 5
-    CFLAGS_MARCH=x86-64-v3 python benchmarks/bench_gemm.py   # the AVX2 kernel on an AVX-512 machine
+    GPT2GEN_CFLAGS=-march=x86-64-v3 python benchmarks/bench_gemm.py   # the AVX2 kernel on an AVX-512 machine
 """
 from __future__ import annotations
 
@@ -32,9 +32,6 @@ def side(which: str, rows: int, reps: int) -> float:
     flops = sum(6 * rows * C * OC for C, OC in SHAPES)
     if which == "gpt2gen":
         import gpt2gen.builder as b
-        march = os.environ.get("CFLAGS_MARCH")
-        if march:
-            b.C_FLAGS[:] = [f"-march={march}" if f.startswith("-march") else f for f in b.C_FLAGS]
         lib = ctypes.CDLL(str(b.kernels_library(["matmul"])))
         P = lambda a: a.ctypes.data_as(ctypes.c_void_p)   # noqa: E731
         outs = [(np.zeros((rows, OC), np.float32), np.zeros((rows, C), np.float32), np.zeros((OC, C), np.float32))

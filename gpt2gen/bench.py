@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def cpu_features(cc: str, flags: list[str]) -> list[str]:
     want = {"__AVX2__": "avx2", "__FMA__": "fma", "__AVX512F__": "avx512f", "__AVX512BF16__": "avx512_bf16",
             "__AVX512FP16__": "avx512_fp16", "__AMX_TILE__": "amx", "__ARM_NEON": "neon"}
     try:
-        out = subprocess.run([cc, *[f for f in flags if f.startswith("-m")], "-dM", "-E", "-x", "c", os.devnull],
+        out = subprocess.run([*shlex.split(cc), *[f for f in flags if f.startswith("-m")], "-dM", "-E", "-x", "c",
+                              os.devnull],
                              capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
@@ -268,7 +270,7 @@ class _Contender:
 # ---- the report ---------------------------------------------------------------------------------------
 
 def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
-    from .builder import C_FLAGS, generate, toolchain
+    from .builder import c_flags, generate, toolchain
     from .cli import parse_overrides
     from .resources import find_model
 
@@ -286,7 +288,7 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": str(find_model(args.model)), "config": {k: cfg[k] for k in cfg}, "B": B, "T": T,
         "threads": threads, "steps_per_turn": args.steps, "rounds": args.rounds,
-        "step_gflop": work["flops"] / 1e9, "cpu_features": cpu_features(toolchain()["cc"], C_FLAGS),
+        "step_gflop": work["flops"] / 1e9, "cpu_features": cpu_features(toolchain()["cc"], c_flags()),
         "torch_adamw": "fused" if args.fused_adamw else "default (single-tensor loop on the CPU)",
     }
     say(f"{program.spec.name}: B={B} T={T}, {work['flops'] / 1e9:.1f} GFLOP per step, {threads} threads; "
