@@ -100,11 +100,12 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
         "residual_forward(out, a, b, numel(out))",
         "residual_backward(d_a, d_b, d_out, numel(out))",
         "residual.c.j2"),
-    _op("softmax_crossentropy", "probs = softmax(logits[..., :vocab]); losses = -log probs[target]",
+    _op("softmax_crossentropy", "losses = -log softmax(logits[..., :vocab])[target]; keeps the log-sum-exp of "
+        "each row (the probabilities are recomputed in the backward, never stored)",
         [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False, indexes="V")],
-        [O("probs", "B,T,Vp", grad=False), O("losses", "B,T")],
-        "softmax_crossentropy_forward(losses, probs, logits, targets, B * T, V, Vp)",
-        "softmax_crossentropy_backward(d_logits, d_losses, probs, targets, B * T, V, Vp)",
+        [O("lse", "B,T", grad=False), O("losses", "B,T")],
+        "softmax_crossentropy_forward(losses, lse, logits, targets, B * T, V, Vp)",
+        "softmax_crossentropy_backward(d_logits, d_losses, logits, lse, targets, B * T, V, Vp)",
         "softmax_crossentropy.c.j2", attrs=[Attr("vocab", "int", binds="V")],
         checks=[("V <= Vp", "the vocabulary cannot exceed the logits' width")]),
     # ---- the ops of Llama, Mistral and Gemma (docs/adding-an-architecture.md) ----------------------------

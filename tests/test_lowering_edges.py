@@ -40,7 +40,7 @@ activations:
   r2: {shape: [B, T, C], per_layer: true}
   f: [B, T, C]
   logits: [B, T, Vp]
-  probs: [B, T, Vp]
+  loss_lse: [B, T]
   losses: [B, T]
 outputs: {logits: {tensor: logits, columns: V}, loss: losses}
 """
@@ -54,7 +54,7 @@ LAYER = """
 TAIL = """
   - {name: final, op: matmul, in: [FINAL, wf], out: f}
   - {name: head, op: matmul, in: [f, wte], out: logits}
-  - {name: loss, op: softmax_crossentropy, in: [logits, targets], out: [probs, losses], vocab: V}
+  - {name: loss, op: softmax_crossentropy, in: [logits, targets], out: [loss_lse, losses], vocab: V}
 """
 
 GRAPHS = {

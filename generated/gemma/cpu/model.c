@@ -760,46 +760,39 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
 // softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
 
 GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
-                                            float* probs,         // (N,Vp) saved for backward
+                                            float* lse,           // (N) saved: log-sum-exp of each row
                                             const float* logits,  // (N,Vp)
                                             const int* targets,   // (N)
                                             int N, int V, int Vp) {
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
         const float* x = logits + (size_t)r * Vp;
-        float* p = probs + (size_t)r * Vp;
         float maxval = -INFINITY;
         #pragma omp simd reduction(max:maxval)
         for (int i = 0; i < V; i++) maxval = x[i] > maxval ? x[i] : maxval;
         float sum = 0.0f;
         #pragma omp simd reduction(+:sum)
-        for (int i = 0; i < V; i++) {
-            p[i] = gg_expf(x[i] - maxval);
-            sum += p[i];
-        }
-        float inv = 1.0f / sum;
-        #pragma omp simd
-        for (int i = 0; i < V; i++) p[i] *= inv;
-        for (int i = V; i < Vp; i++) p[i] = 0.0f;
-        losses[r] = logf(sum) + maxval - x[targets[r]];
+        for (int i = 0; i < V; i++) sum += gg_expf(x[i] - maxval);
+        lse[r] = maxval + logf(sum);
+        losses[r] = lse[r] - x[targets[r]];
     }
 }
 
 GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) accumulated
                                              const float* d_losses, // (N)
-                                             const float* probs,    // (N,Vp)
+                                             const float* logits,   // (N,Vp)
+                                             const float* lse,      // (N)
                                              const int* targets,    // (N)
                                              int N, int V, int Vp) {
     if (!d_logits) return;
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const float* p = probs + (size_t)r * Vp;
+        const float* x = logits + (size_t)r * Vp;
         float* d = d_logits + (size_t)r * Vp;
-        float g = d_losses[r];
-        int y = targets[r];
-        for (int i = 0; i < V; i++) {
-            d[i] += (p[i] - (i == y ? 1.0f : 0.0f)) * g;
-        }
+        const float g = d_losses[r], L = lse[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) d[i] += gg_expf(x[i] - L) * g;
+        d[targets[r]] -= g;
     }
 }
 
@@ -901,7 +894,7 @@ typedef struct {
     float* lnf;        // (B, T, C)
     float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* probs;      // (B, T, Vp)
+    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
 } Acts;
 
@@ -928,11 +921,11 @@ static const gg_tensor_entry ACT_TABLE[24] = {
     {"lnf",          315536384,       524288, 0},
     {"lnf_rstd",     316060672,          256, 0},
     {"logits",       316060928,     65536000, 0},
-    {"probs",        381596928,     65536000, 0},
-    {"losses",       447132928,          256, 0},
+    {"loss_lse",     381596928,          256, 0},
+    {"losses",       381597184,          256, 0},
 };
 
-static const size_t ACTS_FLOATS = 447133184;
+static const size_t ACTS_FLOATS = 381597440;
 
 static void point_acts(Acts* a, float* base) {
     float** fields[24] = {
@@ -958,7 +951,7 @@ static void point_acts(Acts* a, float* base) {
         &a->lnf,
         &a->lnf_rstd,
         &a->logits,
-        &a->probs,
+        &a->loss_lse,
         &a->losses,
     };
     for (int i = 0; i < 24; i++) *fields[i] = base + ACT_TABLE[i].offset;
@@ -1056,7 +1049,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     matmul_forward(a->logits, a->lnf, p->wte, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
         // loss (models/gemma.yaml:93): softmax_crossentropy
-        softmax_crossentropy_forward(a->losses, a->probs, a->logits, targets, B * T, V, Vp);
+        softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
 }
@@ -1083,7 +1076,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
     // loss (models/gemma.yaml:93): softmax_crossentropy
-    softmax_crossentropy_backward(d_logits, d_losses, a->probs, targets, B * T, V, Vp);
+    softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head (models/gemma.yaml:92): matmul
     matmul_backward(d_lnf, g->wte, NULL, d_logits, a->lnf, p->wte, B * T, C, Vp);
@@ -1212,7 +1205,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "3975428e986d2e55bd11"; }
+const char* gg_signature(void) { return "b8ee4dd2c595989e3501"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

@@ -760,46 +760,39 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
 // softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
 
 GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
-                                            float* probs,         // (N,Vp) saved for backward
+                                            float* lse,           // (N) saved: log-sum-exp of each row
                                             const float* logits,  // (N,Vp)
                                             const int* targets,   // (N)
                                             int N, int V, int Vp) {
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
         const float* x = logits + (size_t)r * Vp;
-        float* p = probs + (size_t)r * Vp;
         float maxval = -INFINITY;
         #pragma omp simd reduction(max:maxval)
         for (int i = 0; i < V; i++) maxval = x[i] > maxval ? x[i] : maxval;
         float sum = 0.0f;
         #pragma omp simd reduction(+:sum)
-        for (int i = 0; i < V; i++) {
-            p[i] = gg_expf(x[i] - maxval);
-            sum += p[i];
-        }
-        float inv = 1.0f / sum;
-        #pragma omp simd
-        for (int i = 0; i < V; i++) p[i] *= inv;
-        for (int i = V; i < Vp; i++) p[i] = 0.0f;
-        losses[r] = logf(sum) + maxval - x[targets[r]];
+        for (int i = 0; i < V; i++) sum += gg_expf(x[i] - maxval);
+        lse[r] = maxval + logf(sum);
+        losses[r] = lse[r] - x[targets[r]];
     }
 }
 
 GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) accumulated
                                              const float* d_losses, // (N)
-                                             const float* probs,    // (N,Vp)
+                                             const float* logits,   // (N,Vp)
+                                             const float* lse,      // (N)
                                              const int* targets,    // (N)
                                              int N, int V, int Vp) {
     if (!d_logits) return;
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const float* p = probs + (size_t)r * Vp;
+        const float* x = logits + (size_t)r * Vp;
         float* d = d_logits + (size_t)r * Vp;
-        float g = d_losses[r];
-        int y = targets[r];
-        for (int i = 0; i < V; i++) {
-            d[i] += (p[i] - (i == y ? 1.0f : 0.0f)) * g;
-        }
+        const float g = d_losses[r], L = lse[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) d[i] += gg_expf(x[i] - L) * g;
+        d[targets[r]] -= g;
     }
 }
 
@@ -904,7 +897,7 @@ typedef struct {
     float* lnf;        // (B, T, C)
     float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* probs;      // (B, T, Vp)
+    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
 } Acts;
 
@@ -931,11 +924,11 @@ static const gg_tensor_entry ACT_TABLE[24] = {
     {"lnf",          674512896,      1048576, 0},
     {"lnf_rstd",     675561472,          256, 0},
     {"logits",       675561728,      8192000, 0},
-    {"probs",        683753728,      8192000, 0},
-    {"losses",       691945728,          256, 0},
+    {"loss_lse",     683753728,          256, 0},
+    {"losses",       683753984,          256, 0},
 };
 
-static const size_t ACTS_FLOATS = 691945984;
+static const size_t ACTS_FLOATS = 683754240;
 
 static void point_acts(Acts* a, float* base) {
     float** fields[24] = {
@@ -961,7 +954,7 @@ static void point_acts(Acts* a, float* base) {
         &a->lnf,
         &a->lnf_rstd,
         &a->logits,
-        &a->probs,
+        &a->loss_lse,
         &a->losses,
     };
     for (int i = 0; i < 24; i++) *fields[i] = base + ACT_TABLE[i].offset;
@@ -1059,7 +1052,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     matmul_forward(a->logits, a->lnf, p->lmheadw, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
         // loss (models/llama2.yaml:92): softmax_crossentropy
-        softmax_crossentropy_forward(a->losses, a->probs, a->logits, targets, B * T, V, Vp);
+        softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
 }
@@ -1086,7 +1079,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
     // loss (models/llama2.yaml:92): softmax_crossentropy
-    softmax_crossentropy_backward(d_logits, d_losses, a->probs, targets, B * T, V, Vp);
+    softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head (models/llama2.yaml:91): matmul
     matmul_backward(d_lnf, g->lmheadw, NULL, d_logits, a->lnf, p->lmheadw, B * T, C, Vp);
@@ -1215,7 +1208,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "1d3bac2b23692b9179ff"; }
+const char* gg_signature(void) { return "936aad1ad8cb5d3ee221"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

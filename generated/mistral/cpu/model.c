@@ -761,46 +761,39 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
 // softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
 
 GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
-                                            float* probs,         // (N,Vp) saved for backward
+                                            float* lse,           // (N) saved: log-sum-exp of each row
                                             const float* logits,  // (N,Vp)
                                             const int* targets,   // (N)
                                             int N, int V, int Vp) {
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
         const float* x = logits + (size_t)r * Vp;
-        float* p = probs + (size_t)r * Vp;
         float maxval = -INFINITY;
         #pragma omp simd reduction(max:maxval)
         for (int i = 0; i < V; i++) maxval = x[i] > maxval ? x[i] : maxval;
         float sum = 0.0f;
         #pragma omp simd reduction(+:sum)
-        for (int i = 0; i < V; i++) {
-            p[i] = gg_expf(x[i] - maxval);
-            sum += p[i];
-        }
-        float inv = 1.0f / sum;
-        #pragma omp simd
-        for (int i = 0; i < V; i++) p[i] *= inv;
-        for (int i = V; i < Vp; i++) p[i] = 0.0f;
-        losses[r] = logf(sum) + maxval - x[targets[r]];
+        for (int i = 0; i < V; i++) sum += gg_expf(x[i] - maxval);
+        lse[r] = maxval + logf(sum);
+        losses[r] = lse[r] - x[targets[r]];
     }
 }
 
 GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) accumulated
                                              const float* d_losses, // (N)
-                                             const float* probs,    // (N,Vp)
+                                             const float* logits,   // (N,Vp)
+                                             const float* lse,      // (N)
                                              const int* targets,    // (N)
                                              int N, int V, int Vp) {
     if (!d_logits) return;
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < N; r++) {
-        const float* p = probs + (size_t)r * Vp;
+        const float* x = logits + (size_t)r * Vp;
         float* d = d_logits + (size_t)r * Vp;
-        float g = d_losses[r];
-        int y = targets[r];
-        for (int i = 0; i < V; i++) {
-            d[i] += (p[i] - (i == y ? 1.0f : 0.0f)) * g;
-        }
+        const float g = d_losses[r], L = lse[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) d[i] += gg_expf(x[i] - L) * g;
+        d[targets[r]] -= g;
     }
 }
 
@@ -905,7 +898,7 @@ typedef struct {
     float* lnf;        // (B, T, C)
     float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* probs;      // (B, T, Vp)
+    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
 } Acts;
 
@@ -932,11 +925,11 @@ static const gg_tensor_entry ACT_TABLE[24] = {
     {"lnf",          680804352,      1048576, 0},
     {"lnf_rstd",     681852928,          256, 0},
     {"logits",       681853184,      8192000, 0},
-    {"probs",        690045184,      8192000, 0},
-    {"losses",       698237184,          256, 0},
+    {"loss_lse",     690045184,          256, 0},
+    {"losses",       690045440,          256, 0},
 };
 
-static const size_t ACTS_FLOATS = 698237440;
+static const size_t ACTS_FLOATS = 690045696;
 
 static void point_acts(Acts* a, float* base) {
     float** fields[24] = {
@@ -962,7 +955,7 @@ static void point_acts(Acts* a, float* base) {
         &a->lnf,
         &a->lnf_rstd,
         &a->logits,
-        &a->probs,
+        &a->loss_lse,
         &a->losses,
     };
     for (int i = 0; i < 24; i++) *fields[i] = base + ACT_TABLE[i].offset;
@@ -1060,7 +1053,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     matmul_forward(a->logits, a->lnf, p->lmheadw, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
         // loss (models/mistral.yaml:95): softmax_crossentropy
-        softmax_crossentropy_forward(a->losses, a->probs, a->logits, targets, B * T, V, Vp);
+        softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
 }
@@ -1087,7 +1080,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
     // loss (models/mistral.yaml:95): softmax_crossentropy
-    softmax_crossentropy_backward(d_logits, d_losses, a->probs, targets, B * T, V, Vp);
+    softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head (models/mistral.yaml:94): matmul
     matmul_backward(d_lnf, g->lmheadw, NULL, d_logits, a->lnf, p->lmheadw, B * T, C, Vp);
@@ -1216,7 +1209,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "a758a9dd11b17bb5f99e"; }
+const char* gg_signature(void) { return "891d059df554ab22ae40"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
