@@ -166,6 +166,18 @@ def test_gelu_keeps_its_relative_accuracy_in_the_tails(lib):
     assert_close("gelu out, tails included", out, want, rtol=2e-5, atol=0)
 
 
+def test_gelu_and_softmax_pass_nan_and_infinities_on(lib):
+    """The vectorised exp keeps NaN a NaN (the trainer stops a diverging run on a NaN loss) and saturates."""
+    x = np.array([np.nan, np.inf, 0.0, -100.0, 100.0], np.float32)
+    out = np.zeros_like(x)
+    lib.gelu_forward(P(out), P(x), Z(x.size))
+    assert np.isnan(out[0]) and out[1] == np.inf and out[2] == 0 and out[3] == 0 and out[4] == 100
+    logits = np.array([[0.0, np.nan, 1.0]], np.float32)
+    losses, lse = np.zeros(1, np.float32), np.zeros(1, np.float32)
+    lib.softmax_crossentropy_forward(P(losses), P(lse), P(logits), P(np.zeros(1, np.int32)), I(1), I(3), I(3))
+    assert np.isnan(losses[0])
+
+
 @pytest.mark.parametrize("n", [1, 13, 4096])
 def test_residual(lib, n):
     rng = np.random.default_rng(6)

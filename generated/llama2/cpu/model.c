@@ -84,7 +84,7 @@ static float* gg_scratch(int slot, size_t n) {
 // normal result, inf above 88.376, NaN stays NaN.
 static inline float gg_expf(float x) {
     const float hi = 88.37626f, lo = -87.33654f;
-    float xc = x > hi ? hi : (x < lo ? lo : x);
+    float xc = fminf(fmaxf(x, lo), hi);                   // finite even for NaN: k converts to int safely
     float k = rintf(xc * 1.44269504088896341f);
     float r = fmaf(k, -0.693145751953125f, xc);            // ln 2 in two parts: r exact to about 1 ulp
     r = fmaf(k, -1.42860682030941723e-06f, r);
@@ -99,7 +99,7 @@ static inline float gg_expf(float x) {
     int bits = ((int)k + 127) << 23;                       // 2^k, k in [-126, 127]
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x < lo ? 0.0f : (x > hi ? INFINITY : p * scale);
+    return x != x ? x : (x < lo ? 0.0f : (x > hi ? INFINITY : p * scale));
 }
 
 static inline float gg_sigmoid(float z) {
