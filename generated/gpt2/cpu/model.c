@@ -180,9 +180,11 @@ GG_KERNEL void layernorm_forward(float* out,          // (N,C)
     for (int r = 0; r < N; r++) {
         const float* x = inp + (size_t)r * C;
         float m = 0.0f;
+        #pragma omp simd reduction(+:m)
         for (int c = 0; c < C; c++) m += x[c];
         m /= C;
         float var = 0.0f;
+        #pragma omp simd reduction(+:var)
         for (int c = 0; c < C; c++) {
             float d = x[c] - m;
             var += d * d;
@@ -190,6 +192,7 @@ GG_KERNEL void layernorm_forward(float* out,          // (N,C)
         var /= C;
         float s = 1.0f / sqrtf(var + eps);
         float* o = out + (size_t)r * C;
+        #pragma omp simd
         for (int c = 0; c < C; c++) {
             o[c] = (x[c] - m) * s * weight[c] + bias[c];
         }
@@ -217,6 +220,7 @@ GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
             float m = mean[r], s = rstd[r];
             // the two reductions of the layernorm gradient: mean(w*g) and mean(w*g * xhat)
             float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
+            #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
             for (int c = 0; c < C; c++) {
                 float xhat = (x[c] - m) * s;
                 float gw = weight[c] * g[c];
@@ -226,6 +230,7 @@ GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
             gw_mean /= C;
             gw_xhat_mean /= C;
             float* dx = d_inp + (size_t)r * C;
+            #pragma omp simd
             for (int c = 0; c < C; c++) {
                 float xhat = (x[c] - m) * s;
                 float gw = weight[c] * g[c];
@@ -757,7 +762,7 @@ GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) ac
 GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // all (n)
                             size_t n, float lr, float beta1, float beta2, float eps,
                             float weight_decay, float grad_scale, float bc1, float bc2) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
         float grad = g[i] * grad_scale;
         float mi = beta1 * m[i] + (1.0f - beta1) * grad;

@@ -170,9 +170,11 @@ GG_KERNEL void rmsnorm_forward(float* out,          // (N,C)
     for (int r = 0; r < N; r++) {
         const float* x = inp + (size_t)r * C;
         float ss = 0.0f;
+        #pragma omp simd reduction(+:ss)
         for (int c = 0; c < C; c++) ss += x[c] * x[c];
         float s = 1.0f / sqrtf(ss / C + eps);
         float* o = out + (size_t)r * C;
+        #pragma omp simd
         for (int c = 0; c < C; c++) {
             o[c] = (x[c] * s) * (weight[c] + offset);
         }
@@ -198,9 +200,11 @@ GG_KERNEL void rmsnorm_backward(float* d_inp,        // (N,C) accumulated
             const float* g = d_out + (size_t)r * C;
             float s = rstd[r];
             float dot = 0.0f;   // sum_c g_c w'_c x_c
+            #pragma omp simd reduction(+:dot)
             for (int c = 0; c < C; c++) dot += g[c] * (weight[c] + offset) * x[c];
             float k = dot * s * s * s / C;
             float* dx = d_inp + (size_t)r * C;
+            #pragma omp simd
             for (int c = 0; c < C; c++) {
                 dx[c] += s * (weight[c] + offset) * g[c] - x[c] * k;
             }
@@ -802,7 +806,7 @@ GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) ac
 GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // all (n)
                             size_t n, float lr, float beta1, float beta2, float eps,
                             float weight_decay, float grad_scale, float bc1, float bc2) {
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
         float grad = g[i] * grad_scale;
         float mi = beta1 * m[i] + (1.0f - beta1) * grad;
