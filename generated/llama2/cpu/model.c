@@ -457,20 +457,55 @@ static inline void gg_att_pack(float* restrict dst, const float* src, size_t str
     }
 }
 
-// s[r][j] = scale * sum_i a[r][i] * tile[i][j] for nr rows a (row stride as) against a packed tile
+#if defined(__AVX512F__)
+#define GG_ATT_RG 4                    // rows of scores computed together: 4 x 64 floats = 16 zmm accumulators
+#else
+#define GG_ATT_RG 2                    // 2 x 64 floats = 16 ymm: what AVX2 has
+#endif
+
+// s[r][j] = scale * sum_i a[r][i] * tile[i][j] for nr rows a (row stride as) against a packed tile, RG rows
+// at a time so that each tile load feeds RG multiply-adds
 static inline void gg_att_scores(float s[][GG_ATT_KT], const float* a, size_t as, int nr, const float* tile,
                                  int D, float scale) {
-    for (int r = 0; r < nr; r++) {
-        float acc[GG_ATT_KT];
-        for (int j = 0; j < GG_ATT_KT; j++) acc[j] = 0.0f;
-        const float* ar = a + (size_t)r * as;
-        for (int i = 0; i < D; i++) {
-            const float ai = ar[i];
-            const float* ti = tile + i * GG_ATT_KT;
-            #pragma omp simd
-            for (int j = 0; j < GG_ATT_KT; j++) acc[j] += ai * ti[j];
+    for (int r0 = 0; r0 < nr; r0 += GG_ATT_RG) {
+        float acc[GG_ATT_RG][GG_ATT_KT];
+        const float* ar[GG_ATT_RG];
+        for (int g = 0; g < GG_ATT_RG; g++) {
+            ar[g] = a + (size_t)(r0 + g < nr ? r0 + g : r0) * as;   // rows past nr repeat row r0, unused
+            for (int j = 0; j < GG_ATT_KT; j++) acc[g][j] = 0.0f;
         }
-        for (int j = 0; j < GG_ATT_KT; j++) s[r][j] = acc[j] * scale;
+        for (int i = 0; i < D; i++) {
+            const float* ti = tile + i * GG_ATT_KT;
+            for (int g = 0; g < GG_ATT_RG; g++) {
+                const float ai = ar[g][i];
+                #pragma omp simd
+                for (int j = 0; j < GG_ATT_KT; j++) acc[g][j] += ai * ti[j];
+            }
+        }
+        for (int g = 0; g < GG_ATT_RG && r0 + g < nr; g++) {
+            for (int j = 0; j < GG_ATT_KT; j++) s[r0 + g][j] = acc[g][j] * scale;
+        }
+    }
+}
+
+// y[0:D] += sum_{j<n} w[j] * rows[j*stride + 0:D], in chunks of 64 columns held in registers across the
+// n rows (the same order of additions as one row at a time, without a load and store of y per row)
+static inline void gg_att_accum(float* restrict y, const float* w, const float* rows, size_t stride, int n, int D) {
+    for (int i0 = 0; i0 < D; i0 += 64) {
+        const int m = D - i0 < 64 ? D - i0 : 64;
+        float acc[64];
+        for (int i = 0; i < 64; i++) acc[i] = i < m ? y[i0 + i] : 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float wj = w[j];
+            const float* rj = rows + (size_t)j * stride + i0;
+            if (m == 64) {
+                #pragma omp simd
+                for (int i = 0; i < 64; i++) acc[i] += wj * rj[i];
+            } else {
+                for (int i = 0; i < m; i++) acc[i] += wj * rj[i];
+            }
+        }
+        for (int i = 0; i < m; i++) y[i0 + i] = acc[i];
     }
 }
 
@@ -504,26 +539,27 @@ static void gg_attention_forward(float* out, float* lse, const float* q, const f
                     gg_att_scores(s, q + ((size_t)b * T + t0) * qs + (size_t)h * D, qs, nr, kt, D, scale);
                     for (int r = 0; r < nr; r++) {
                         const int t = t0 + r;
+                        float* sr = s[r];
                         float tile_max = -INFINITY;
-                        for (int j = 0; j < n; j++) {
-                            if (!gg_att_sees(t, j0 + j, window)) s[r][j] = -INFINITY;
-                            else if (s[r][j] > tile_max) tile_max = s[r][j];
+                        #pragma omp simd reduction(max:tile_max)
+                        for (int j = 0; j < n; j++) {               // keys t does not see score -inf
+                            sr[j] = gg_att_sees(t, j0 + j, window) ? sr[j] : -INFINITY;
+                            tile_max = sr[j] > tile_max ? sr[j] : tile_max;
                         }
                         if (tile_max == -INFINITY) continue;          // this tile holds no key that t sees
                         const float m_new = tile_max > m[r] ? tile_max : m[r];
-                        const float corr = expf(m[r] - m_new);        // rescales what was summed so far
+                        const float corr = gg_expf(m[r] - m_new);     // rescales what was summed so far
+                        float psum = 0.0f;
+                        #pragma omp simd reduction(+:psum)
+                        for (int j = 0; j < n; j++) {               // the scores become weights: exp(-inf) = 0
+                            sr[j] = gg_expf(sr[j] - m_new);
+                            psum += sr[j];
+                        }
+                        l[r] = l[r] * corr + psum;
                         float* o = out + ((size_t)b * T + t) * os + (size_t)h * D;
-                        l[r] *= corr;
                         #pragma omp simd
                         for (int i = 0; i < D; i++) o[i] *= corr;
-                        for (int j = 0; j < n; j++) {
-                            if (s[r][j] == -INFINITY) continue;
-                            const float p = expf(s[r][j] - m_new);
-                            const float* vr = vb + (size_t)(j0 + j) * vs;
-                            l[r] += p;
-                            #pragma omp simd
-                            for (int i = 0; i < D; i++) o[i] += p * vr[i];
-                        }
+                        gg_att_accum(o, sr, vb + (size_t)j0 * vs, vs, n, D);
                         m[r] = m_new;
                     }
                 }
@@ -588,13 +624,13 @@ static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const floa
                             const int t = t0 + r;
                             const float L = lse[((size_t)b * H + h) * T + t], Dt = dt[((size_t)b * H + h) * T + t];
                             float* dq = d_q + ((size_t)b * T + t) * qs + (size_t)h * D;
+                            float ds[GG_ATT_KT];
+                            #pragma omp simd
                             for (int j = 0; j < n; j++) {
-                                if (!gg_att_sees(t, j0 + j, window)) continue;
-                                const float ds = expf(s[r][j] - L) * (dp[r][j] - Dt) * scale;
-                                const float* kr = kb + (size_t)(j0 + j) * ks;
-                                #pragma omp simd
-                                for (int i = 0; i < D; i++) dq[i] += ds * kr[i];
+                                const float p = gg_att_sees(t, j0 + j, window) ? gg_expf(s[r][j] - L) : 0.0f;
+                                ds[j] = p * (dp[r][j] - Dt) * scale;
                             }
+                            gg_att_accum(dq, ds, kb + (size_t)j0 * ks, ks, n, D);
                         }
                     }
                 }
@@ -627,23 +663,16 @@ static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const floa
                                 const int t2 = j0 + r;
                                 float* dk = d_k ? d_k + ((size_t)b * T + t2) * ks + (size_t)kh * D : NULL;
                                 float* dv = d_v ? d_v + ((size_t)b * T + t2) * vs + (size_t)kh * D : NULL;
+                                const float* lr = lse + ((size_t)b * H + h) * T + t0;
+                                const float* dtr = dt + ((size_t)b * H + h) * T + t0;
+                                float pr[GG_ATT_KT], ds[GG_ATT_KT];
+                                #pragma omp simd
                                 for (int c = 0; c < n; c++) {
-                                    const int t = t0 + c;
-                                    if (!gg_att_sees(t, t2, window)) continue;
-                                    const size_t hr = ((size_t)b * H + h) * T + t;
-                                    const float p = expf(s[r][c] - lse[hr]);
-                                    const float* g = gb + (size_t)t * os;
-                                    if (dv) {
-                                        #pragma omp simd
-                                        for (int i = 0; i < D; i++) dv[i] += p * g[i];
-                                    }
-                                    if (dk) {
-                                        const float ds = p * (dp[r][c] - dt[hr]) * scale;
-                                        const float* qr = qb + (size_t)t * qs;
-                                        #pragma omp simd
-                                        for (int i = 0; i < D; i++) dk[i] += ds * qr[i];
-                                    }
+                                    pr[c] = gg_att_sees(t0 + c, t2, window) ? gg_expf(s[r][c] - lr[c]) : 0.0f;
+                                    ds[c] = pr[c] * (dp[r][c] - dtr[c]) * scale;
                                 }
+                                if (dv) gg_att_accum(dv, pr, gb + (size_t)t0 * os, os, n, D);
+                                if (dk) gg_att_accum(dk, ds, qb + (size_t)t0 * qs, qs, n, D);
                             }
                         }
                     }
