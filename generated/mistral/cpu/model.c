@@ -438,7 +438,7 @@ GG_KERNEL void rope_backward(float* d_inp,         // (B,T,H*D) accumulated
 // ----------------------------------------------------------------------------
 // attention: out[b,t,h] = sum_{t2 seen by t} softmax(q.k / sqrt(D)) v[t2]      (templates/c/ops/attention.c.j2)
 
-#define GG_ATT_QB 8                    // query rows that share one packed key tile
+#define GG_ATT_QB 32                   // query rows that share one packed key tile (packing amortised over them)
 #define GG_ATT_KT 64                   // keys per tile (the online softmax's step)
 
 static inline int gg_att_first(int t, int window) {   // the first key position query t sees
