@@ -64,7 +64,7 @@ GG_KERNEL float gg_mean(const float* x, size_t n) {  // summed in double, in ord
 // with the same sizes allocates nothing after its first call. OpenMP keeps its threads, so a buffer
 // taken inside a parallel region is also reused. Running out of memory here aborts: only sizes the
 // layout already holds many times over are asked for.
-#define GG_SCRATCH_SLOTS 4
+enum { GG_SCRATCH_GEMM_PANELS, GG_SCRATCH_ATT_TILES, GG_SCRATCH_ATT_ROWS, GG_SCRATCH_SLOTS };  // who uses which
 static _Thread_local float* gg_scratch_buf[GG_SCRATCH_SLOTS];
 static _Thread_local size_t gg_scratch_cap[GG_SCRATCH_SLOTS];
 
@@ -233,46 +233,44 @@ GG_KERNEL void rmsnorm_backward(float* d_inp,        // (N,C) accumulated
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define GG_MM_MR 12
-#define GG_MM_NR 32
-// acc = sum_{q<nq} a[q*MR + k] * b[q*NR + j] for a 12 x 32 block: 24 zmm accumulators, two B vectors a step
-static inline void mm_kernel(float* restrict acc, const float* restrict a, const float* restrict b, int nq) {
-    __m512 c[GG_MM_MR][2];
-    for (int k = 0; k < GG_MM_MR; k++) c[k][0] = c[k][1] = _mm512_setzero_ps();
-    for (int q = 0; q < nq; q++) {
-        __m512 b0 = _mm512_load_ps(b + q * GG_MM_NR), b1 = _mm512_load_ps(b + q * GG_MM_NR + 16);
-        const float* aq = a + q * GG_MM_MR;
-        for (int k = 0; k < GG_MM_MR; k++) {     // unrolled by the compiler: MR is a constant
-            __m512 ak = _mm512_set1_ps(aq[k]);
-            c[k][0] = _mm512_fmadd_ps(ak, b0, c[k][0]);
-            c[k][1] = _mm512_fmadd_ps(ak, b1, c[k][1]);
-        }
-    }
-    for (int k = 0; k < GG_MM_MR; k++) {
-        _mm512_store_ps(acc + k * GG_MM_NR, c[k][0]);
-        _mm512_store_ps(acc + k * GG_MM_NR + 16, c[k][1]);
-    }
-}
+typedef __m512 gg_vf;                  // one vector register of floats, and what the kernel does with it
+#define GG_VW 16
+#define GG_VZERO _mm512_setzero_ps
+#define GG_VLOAD _mm512_load_ps
+#define GG_VSET1 _mm512_set1_ps
+#define GG_VFMA _mm512_fmadd_ps
+#define GG_VSTORE _mm512_store_ps
+#define GG_MM_MR 12                    // 12 x 32: 24 of the 32 zmm registers accumulate
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define GG_MM_MR 6
-#define GG_MM_NR 16
-// the 6 x 16 block: 12 ymm accumulators, two B vectors and one broadcast (15 of 16 registers)
+typedef __m256 gg_vf;
+#define GG_VW 8
+#define GG_VZERO _mm256_setzero_ps
+#define GG_VLOAD _mm256_load_ps
+#define GG_VSET1 _mm256_set1_ps
+#define GG_VFMA _mm256_fmadd_ps
+#define GG_VSTORE _mm256_store_ps
+#define GG_MM_MR 6                     // 6 x 16: 12 accumulators, two B vectors and a broadcast (15 of 16 ymm)
+#endif
+
+#ifdef GG_VW
+#define GG_MM_NR (2 * GG_VW)
+// acc = sum_{q<nq} a[q*MR + k] * b[q*NR + j] for an MR x NR block: 2 MR vector accumulators, two B vectors a step
 static inline void mm_kernel(float* restrict acc, const float* restrict a, const float* restrict b, int nq) {
-    __m256 c[GG_MM_MR][2];
-    for (int k = 0; k < GG_MM_MR; k++) c[k][0] = c[k][1] = _mm256_setzero_ps();
+    gg_vf c[GG_MM_MR][2];
+    for (int k = 0; k < GG_MM_MR; k++) c[k][0] = c[k][1] = GG_VZERO();
     for (int q = 0; q < nq; q++) {
-        __m256 b0 = _mm256_load_ps(b + q * GG_MM_NR), b1 = _mm256_load_ps(b + q * GG_MM_NR + 8);
+        gg_vf b0 = GG_VLOAD(b + q * GG_MM_NR), b1 = GG_VLOAD(b + q * GG_MM_NR + GG_VW);
         const float* aq = a + q * GG_MM_MR;
-        for (int k = 0; k < GG_MM_MR; k++) {
-            __m256 ak = _mm256_broadcast_ss(aq + k);
-            c[k][0] = _mm256_fmadd_ps(ak, b0, c[k][0]);
-            c[k][1] = _mm256_fmadd_ps(ak, b1, c[k][1]);
+        for (int k = 0; k < GG_MM_MR; k++) {     // unrolled by the compiler: MR is a constant
+            gg_vf ak = GG_VSET1(aq[k]);
+            c[k][0] = GG_VFMA(ak, b0, c[k][0]);
+            c[k][1] = GG_VFMA(ak, b1, c[k][1]);
         }
     }
     for (int k = 0; k < GG_MM_MR; k++) {
-        _mm256_store_ps(acc + k * GG_MM_NR, c[k][0]);
-        _mm256_store_ps(acc + k * GG_MM_NR + 8, c[k][1]);
+        GG_VSTORE(acc + k * GG_MM_NR, c[k][0]);
+        GG_VSTORE(acc + k * GG_MM_NR + GG_VW, c[k][1]);
     }
 }
 #else
@@ -297,7 +295,7 @@ static inline void mm_kernel(float* restrict acc, const float* restrict a, const
 // in every block, and each output element adds its K-blocks in order.
 static void mm_gemm(float* out, size_t ldo, int rows, int cols, const float* a, size_t ar, size_t aq,
                     const float* b, size_t bq, size_t bc, int K) {
-    float* bpack = gg_scratch(0, (size_t)GG_MM_KBLOCK * GG_MM_NBLOCK);   // the calling thread's, kept
+    float* bpack = gg_scratch(GG_SCRATCH_GEMM_PANELS, (size_t)GG_MM_KBLOCK * GG_MM_NBLOCK);   // the calling thread's, kept
     int n_rblocks = (rows + GG_MM_MR - 1) / GG_MM_MR;
     #pragma omp parallel
     {
@@ -525,7 +523,7 @@ static void gg_attention_forward(float* out, float* lse, const float* q, const f
                 const int nr = T - t0 < GG_ATT_QB ? T - t0 : GG_ATT_QB;
                 const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
                 const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
-                float* kt = gg_scratch(1, (size_t)D * GG_ATT_KT);
+                float* kt = gg_scratch(GG_SCRATCH_ATT_TILES, (size_t)D * GG_ATT_KT);
                 float s[GG_ATT_QB][GG_ATT_KT], m[GG_ATT_QB], l[GG_ATT_QB];
                 for (int r = 0; r < nr; r++) {
                     float* o = out + ((size_t)b * T + t0 + r) * os + (size_t)h * D;
@@ -585,7 +583,7 @@ static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const floa
     if (!d_q && !d_k && !d_v) return;
     const float scale = 1.0f / sqrtf((float)D);
     const int group = H / K, nqb = (T + GG_ATT_QB - 1) / GG_ATT_QB;
-    float* dt = gg_scratch(2, (size_t)B * H * T);          // d_out.out of every query row, [b][h][t]
+    float* dt = gg_scratch(GG_SCRATCH_ATT_ROWS, (size_t)B * H * T);   // d_out.out of every query row, [b][h][t]
     #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
@@ -609,7 +607,7 @@ static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const floa
                     const int nr = T - t0 < GG_ATT_QB ? T - t0 : GG_ATT_QB;
                     const float* kb = k + (size_t)b * T * ks + (size_t)kh * D;
                     const float* vb = v + (size_t)b * T * vs + (size_t)kh * D;
-                    float* kt = gg_scratch(1, (size_t)2 * D * GG_ATT_KT);
+                    float* kt = gg_scratch(GG_SCRATCH_ATT_TILES, (size_t)2 * D * GG_ATT_KT);
                     float* vt = kt + (size_t)D * GG_ATT_KT;
                     float s[GG_ATT_QB][GG_ATT_KT], dp[GG_ATT_QB][GG_ATT_KT];
                     const float* qrow = q + ((size_t)b * T + t0) * qs + (size_t)h * D;
@@ -646,7 +644,7 @@ static void gg_attention_backward(float* d_q, float* d_k, float* d_v, const floa
                     const int j0 = kb0 * GG_ATT_QB, nr = T - j0 < GG_ATT_QB ? T - j0 : GG_ATT_QB;
                     const float* krow = k + ((size_t)b * T + j0) * ks + (size_t)kh * D;
                     const float* vrow = v + ((size_t)b * T + j0) * vs + (size_t)kh * D;
-                    float* qt = gg_scratch(1, (size_t)2 * D * GG_ATT_KT);
+                    float* qt = gg_scratch(GG_SCRATCH_ATT_TILES, (size_t)2 * D * GG_ATT_KT);
                     float* gt = qt + (size_t)D * GG_ATT_KT;
                     float s[GG_ATT_QB][GG_ATT_KT], dp[GG_ATT_QB][GG_ATT_KT];
                     const int last = j0 + nr - 1;
