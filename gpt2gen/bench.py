@@ -47,16 +47,15 @@ BOUNDS = {"batch_size": Bounded(int, 1), "seq_len": Bounded(int, 1), "steps": Bo
 
 # ---- what a step computes ----------------------------------------------------------------------------
 
-def _walk(stmts, mult: int, env: dict):
+def _calls(stmts, mult: int, env: dict):
+    """Every kernel call of a statement list with how many times it runs (loops multiply, a guard counts once)."""
     from . import expr as E
+    from .lower import Call, Loop
     for s in stmts:
-        body = getattr(s, "body", None)
-        if body is not None:
-            count = getattr(s, "count", None)
-            n = int(E.parse(count).eval(env)) if count is not None else 1
-            yield from _walk(body, mult * n, env)
-        elif type(s).__name__ == "Call":
+        if isinstance(s, Call):
             yield s, mult
+        elif hasattr(s, "body"):
+            yield from _calls(s.body, mult * (int(E.parse(s.count).eval(env)) if isinstance(s, Loop) else 1), env)
 
 
 def step_work(program, B: int, T: int) -> dict[str, Any]:
@@ -65,13 +64,13 @@ def step_work(program, B: int, T: int) -> dict[str, Any]:
     env = {**program.config, "B": B, "T": T}
     gemms: dict[tuple[int, int, int], int] = {}
     attn = 0
-    for call, n in _walk(program.forward, 1, env):
+    for call, n in _calls(program.forward, 1, env):
         if call.op == "matmul":
             M, K, N = (int(E.parse(a).eval(env)) for a in call.args[-3:])
             gemms[(M, K, N)] = gemms.get((M, K, N), 0) + n
-        elif call.op == "attention":          # (out, att, qkv, B, T, C, NH)
+        elif call.op == "attention":          # (out, lse, qkv, B, T, C, NH)
             attn += n * 12 * B * T * T * int(E.parse(call.args[5]).eval(env))
-        elif call.op == "gqa_attention":      # (out, att, q, k, v, B, T, H, K, D, window)
+        elif call.op == "gqa_attention":      # (out, lse, q, k, v, B, T, H, K, D, window)
             attn += n * 12 * B * T * T * int(E.parse(call.args[7]).eval(env)) * int(E.parse(call.args[9]).eval(env))
     gemm_flops = sum(6 * M * K * N * c for (M, K, N), c in gemms.items())
     return {"gemms": [[M, K, N, c] for (M, K, N), c in gemms.items()], "gemm_flops": gemm_flops,
@@ -154,7 +153,7 @@ def _setup(kind: str, job: dict[str, Any]):
     if kind == "gpt2gen":
         import gpt2gen
         model = gpt2gen.build(job["model"], seed=seed, **job["overrides"], B=B, T=T)
-        np.savez(job["weights"], **{k: v for k, v in model.params.items()})
+        np.savez(job["weights"], **model.params)
         batches = _batches(int(model.config["V"]), B, T, seed)
 
         def step(i):
@@ -207,8 +206,7 @@ def worker_main(kind: str, job_path: str) -> int:
         for i in range(job["warmup"]):
             step(i)
         ready = {"ready": True, "setup_s": time.perf_counter() - t0}
-        if kind in ("eager", "compile", "sgemm"):
-            from . import bench_torch  # noqa: F401  (torch is loaded: say what it runs on)
+        if kind in ("eager", "compile", "sgemm"):      # torch is loaded: say what it runs on
             import torch
             ready["note"] = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " \
                             f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
@@ -273,20 +271,22 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     from .builder import c_flags, generate, toolchain
     from .cli import parse_overrides
     from .resources import find_model
+    from .spec import load
 
     check_bounds(args, {k: b for k, b in BOUNDS.items() if getattr(args, k) is not None})   # None: the default
     overrides = parse_overrides(args.overrides)
-    program, _ = generate(args.model, "cpu", **overrides)
-    B = args.batch_size or int(program.config["B"])
-    T = args.seq_len or int(program.config["T"])
-    program, _ = generate(args.model, "cpu", **{**overrides, "B": B, "T": T})
+    model_path = find_model(args.model)
+    defaults = load(model_path).resolve(overrides)          # the model file's batch maxima, unless -b / -t
+    B = args.batch_size or int(defaults["B"])
+    T = args.seq_len or int(defaults["T"])
+    program, _ = generate(model_path, "cpu", **{**overrides, "B": B, "T": T})
     work = step_work(program, B, T)
     threads = args.threads or len(os.sched_getaffinity(0))
     kinds = [k for k in KINDS if not (k == "compile" and args.no_compile)]
     torch_traits(program.spec, program.config)   # a file with no PyTorch module: refused before any process
     cfg = program.config
     result: dict[str, Any] = {
-        "model": str(find_model(args.model)), "config": {k: cfg[k] for k in cfg}, "B": B, "T": T,
+        "model": str(model_path), "config": dict(cfg), "B": B, "T": T,
         "threads": threads, "steps_per_turn": args.steps, "rounds": args.rounds,
         "step_gflop": work["flops"] / 1e9, "cpu_features": cpu_features(toolchain()["cc"], c_flags()),
         "torch_adamw": "fused" if args.fused_adamw else "default (single-tensor loop on the CPU)",
@@ -294,7 +294,7 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     say(f"{program.spec.name}: B={B} T={T}, {work['flops'] / 1e9:.1f} GFLOP per step, {threads} threads; "
         f"generated C built for {', '.join(result['cpu_features']) or 'baseline x86-64'}")
     with tempfile.TemporaryDirectory(prefix="gpt2gen-bench-") as tmp:
-        job = {"model": str(find_model(args.model)), "overrides": {k: v for k, v in overrides.items()
+        job = {"model": str(model_path), "overrides": {k: v for k, v in overrides.items()
                                                                      if k not in ("B", "T")},
                "B": B, "T": T, "seed": args.seed, "threads": threads, "warmup": args.warmup, "lr": 1e-4,
                "weights": str(Path(tmp) / "weights.npz"), "gemms": work["gemms"], "fused_adamw": args.fused_adamw}
