@@ -416,12 +416,10 @@ class _Parser:
 
 def parse(text: str | int | float) -> Expr:
     """Parse an expression (a YAML number is accepted as is)."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
         raise ExprError(f"expected a number or an expression, got {describe(text)}")
-    if isinstance(text, (int, float)):
-        return Num(text)        # a YAML number: checked like a literal (`.inf`, `.nan` and 1e999 are refused)
     if not isinstance(text, str):
-        raise ExprError(f"expected a number or an expression, got {type(text).__name__}")
+        return Num(text)        # a YAML number: checked like a literal (`.inf`, `.nan` and 1e999 are refused)
     return _Parser(text).parse()
 
 
@@ -432,61 +430,3 @@ def product_c(dims: list[Expr]) -> str:
     parts = [d.to_c() for d in dims]
     return "(size_t)" + " * ".join(parts)
 
-
-def failed_relation(rel: str, values: Mapping[str, Number],
-                    labels: Mapping[str, str] | None = None) -> tuple[str, str | None] | None:
-    """Check a relation between letters, ``C % NH == 0`` or ``T <= P``: None when it holds, else what
-    fails, with every letter's value, and a hint that says which value to change and to what.
-
-    ``labels`` name each letter as the model file does (``heads: NKV`` binds an op's ``K`` to ``NKV``);
-    a hint can only suggest ``--set`` for a letter whose label is a config name."""
-    labels = dict(labels or {})
-    cmp = "<=" if "<=" in rel else "=="
-    lhs, rhs = (parse(side) for side in rel.split(cmp))
-    try:
-        a, b = lhs.eval(values), rhs.eval(values)
-    except ExprError as err:                     # e.g. `C % NH` where NH is 0
-        return f"{rel}, which cannot be evaluated: {err}", None
-    if (a <= b) if cmp == "<=" else (a == b):
-        return None
-    letters = list(dict.fromkeys(re.findall(r"[A-Za-z_]\w*", rel)))
-
-    def label(n: str) -> str:
-        return labels.get(n, n)
-    shown = ", ".join(f"{n} = {values[n]}" if label(n) == n else f"{n} = {label(n)} = {values[n]}" for n in letters)
-    text = f"{rel}, which does not hold: {shown}"
-    if not isinstance(lhs, (Name, Num)):
-        text += f" ({lhs.text()} = {a})"
-    return text, _relation_hint(lhs, rhs, cmp, values, label)
-
-
-def _relation_hint(lhs: Expr, rhs: Expr, cmp: str, values: Mapping[str, Number], label) -> str | None:
-    """What to change so that ``x % y == 0`` or ``x <= y`` holds, in the model file's names."""
-    def setting(e: Expr, goal: str, examples: list[int] = ()) -> str:
-        name = label(e.id) if isinstance(e, Name) else e.text()
-        if not re.fullmatch(r"[A-Za-z_]\w*", name):
-            return f"make `{name}` {goal}"
-        eg = " or ".join(f"--set {name}={v}" for v in examples)
-        return f"set {name} to {goal}" + (f" (e.g. {eg})" if eg else "")
-
-    if cmp == "==" and isinstance(lhs, BinOp) and lhs.op == "%" and rhs == Num(0):
-        x, y = lhs.left.eval(values), lhs.right.eval(values)
-        if not (isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0):
-            return None
-        near = [d for d in range(y - 1, max(y - 10_000, 0), -1) if x % d == 0][:1]
-        near += [d for d in range(y + 1, min(y + 10_000, x) + 1) if x % d == 0][:1]
-        parts = []
-        if not isinstance(lhs.right, Num):
-            parts.append(setting(lhs.right, f"a divisor of {x}", near))
-        if not isinstance(lhs.left, Num):
-            parts.append(setting(lhs.left, f"a multiple of {y}", [-(-x // y) * y]))
-        return ", or ".join(parts) or None
-    if cmp == "<=":
-        x, y = lhs.eval(values), rhs.eval(values)
-        parts = []
-        if not isinstance(lhs, Num):
-            parts.append(setting(lhs, f"at most {y}"))
-        if not isinstance(rhs, Num):
-            parts.append(setting(rhs, f"at least {x}"))
-        return ", or ".join(parts) or None
-    return None

@@ -256,10 +256,67 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
     env = {k: val for k, (_, val) in dims.items()} | {"B": ctx.config["B"], "T": ctx.config["T"]}
     labels = {k: ex.text() for k, (ex, _) in dims.items()}
     for rel, meaning in op.checks:
-        failed = E.failed_relation(rel, env, labels)
+        failed = _failed_check(rel, env, labels)
         if failed:
-            raise ctx.err(f"`{op.name}` requires {failed[0]}: {meaning}", node, hint=failed[1])
+            letters = re.findall(r"[A-Za-z_]\w*", rel)      # the config names behind them: B and T are their own
+            symbols = set().union(*(dims[n][0].names() if n in dims else {n} for n in letters))
+            raise ctx.err(f"`{op.name}` requires {failed[0]}: {meaning}", node, hint=failed[1], symbols=symbols)
     return Bound(node, op, tensors, carries, dims, attr_values)
+
+
+def _failed_check(rel: str, values: dict[str, int], labels: dict[str, str]) -> tuple[str, str | None] | None:
+    """Check an op's relation between letters, ``C % NH == 0`` or ``T <= P``: None when it holds, else what
+    fails, with every letter's value, and a hint that says which value to change and to what.
+
+    ``labels`` name each letter as the model file does (``heads: NKV`` binds an op's ``K`` to ``NKV``);
+    a hint can only suggest ``--set`` for a letter whose label is a plain name."""
+    cmp = "<=" if "<=" in rel else "=="
+    lhs, rhs = (E.parse(side) for side in rel.split(cmp))
+    try:
+        a, b = lhs.eval(values), rhs.eval(values)
+    except E.ExprError as err:                     # e.g. `C % NH` where NH is 0
+        return f"{rel}, which cannot be evaluated: {err}", None
+    if (a <= b) if cmp == "<=" else (a == b):
+        return None
+    letters = list(dict.fromkeys(re.findall(r"[A-Za-z_]\w*", rel)))
+
+    def label(n: str) -> str:
+        return labels.get(n, n)
+    shown = ", ".join(f"{n} = {values[n]}" if label(n) in (n, str(values[n])) else f"{n} = {label(n)} = {values[n]}"
+                      for n in letters)
+    text = f"{rel}, which does not hold: {shown}"
+    if not isinstance(lhs, (E.Name, E.Num)):
+        text += f" ({lhs.text()} = {a})"
+    return text, _check_hint(lhs, rhs, cmp, a, b, values, label)
+
+
+def _check_hint(lhs: E.Expr, rhs: E.Expr, cmp: str, a, b, values: dict[str, int], label) -> str | None:
+    """What to change so that ``x % y == 0`` (``lhs`` = ``x % y``) or ``a <= b`` holds, in the model file's
+    names; ``a`` and ``b`` are the values of ``lhs`` and ``rhs``."""
+    def setting(e: E.Expr, goal: str, examples: list[int] = ()) -> str:
+        name = label(e.id) if isinstance(e, E.Name) else e.text()
+        if not re.fullmatch(r"[A-Za-z_]\w*", name):
+            return f"make `{name}` {goal}"
+        eg = " or ".join(f"--set {name}={v}" for v in examples)
+        return f"set {name} to {goal}" + (f" (e.g. {eg})" if eg else "")
+
+    parts = []
+    if cmp == "==" and isinstance(lhs, E.BinOp) and lhs.op == "%" and rhs == E.Num(0):
+        x, y = lhs.left.eval(values), lhs.right.eval(values)
+        if not (isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0):
+            return None
+        below = next((d for d in range(y - 1, max(y - 10_000, 0), -1) if x % d == 0), None)
+        above = next((d for d in range(y + 1, min(y + 10_000, x) + 1) if x % d == 0), None)
+        if not isinstance(lhs.right, E.Num):
+            parts.append(setting(lhs.right, f"a divisor of {x}", [d for d in (below, above) if d is not None]))
+        if not isinstance(lhs.left, E.Num):
+            parts.append(setting(lhs.left, f"a multiple of {y}", [-(-x // y) * y]))
+    elif cmp == "<=":
+        if not isinstance(lhs, E.Num):
+            parts.append(setting(lhs, f"at most {b}"))
+        if not isinstance(rhs, E.Num):
+            parts.append(setting(rhs, f"at least {a}"))
+    return ", or ".join(parts) or None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -563,7 +563,7 @@ class ModelSpec:
                         raise self.error(f"{section} `{name}`: {err}", line,
                                          hint=_RANGE_HINT if isinstance(err, E.ExprRangeError) else
                                          "a value may use only names defined above it"
-                                         if str(err).startswith("unknown name") else None,
+                                         if ex.names() - env.keys() else None,
                                          symbols=uses, config=env) from None
                     problem = _c_constant_problem(v)
                     if problem:
@@ -674,9 +674,6 @@ def _ident(name: Any, path: Path, line: int, what: str, c_name: bool = True) -> 
 
 
 def _expr(text: Any, path: Path, line: int, what: str) -> E.Expr:
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise SpecError(f"{what}: expected a number or an expression, got {describe(text)}", path, line,
-                        hint="e.g. 768, 4 * C or 0.02 / sqrt(2 * L)")
     try:
         return E.parse(text)
     except E.ExprRangeError as err:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -438,14 +437,14 @@ def test_the_reserved_list_covers_this_machines_c_headers(tmp_path):
     """The C library's names are listed by hand (nothing in the repository declares them): check the list
     against what this machine's headers declare, under the flags the generated C is compiled with, for
     every header the templates include."""
-    from gpt2gen.builder import C_FLAGS
+    from gpt2gen.builder import _compiler, c_flags
     headers = sorted({m for t in (ROOT / "templates").rglob("*.j2")
                       for m in re.findall(r"^\s*#\s*include\s*<([^>]+)>", t.read_text(), re.M)})
     assert "math.h" in headers
     src = tmp_path / "headers.c"
     src.write_text("".join(f"#include <{h}>\n" for h in headers))
-    cc = shlex.split(os.environ.get("CC", "gcc"))
-    flags = [f for f in C_FLAGS if f.startswith(("-std", "-march", "-f"))]
+    cc = _compiler("CC", "gcc", "C")                 # the build's own compiler and flags
+    flags = [f for f in c_flags() if f.startswith(("-std", "-march", "-f", "-D", "-U"))]
     declared = subprocess.run([*cc, *flags, "-E", "-P", str(src)], capture_output=True, text=True, check=True).stdout
     macros = subprocess.run([*cc, *flags, "-E", "-dM", str(src)], capture_output=True, text=True, check=True).stdout
     names = S._c_names(declared, file_scope_only=True) | set(re.findall(r"^#define (\w+)", macros, re.M))
@@ -519,11 +518,31 @@ def test_outputs_must_name_activations(tmp_path):
 
 
 def test_an_op_check_says_what_fails_and_what_to_set(tmp_path):
-    p = write(tmp_path, GOOD)
-    err = error_of(p, L=4, C=256)
-    check(err, p, line_of(GOOD, "name: attn,"), "attn",
+    text = GOOD.replace("  C: 768 ", "  C: 256 ")
+    p = write(tmp_path, text)
+    err = error_of(p)
+    check(err, p, line_of(text, "name: attn,"), "attn",
           "`attention` requires C % NH == 0, which does not hold: C = 256, NH = 12 (C % NH = 4): channels must "
-          "divide evenly into heads", "hint: set NH to a divisor of 256 (e.g. --set NH=8 or --set NH=16)")
+          "divide evenly into heads\n  hint: set NH to a divisor of 256 (e.g. --set NH=8 or --set NH=16), or set "
+          "C to a multiple of 12 (e.g. --set C=264)")
+    assert err.symbols == ("NH", "C") and "override" not in str(err)
+    # the same check failing through an override names it, like every other error a value causes
+    p = write(tmp_path, GOOD, "good.yaml")
+    err = error_of(p, L=4, C=256)
+    check(err, p, line_of(GOOD, "name: attn,"), "attn", "channels must divide evenly into heads; C = 256 is set by "
+          "an override (--set C=256", "hint: give C another value, or drop the override to use the model file's "
+          "`C: 768`; set NH to a divisor of 256 (e.g. --set NH=8 or --set NH=16)")
+    assert err.symbols == ("NH", "C")
+
+
+def test_an_op_check_on_the_run_time_T_names_its_override(tmp_path):
+    text = GOOD.replace("wpe:      {shape: [maxT, C]", "wpe:      {shape: [512, C]")
+    p = write(tmp_path, text)
+    err = error_of(p, T=1000)
+    check(err, p, line_of(text, "name: embed,"), "embed", "`embedding` requires T <= P, which does not hold: T = 1000, "
+          "P = 512: the sequence length must fit the position table; T = 1000 is set by an override",
+          "set T to at most 512, or make `512` at least 1000")
+    assert err.symbols == ("T",)
 
 
 def test_the_readme_build_example_is_a_valid_model():
@@ -600,6 +619,16 @@ def test_the_same_error_without_an_override_blames_only_the_file(tmp_path):
     err = error_of(p, L=2)                           # an override that feeds nothing here is not blamed
     assert "override" not in str(err), str(err)
     assert S.SpecError("text").symbols == ()         # errors about the text itself concern no config value
+
+
+def test_a_config_value_may_use_only_names_defined_above_it(tmp_path):
+    text = GOOD.replace("  FF: 4 * C ", "  FF: 4 * Q\n  Q: 3 ")
+    p = write(tmp_path, text)
+    check(error_of(p), p, line_of(text, "  FF:"), None, "config `FF`: unknown name `Q`\n"
+          "  hint: a value may use only names defined above it")
+    text = GOOD.replace("  NH: 12 ", "  NH: 0 ")          # another failure to evaluate: no such hint
+    err = error_of(write(tmp_path, text, "zero.yaml"))
+    assert "division by zero" in str(err) and "hint" not in str(err), str(err)
 
 
 def test_resolve_remembers_its_overrides():
