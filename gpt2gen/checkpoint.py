@@ -69,19 +69,13 @@ def _nonfinite_at(a: np.ndarray) -> tuple[int, ...] | None:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
 
 
-CORRUPT_HINT = "the checkpoint is corrupt or was saved from a run that diverged; use an earlier checkpoint"
-
-
 def check_finite(a: np.ndarray, what: str, where: str | os.PathLike | None = None,
-                 locate: Callable[[tuple[int, ...]], str] | None = None, *,
-                 consequence: str = "nothing was loaded", hint: str = CORRUPT_HINT) -> None:
+                 locate: Callable[[tuple[int, ...]], str] | None = None) -> None:
     """Refuse NaN or infinite weights where they are loaded, naming the file (``where``), the tensor
     (``what``, e.g. "tensor fcw") and the first bad index (``locate`` names that element better where
     it can, e.g. the parameter at an arena offset): loaded silently they would surface steps later as
-    a NaN loss, far from their cause. ``consequence`` and ``hint`` finish the message; the defaults fit
-    a load (which these checks make all or nothing), a caller checking weights already in a model (the
-    trainer's starting weights) says what it refuses instead, e.g. "training from them cannot produce a
-    finite loss"."""
+    a NaN loss, far from their cause. Every loader checks all it reads before the caller's model holds
+    any of it, so the message says that nothing was loaded."""
     at = _nonfinite_at(a)
     if at is None:
         return
@@ -89,7 +83,8 @@ def check_finite(a: np.ndarray, what: str, where: str | os.PathLike | None = Non
     element = f"{what}[{', '.join(map(str, at))}]" + (f" ({locate(at)})" if locate else "")
     prefix = f"{where}: " if where else ""
     raise CheckpointError(f"{prefix}{element} is {a[at]}: {count} of {a.size} values of {what} are NaN or "
-                          f"infinite, so {consequence}\n  hint: {hint}")
+                          f"infinite, so nothing was loaded\n  hint: the checkpoint is corrupt or was saved "
+                          f"from a run that diverged; use an earlier checkpoint")
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,10 +771,6 @@ def _plain(config: Mapping[str, Any]) -> dict[str, int | float]:
     return {k: int(v) if isinstance(v, (int, np.integer)) else float(v) for k, v in config.items()}
 
 
-def _plain_config(model) -> dict[str, int | float]:
-    return _plain(model.config)
-
-
 def _predated_symbols(model, saved: dict[str, Any]) -> dict[str, Any]:
     """Config symbols a state predates (its model file had no such symbol yet, e.g. GPT-2's ``norm_eps``):
     the value the model file gives them from the state's own config, which is what that older file
@@ -814,7 +805,7 @@ def save_state(path: str | os.PathLike, model, *, step: int, data: dict | None =
     arrays = {k: np.ascontiguousarray(model.arenas[k], dtype=np.float32) for k in STATE_ARENAS}
     meta = {
         "format": STATE_FORMAT, "version": STATE_VERSION,
-        "config": json.dumps(_plain_config(model), sort_keys=True),
+        "config": json.dumps(_plain(model.config), sort_keys=True),
         "model": json.dumps(_model_identity(model)),
         "step": str(int(step)),
         "data": json.dumps(data or {}),
@@ -918,8 +909,8 @@ def _param_at(model, offset: int) -> str:
 def _check_state_finite(path: Path, arrays: dict[str, np.ndarray], model=None) -> None:
     """A state whose weights or moments hold NaN or infinity would resume into a NaN loss: refuse it,
     naming the arena, the offset and (given the model) the parameter there."""
+    locate = (lambda at: _param_at(model, at[0])) if model is not None else None
     for k in STATE_ARENAS:
-        locate = (lambda at: _param_at(model, at[0])) if model is not None else None
         check_finite(arrays[k], f"arena {k}", path, locate)
 
 
@@ -943,10 +934,8 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
     """
     path = Path(path)
     meta = read_state_metadata(path)
-    cfg = _plain_config(model)
-    saved = dict(meta["config"])
-    for k, v in _predated_symbols(model, saved).items():
-        saved[k] = v
+    cfg = _plain(model.config)
+    saved = {**meta["config"], **_predated_symbols(model, meta["config"])}
     diff = {k: (saved.get(k), cfg.get(k)) for k in set(cfg) | set(saved) if saved.get(k) != cfg.get(k)}
     if diff:
         detail = ", ".join(f"{k}={a} in the file but {b} in the model"
