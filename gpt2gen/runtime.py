@@ -264,5 +264,7 @@ def check_training_memory(model: Model) -> None:
 
     Building and running a model write only params and acts, so only the training footprint can fail
     this; what the arenas already hold is counted as theirs (MemAvailable no longer includes it)."""
-    held = sum(_resident_bytes(a) for a in model.arenas.values())
+    # the arenas themselves, not the `arenas` property: asking which pages are in memory writes nothing, so
+    # init_weights may still skip grads, m and v
+    held = sum(_resident_bytes(a) for a in model._arenas.values())
     check_available_memory(model.program, held)
