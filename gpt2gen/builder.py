@@ -161,19 +161,19 @@ def toolchain() -> dict[str, str]:
     return {"cc": cc, "cxx": cxx, "cc_version": _version(cc), "cxx_version": _version(cxx), "cpu": _cpu()}
 
 
-def _pybind11_version() -> str:
+def _pybind11():
     try:
         import pybind11
     except ImportError:
         raise BuildError("pybind11 is not installed.\nhint: `pip install pybind11`") from None
-    return pybind11.__version__
+    return pybind11
 
 
 def _recall_key(kind: str, *parts: str) -> str:
     """What keys a build except the compilers' versions (which need the compilers): see the module doc."""
-    return digest(kind, shlex.join(_command("CC", "gcc")), shlex.join(_command("CXX", "g++")), _cpu(), sys.version,
-                  _pybind11_version(), (csrc_dir() / "binding.cpp").read_text(),
-                  (csrc_dir() / "gpt2gen_abi.h").read_text(), *parts)
+    cxx = shlex.join(_command("CXX", "g++"))
+    return digest(kind, shlex.join(_command("CC", "gcc")), _cpu(), binding_key({"cxx": cxx, "cxx_version": ""}),
+                  *parts)
 
 
 def _remember(recall: str, product: Path) -> None:
@@ -252,16 +252,14 @@ def _python_includes() -> list[str]:
     if not (Path(inc) / "Python.h").exists():
         raise BuildError(f"Python headers not found (no Python.h in {inc}).\n"
                          f"hint: install them (Debian/Ubuntu: `apt-get install python3-dev`)")
-    try:
-        import pybind11
-    except ImportError:
-        raise BuildError("pybind11 is not installed.\nhint: `pip install pybind11`") from None
-    return [inc, pybind11.get_include()]
+    return [inc, _pybind11().get_include()]
 
 
 def binding_key(tc: dict[str, str]) -> str:
+    """What the compiled binding depends on: its sources, the C++ compiler and its version, Python, pybind11
+    and the flags (the recall key uses it with the version left out)."""
     return digest((csrc_dir() / "binding.cpp").read_text(), (csrc_dir() / "gpt2gen_abi.h").read_text(), tc["cxx"],
-                  tc["cxx_version"], sys.version, _pybind11_version(), " ".join(CXX_FLAGS))
+                  tc["cxx_version"], sys.version, _pybind11().__version__, " ".join(CXX_FLAGS))
 
 
 def binding_object(tc: dict[str, str]) -> Path:
@@ -516,7 +514,8 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
         _render.write_sources(sources, Path(out))
     ext_suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     source_parts = [f"{k}\n{v}" for k, v in sorted(sources.items())]
-    flags = " ".join(c_flags() + LINK_FLAGS)
+    cflags = c_flags()
+    flags = " ".join(cflags + LINK_FLAGS)
     recall = _recall_key("model", *source_parts, flags, ext_suffix)
     tc, cached = _toolchain_or_cached(recall)
     if cached is not None:
@@ -546,7 +545,7 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
                                f"{{ return PyInit_{MODULE}(); }}\n")
         objs = [temp_path(ext, ".model.o"), temp_path(ext, ".init.o")]
         try:
-            _run([*cc, *c_flags(), f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
+            _run([*cc, *cflags, f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
                  "compiling the generated model", src, _compile_hint())
             _run([*cc, "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
             _run([*cxx, *LINK_FLAGS, str(binding), *map(str, objs), "-o", str(tmp)], "linking the model extension")

@@ -10,7 +10,8 @@ a compiler needs, e.g. ``.tmp.c``), so a process killed with ``kill -9`` leaves 
 they were: the next write into the same directory (:func:`atomic_path`) removes those whose process no
 longer exists. A process id means something only within one PID namespace of one boot, so ``<owner>``
 hashes the hostname, the boot and the PID namespace, and only a temporary of this very owner is judged by
-its pid; names from older versions, which say less, are judged only once they are ten minutes old.
+its pid; the names older versions made (``.<target>.<pid>.tmp``), which say less, are judged only in the
+directories gpt2gen alone writes and only once they are ten minutes old.
 """
 from __future__ import annotations
 
@@ -103,12 +104,6 @@ def _owner() -> str:
                   _pid_namespace())[:16]
 
 
-def _legacy_host() -> str:
-    """How the previous version named this host in temporaries (its short name, cut to 24 characters):
-    ambiguous across hosts and containers, so such names are judged by the weaker rule."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0])[:24]
-
-
 def temp_path(path: str | os.PathLike, suffix: str = "") -> Path:
     """A fresh temporary name next to ``path`` that records this process and its owner (:func:`_owner`);
     ``suffix`` (e.g. ``".c"``) is for scratch files whose extension matters to a compiler. Unique within
@@ -132,14 +127,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _judged_pid(name: str, owner: str, legacy_host: str, legacy_glob: str | None) -> tuple[int, bool] | None:
+def _judged_pid(name: str, owner: str, legacy_glob: str | None) -> tuple[int, bool] | None:
     """(pid, weak) for a temporary this process may judge by its pid: ``weak`` when only its age makes
     the verdict safe (names of older versions); None for every other file, which is never touched."""
     m = _TMP_RE.match(name)
     if m is not None:
-        if m["owner"] == owner:
-            return int(m["pid"]), False
-        return (int(m["pid"]), True) if m["owner"] == legacy_host else None
+        return (int(m["pid"]), False) if m["owner"] == owner else None
     m = _LEGACY_RE.match(name) if legacy_glob else None
     if m is None or not fnmatch.fnmatchcase(m["target"], legacy_glob):
         return None
@@ -153,20 +146,19 @@ def remove_stale_temporaries(directory: str | os.PathLike, legacy_glob: str | No
     Only names this module makes are considered, and a temporary is judged by its pid only when this
     process's owner made it (:func:`_owner`: the same host, boot and PID namespace) and its process no
     longer exists: a running writer's temporary is never touched, and neither is one another host or
-    container is writing on a shared file system. Names of older versions say less about their writer,
-    so they are removed only when their pid is not running here and they are LEGACY_MIN_AGE_S old: the
-    host-labelled names of the previous version when the label is this host's, and, with ``legacy_glob``,
-    the host-less ``.<target>.<pid>.tmp`` whose target matches it -- ambiguous enough to be considered only
-    where gpt2gen alone makes them (the build cache, a checkpoint directory).
+    container is writing on a shared file system. The names of older versions (``.<target>.<pid>.tmp``)
+    say nothing of their writer's host, so they are considered only with ``legacy_glob``, where gpt2gen
+    alone makes them (the build cache, a checkpoint directory), and removed only when their target
+    matches it, their pid is not running here and they are LEGACY_MIN_AGE_S old.
     """
     removed: list[Path] = []
-    owner, legacy_host, now = _owner(), _legacy_host(), time.time()
+    owner, now = _owner(), time.time()
     try:
         entries = list(os.scandir(directory))
     except OSError:          # missing, not a directory, unreadable: nothing of ours to clean
         return removed
     for entry in entries:
-        judged = _judged_pid(entry.name, owner, legacy_host, legacy_glob)
+        judged = _judged_pid(entry.name, owner, legacy_glob)
         if judged is None:
             continue
         pid, weak = judged

@@ -346,6 +346,22 @@ def test_the_cuda_emulator_splits_cxx_too(tmp_path):
         cuda_emu._compiler_id('g++ "')
 
 
+def test_a_cuda_emulator_build_removes_what_a_killed_one_left(tmp_path, monkeypatch):
+    from gpt2gen import cuda_emu
+    from gpt2gen.cache import _owner
+    monkeypatch.setenv("GPT2GEN_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.cu"
+    bad.write_text("__global__ void k(float* x) { x[0] += ; }\n")
+    with pytest.raises(cuda_emu.CompileError, match="does not compile for emulation"):
+        cuda_emu.build(bad)
+    (out_dir,) = [p for p in (tmp_path / "cache" / "cuda_emu").iterdir() if p.is_dir()]
+    stale = _write_aged(out_dir / f".lib.so.gpt2gen-{_owner()}-{_dead_pid()}-0.tmp", 0)
+    with pytest.raises(cuda_emu.CompileError, match="does not compile for emulation"):
+        cuda_emu.build(bad)                                  # the next build of that source sweeps its directory
+    assert not stale.exists()
+    assert not [p.name for p in out_dir.iterdir() if p.name.startswith(".")]
+
+
 def test_a_cc_that_cannot_be_split_or_run_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", 'gcc "-pipe')
     with pytest.raises(BuildError, match=r"CC='gcc \"-pipe' cannot be split into words.*\nhint: .*close the quote"):
@@ -428,8 +444,8 @@ def _write_aged(path: Path, seconds: float, data: bytes = b"data") -> Path:
 
 
 def test_only_temporaries_of_dead_processes_of_this_owner_are_removed(tmp_path):
-    from gpt2gen.cache import LEGACY_MIN_AGE_S, _legacy_host, _owner, atomic_write_bytes, remove_stale_temporaries
-    dead, owner, host = _dead_pid(), _owner(), _legacy_host()
+    from gpt2gen.cache import LEGACY_MIN_AGE_S, _owner, atomic_write_bytes, remove_stale_temporaries
+    dead, owner = _dead_pid(), _owner()
     old = LEGACY_MIN_AGE_S + 60
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -438,9 +454,6 @@ def test_only_temporaries_of_dead_processes_of_this_owner_are_removed(tmp_path):
             "dead_scratch": (f".gg_x.so.gpt2gen-{owner}-{dead}-3.tmp.model.o", 0),
             "live": (f".state_000200.safetensors.gpt2gen-{owner}-{live.pid}-0.tmp", old),
             "other_owner": (f".state_000300.safetensors.gpt2gen-{'0' * 16}-{dead}-0.tmp", old),
-            "previous_dead_old": (f".state_000310.safetensors.gpt2gen-{host}-{dead}-0.tmp", old),
-            "previous_dead_new": (f".state_000320.safetensors.gpt2gen-{host}-{dead}-0.tmp", 60),
-            "previous_live_old": (f".state_000330.safetensors.gpt2gen-{host}-{live.pid}-0.tmp", old),
             "legacy_state_old": (f".state_000400.safetensors.{dead}.tmp", old),
             "legacy_state_new": (f".state_000410.safetensors.{dead}.tmp", 60),
             "legacy_other": (f".notes.txt.{dead}.tmp", old),
@@ -450,7 +463,7 @@ def test_only_temporaries_of_dead_processes_of_this_owner_are_removed(tmp_path):
         for n, age in names.values():
             _write_aged(tmp_path / n, age)
         atomic_write_bytes(tmp_path / "new.bin", lambda fh: fh.write(b"new"))     # any write sweeps the directory
-        gone = {"dead", "dead_scratch", "previous_dead_old"}
+        gone = {"dead", "dead_scratch"}
         left = {p.name for p in tmp_path.iterdir()}
         assert left == {names[k][0] for k in names if k not in gone} | {"new.bin"}, left
         removed = remove_stale_temporaries(tmp_path, legacy_glob="state_*.safetensors")   # as the trainer does
@@ -480,9 +493,9 @@ def test_a_temporary_of_another_pid_namespace_boot_or_host_is_never_judged_by_it
     monkeypatch.setattr(cache, "_read_text", real_read)
     for a, b in [("trainer-7f9c5d4b8-abcdefghijk-0", "trainer-7f9c5d4b8-abcdefghijk-1"), ("gpu.a.lab", "gpu.b.lab")]:
         monkeypatch.setattr(cache.socket, "gethostname", lambda: a)
-        owner_a, label_a = cache._owner(), cache._legacy_host()
+        owner_a = cache._owner()
         monkeypatch.setattr(cache.socket, "gethostname", lambda: b)
-        assert cache._owner() != owner_a and cache._legacy_host() == label_a, (a, b)   # the old label collided
+        assert cache._owner() != owner_a, (a, b)
         others[f"host {b} beside {a}"] = owner_a
     monkeypatch.setattr(cache.socket, "gethostname", lambda: real_host)
     assert cache._owner() == ours and len(set(others.values()) | {ours}) == len(others) + 1, others

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..cache import cache_root, digest, file_lock, remove_stale_temporaries, temp_path
+from ..cache import atomic_path, cache_root, digest, file_lock
 from .rewrite import REWRITE_VERSION, RewriteError, rewrite_source
 
 __all__ = [
@@ -157,17 +157,14 @@ def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = Non
             main = _rewrite_tree(sources, out_dir)
         except RewriteError as e:
             raise CompileError(f"cuda_emu: cannot translate {src}: {e}") from None
-        remove_stale_temporaries(out_dir)   # those of a build killed with kill -9
-        tmp = temp_path(so)
-        cmd = [*shlex.split(cxx), *flags, "-I", str(_INCLUDE), "-I", str(src.parent), "-include", str(_PRELUDE),
-               "-x", "c++", str(main), "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        (out_dir / "build.log").write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            diag = _trim_diagnostics(proc.stderr)
-            raise CompileError(f"cuda_emu: {src} does not compile for emulation:\n{diag}")
-        os.replace(tmp, so)
+        with atomic_path(so) as tmp:    # also removes what a build killed with kill -9 left
+            cmd = [*shlex.split(cxx), *flags, "-I", str(_INCLUDE), "-I", str(src.parent), "-include", str(_PRELUDE),
+                   "-x", "c++", str(main), "-o", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            (out_dir / "build.log").write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                raise CompileError(f"cuda_emu: {src} does not compile for emulation:\n"
+                                   f"{_trim_diagnostics(proc.stderr)}")
     return so
 
 
@@ -316,13 +313,10 @@ def nvcc_compile(path: str | os.PathLike, archs: Iterable[str] = ("sm_80", "sm_9
     with file_lock(out_dir.parent / f"{key}.lock"):
         if obj.is_file():
             return obj
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out_dir)
-        tmp = temp_path(obj)
-        cmd = [nvcc, *flags, "-I", str(src.parent), str(src), "-o", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise CompileError(f"nvcc rejected {src}:\n{shlex.join(cmd)}\n{_trim_diagnostics(proc.stdout + proc.stderr)}")
-        os.replace(tmp, obj)
+        with atomic_path(obj) as tmp:
+            cmd = [nvcc, *flags, "-I", str(src.parent), str(src), "-o", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise CompileError(f"nvcc rejected {src}:\n{shlex.join(cmd)}\n"
+                                   f"{_trim_diagnostics(proc.stdout + proc.stderr)}")
     return obj
