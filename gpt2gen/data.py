@@ -50,13 +50,13 @@ class DataFormatError(DataError):
     """A token file is malformed (bad header, wrong size, tokens out of range)."""
 
 
-def check_input_file(path: str | os.PathLike, what: str) -> Path:
+def check_input_file(path: str | os.PathLike, what: str, suggest: str | None = None) -> Path:
     """``path`` if it is an existing regular file; otherwise an error that says what it is instead (a
-    directory is not reported as missing)."""
+    directory is not reported as missing, and names up to three files in it matching the glob ``suggest``)."""
     path = Path(path)
     if path.is_dir():
-        inside = sorted(c.name for c in path.glob("*.bin"))[:3]
-        holds = f" (it holds {', '.join(inside)}: pass one of them)" if inside and "token" in what else ""
+        inside = sorted(c.name for c in path.glob(suggest))[:3] if suggest else []
+        holds = f" (it holds {', '.join(inside)}: pass one of them)" if inside else ""
         raise IsADirectoryError(f"{path} is a directory, not {what}{holds}")
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -98,7 +98,7 @@ def write_tokens(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) ->
 
 def read_header(path: str | os.PathLike) -> int:
     """Validate a token file's header and size; returns its token count."""
-    path = check_input_file(path, "a token file")
+    path = check_input_file(path, "a token file", suggest="*.bin")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataFormatError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header "

@@ -97,6 +97,10 @@ def plot_logs(logs: Sequence[str | Path], output: str | Path = "loss.png", *,
         raise UsageError(f"--smooth {why}")
     check_outputs([Output("--output", Path(output), "file", "a PNG image", PNG_SIGNATURE, "loss.png")],
                   [("LOG", log) for log in logs])
+    # every log is read (and a bad one refused) before a figure exists, so an error leaks none
+    curves = [(Path(log).stem, read_log(log)) for log in logs]
+    if not any(data["train"] or data["val"] for _, data in curves):
+        raise DataError("no loss records found in " + ", ".join(str(p) for p in logs))
     try:
         import matplotlib
     except ImportError:
@@ -106,23 +110,15 @@ def plot_logs(logs: Sequence[str | Path], output: str | Path = "loss.png", *,
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    drawn = 0
-    for i, log in enumerate(logs):
-        data = read_log(log)
+    for i, (label, data) in enumerate(curves):
         color = f"C{i % 10}"
-        label = Path(log).stem
         if data["train"]:
             steps, losses = zip(*data["train"])
             ax.plot(steps, smooth(list(losses), smoothing), color=color, lw=1.2,
                     label=f"{label} train")
-            drawn += 1
         if data["val"]:
             steps, losses = zip(*data["val"])
             ax.plot(steps, losses, color=color, ls="--", marker="o", ms=4, label=f"{label} val")
-            drawn += 1
-    if not drawn:
-        plt.close(fig)
-        raise DataError("no loss records found in " + ", ".join(str(p) for p in logs))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     if logy:

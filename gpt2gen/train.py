@@ -661,8 +661,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
                 hint = f"{hint}; then {later}" if hint else later
             else:
                 text += f"; saving the trained weights as a training state failed too: {why_not}"
-            raise ckpt.CheckpointError(f"--export-llmc {args.export_llmc}: could not write it: {text}"
-                                       + (f"\n  hint: {hint}" if hint else "")) from None
+            raise UsageError(f"--export-llmc {args.export_llmc}: could not write it: {text}", hint=hint) from None
         say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
 
     def keep_trained_weights() -> tuple[Path | None, str | None]:
@@ -696,7 +695,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
             result.checkpoints.append(path)
             log.write(type="checkpoint", step=step, path=str(path))
             if prune and args.keep_checkpoints > 0:
-                for old in sorted(ckpt_dir.glob("state_*.safetensors"))[:-args.keep_checkpoints]:
+                for old in sorted(ckpt_dir.glob("state_*.safetensors"), key=_state_step)[:-args.keep_checkpoints]:
                     old.unlink(missing_ok=True)
         return path
 
