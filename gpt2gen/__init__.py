@@ -1,14 +1,15 @@
 """gpt2gen: a code-generating compiler for transformer training.
 
 A YAML model file (``model.yaml``) is loaded and checked (``spec``), lowered against the op library
-(``ops``, ``lower``) onto flat arenas (``layout``), rendered from Jinja templates into C (``render``),
-compiled and cached (``builder``) and driven from Python (``runtime``).
+(``ops``, ``lower``) into a target-neutral program (``program``) over flat arenas (``layout``), rendered
+by a target (``targets``: its kernel table and its Jinja templates) into C, compiled and cached
+(``builder``) and driven from Python (``runtime``).
 """
 __version__ = "0.1.0"
 __all__ = ["build", "from_hf", "from_llmc", "__version__"]
 
 
-from .builder import build  # noqa: E402  (gpt2gen.build(model, target, **overrides) -> Model)
+from .runtime import build  # noqa: E402  (gpt2gen.build(model, target, **overrides) -> Model)
 
 
 def from_llmc(path, target="cpu", **kwargs):

@@ -47,31 +47,23 @@ BOUNDS = {"batch_size": Bounded(int, 1), "seq_len": Bounded(int, 1), "steps": Bo
 
 # ---- what a step computes ----------------------------------------------------------------------------
 
-def _calls(stmts, mult: int, env: dict):
-    """Every kernel call of a statement list with how many times it runs (loops multiply, a guard counts once)."""
-    from . import expr as E
-    from .lower import Call, Loop
-    for s in stmts:
-        if isinstance(s, Call):
-            yield s, mult
-        elif hasattr(s, "body"):
-            yield from _calls(s.body, mult * (int(E.parse(s.count).eval(env)) if isinstance(s, Loop) else 1), env)
-
-
 def step_work(program, B: int, T: int) -> dict[str, Any]:
     """The GEMMs of one training step, as (M, K, N, count), and its model FLOPs."""
-    from . import expr as E
+    from .program import Invoke, walk
     env = {**program.config, "B": B, "T": T}
     gemms: dict[tuple[int, int, int], int] = {}
     attn = 0
-    for call, n in _calls(program.forward, 1, env):
-        if call.op == "matmul":
-            M, K, N = (int(E.parse(a).eval(env)) for a in call.args[-3:])
-            gemms[(M, K, N)] = gemms.get((M, K, N), 0) + n
-        elif call.op == "attention":          # (out, lse, qkv, B, T, C, NH)
-            attn += n * 12 * B * T * T * int(E.parse(call.args[5]).eval(env))
-        elif call.op == "gqa_attention":      # (out, lse, q, k, v, B, T, H, K, D, window)
-            attn += n * 12 * B * T * T * int(E.parse(call.args[7]).eval(env)) * int(E.parse(call.args[9]).eval(env))
+    for s, n in walk(program.forward, 1, env):
+        if not isinstance(s, Invoke):
+            continue
+        dim = {k: int(ex.eval(env)) for k, ex in s.dims.items()}
+        if s.op == "matmul":
+            key = (B * T, dim["C"], dim["OC"])
+            gemms[key] = gemms.get(key, 0) + n
+        elif s.op == "attention":
+            attn += n * 12 * B * T * T * dim["C"]
+        elif s.op == "gqa_attention":
+            attn += n * 12 * B * T * T * dim["H"] * dim["D"]
     gemm_flops = sum(6 * M * K * N * c for (M, K, N), c in gemms.items())
     return {"gemms": [[M, K, N, c] for (M, K, N), c in gemms.items()], "gemm_flops": gemm_flops,
             "flops": gemm_flops + attn}

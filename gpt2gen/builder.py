@@ -37,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,9 @@ from typing import Callable
 from . import lower as _lower
 from . import render as _render
 from . import spec as _spec
+from . import targets as _targets
+from .program import Program
+from .targets import CompileJob
 from .cache import atomic_path, cache_root, digest, file_lock, temp_path, write_if_changed
 from .resources import csrc_dir, find_model
 
@@ -67,7 +69,7 @@ class MemoryLimitError(BuildError):
 @dataclass
 class Built:
     """A compiled model: its program, its sources and the extension file."""
-    program: _lower.Program
+    program: Program
     target: str
     key: str
     directory: Path
@@ -417,14 +419,14 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def arena_bytes(program: _lower.Program) -> dict[str, int]:
+def arena_bytes(program: Program) -> dict[str, int]:
     """Bytes of each arena the runtime allocates (params, grads, m and v share one layout)."""
     lay = program.layout
     return {"params": lay.params.nbytes, "grads": lay.params.nbytes, "m": lay.params.nbytes, "v": lay.params.nbytes,
             "acts": lay.acts.nbytes, "dacts": lay.dacts.nbytes}
 
 
-def memory_error(program: _lower.Program, reason: str, arenas: tuple[str, ...] = ARENAS,
+def memory_error(program: Program, reason: str, arenas: tuple[str, ...] = ARENAS,
                  now: bool = False) -> MemoryLimitError:
     """The error for a model too large: the size of each arena ``arenas`` counts, their total, why (``reason``),
     what training adds when only the running arenas were counted, and a hint (``now``: the figure was the
@@ -455,7 +457,7 @@ def describe_available() -> str:
 _FITS: set[tuple] = set()    # (arena sizes, GPT2GEN_MAX_MEMORY) already found to fit this machine
 
 
-def check_memory(program: _lower.Program) -> None:
+def check_memory(program: Program) -> None:
     """Refuse, before compiling or allocating, a model that can never run on this machine: its params and acts
     beyond the machine's total memory (what training adds is checked where training starts).
 
@@ -470,7 +472,7 @@ def check_memory(program: _lower.Program) -> None:
     _FITS.add(key)
 
 
-def check_available_memory(program: _lower.Program, held: int = 0) -> None:
+def check_available_memory(program: Program, held: int = 0) -> None:
     """Refuse a training run whose six arenas do not fit in the memory available now.
 
     ``held``: bytes the arenas already occupy (params written by the initialisation or a load, acts by a
@@ -494,20 +496,19 @@ def check_available_memory(program: _lower.Program, held: int = 0) -> None:
 # ---- models ---------------------------------------------------------------------------------------------
 
 def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str | None = None,
-             **overrides) -> tuple[_lower.Program, dict[str, str]]:
+             **overrides) -> tuple[Program, dict[str, str]]:
     """Load, lower and render a model; returns the program and {file name: source}."""
     path = find_model(model)
     spec = _spec.load(path)
     config = spec.resolve(overrides)
-    program = _lower.lower(spec, config)
+    program = _lower.lower(spec, config, target)
     return program, _render.render_program(program, target, label)
 
 
 def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: str | Path | None = None,
                   verbose: bool = False, **overrides) -> Built:
     """Generate and compile a model (or find it in the cache). ``out`` also receives a copy of the sources."""
-    if target != "cpu":
-        raise BuildError(f"target `{target}` is not available yet; use --target cpu")
+    tgt = _target(target)
     program, sources = generate(model, target, **overrides)
     check_memory(program)
     if out is not None:
@@ -516,7 +517,7 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
     source_parts = [f"{k}\n{v}" for k, v in sorted(sources.items())]
     cflags = c_flags()
     flags = " ".join(cflags + LINK_FLAGS)
-    recall = _recall_key("model", *source_parts, flags, ext_suffix)
+    recall = _recall_key("model", target, *source_parts, flags, ext_suffix)
     tc, cached = _toolchain_or_cached(recall)
     if cached is not None:
         return Built(program, target, cached.parent.name.rsplit("-", 1)[-1], cached.parent, cached, sources, False)
@@ -529,34 +530,22 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
         return Built(program, target, key, directory, ext, sources, False)
     _check_openmp(tc)
     binding = binding_object(tc)
-    cc, cxx = shlex.split(tc["cc"]), shlex.split(tc["cxx"])
 
     def make(tmp: Path) -> None:
-        t0 = time.perf_counter()
         for name, text in sources.items():
             write_if_changed(directory / name, text)
-        src = directory / _render.renderer_for(target).source_name
-        # Python finds a module by the name in its file, and a process may load many models: give each
-        # build its own module name with a two-line init that forwards to the shared binding's.
-        shim = directory / "module_init.c"
-        write_if_changed(shim, f"// generated: names this build's Python module `{module}`\n"
-                               f"extern void* PyInit_{MODULE}(void);\n"
-                               f"__attribute__((visibility(\"default\"))) void* PyInit_{module}(void) "
-                               f"{{ return PyInit_{MODULE}(); }}\n")
-        objs = [temp_path(ext, ".model.o"), temp_path(ext, ".init.o")]
-        try:
-            _run([*cc, *cflags, f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
-                 "compiling the generated model", src, _compile_hint())
-            _run([*cc, "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
-            _run([*cxx, *LINK_FLAGS, str(binding), *map(str, objs), "-o", str(tmp)], "linking the model extension")
-        finally:
-            for o in objs:
-                o.unlink(missing_ok=True)
-        if verbose:
-            print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
+        tgt.compile(CompileJob(directory, sources, tmp, module, tc, cflags, LINK_FLAGS, binding, MODULE, _run,
+                               _compile_hint(), verbose))
     compiled = _build_once(ext, make)
     _remember(recall, ext)
     return Built(program, target, key, directory, ext, sources, compiled)
+
+
+def _target(name: str) -> _targets.Target:
+    try:
+        return _targets.get(name)
+    except ValueError as e:
+        raise BuildError(f"{e}; `gpt2gen build --target cpu` builds for this machine's CPU") from None
 
 
 def load_extension(path: Path):
@@ -571,23 +560,10 @@ def load_extension(path: Path):
     return module
 
 
-def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | None = 0,
-          out: str | Path | None = None, verbose: bool = False, **overrides):
-    """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros)."""
-    from .runtime import Model
-    built = compile_model(model, target, out=out, verbose=verbose, **overrides)
-    m = Model(built)
-    if seed is not None:
-        m.init_weights(seed)
-    return m
-
-
 def kernels_library(op_names: list[str], target: str = "cpu") -> Path:
     """Compile the kernels of ``op_names`` (plus helpers and the optimizer) into a shared library with
     exported symbols, cached by content; the op tests call them through ctypes."""
-    if target != "cpu":
-        raise BuildError(f"target `{target}` is not available yet")
-    source = _render.kernels_source(op_names, target)
+    source = _target(target).kernels_source(op_names)
     flags = c_flags()
     recall = _recall_key("kernels", source, " ".join(flags))
     tc, cached = _toolchain_or_cached(recall)

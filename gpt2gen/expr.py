@@ -9,7 +9,7 @@ Grammar (all a model file can say in an expression)::
 
 Functions: ``sqrt``, ``min``, ``max``, ``round_up(x, m)`` (smallest multiple of m >= x).
 ``/`` divides exactly: on integers it must leave no remainder where an integer is needed.
-An expression evaluates to a Python int or float and renders to C over named constants.
+An expression evaluates to a Python int or float; a target renders it in its own language (gpt2gen.targets).
 
 Every value an expression can produce is one the generated C can hold: literals and every
 intermediate result are finite, and whole numbers stay within C's 64-bit range (a result outside it
@@ -141,9 +141,6 @@ class Expr:
     def names(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def to_c(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def text(self) -> str:
         """The expression as a person writes it (no outer parentheses)."""
         s = str(self)
@@ -177,9 +174,6 @@ class Num(Expr):
     def names(self):
         return set()
 
-    def to_c(self):
-        return repr(self.value) if isinstance(self.value, int) else f"{self.value!r}f"
-
     def __str__(self):
         return repr(self.value)
 
@@ -196,9 +190,6 @@ class Name(Expr):
     def names(self):
         return {self.id}
 
-    def to_c(self):
-        return self.id
-
     def __str__(self):
         return self.id
 
@@ -212,9 +203,6 @@ class Neg(Expr):
 
     def names(self):
         return self.x.names()
-
-    def to_c(self):
-        return f"(-{self.x.to_c()})"
 
     def __str__(self):
         return f"-{self.x}"
@@ -249,10 +237,6 @@ class BinOp(Expr):
     def names(self):
         return self.left.names() | self.right.names()
 
-    def to_c(self):
-        op = "/" if self.op == "//" else self.op
-        return f"({self.left.to_c()} {op} {self.right.to_c()})"
-
     def __str__(self):
         return f"({self.left} {self.op} {self.right})"
 
@@ -284,15 +268,6 @@ class Call(Expr):
         for a in self.args:
             out |= a.names()
         return out
-
-    def to_c(self):
-        a = [x.to_c() for x in self.args]
-        if self.fn == "sqrt":
-            return f"sqrtf({a[0]})"
-        if self.fn in ("min", "max"):
-            cmp = "<" if self.fn == "min" else ">"
-            return f"(({a[0]}) {cmp} ({a[1]}) ? ({a[0]}) : ({a[1]}))"
-        return f"((({a[0]}) + ({a[1]}) - 1) / ({a[1]}) * ({a[1]}))"
 
     def __str__(self):
         return f"{self.fn}({', '.join(map(str, self.args))})"
@@ -421,12 +396,3 @@ def parse(text: str | int | float) -> Expr:
     if not isinstance(text, str):
         return Num(text)        # a YAML number: checked like a literal (`.inf`, `.nan` and 1e999 are refused)
     return _Parser(text).parse()
-
-
-def product_c(dims: list[Expr]) -> str:
-    """C text for the product of ``dims`` computed in size_t (no int overflow)."""
-    if not dims:
-        return "1"
-    parts = [d.to_c() for d in dims]
-    return "(size_t)" + " * ".join(parts)
-

@@ -1,100 +1,32 @@
-"""Lowering: from a checked model spec to a target-neutral program of kernel calls over named buffers.
+"""Lowering: from a checked model spec to a target-neutral program of op invocations over named buffers.
 
-For every graph node this module finds the op, binds the op's dimension letters against the model's
-tensor shapes (reporting the node, its line and both shapes when they disagree), and emits the forward
-call. The backward pass is *derived*: nodes are walked in reverse, each op's backward call is emitted,
-and every activation gradient gets a buffer in a planned arena. Gradient buffers are allocated by live
-interval, so buffers whose lifetimes do not overlap share memory; a layer's buffers are reused by every
-layer. Because every backward kernel accumulates, a buffer is zeroed right before its first use.
+The stages, each a function of its own:
 
-Output: ``Program`` — statements (``Call``, ``Zero``, ``Fill``, ``Loop``, ``Guard``, ``Decl``) whose
-arguments are already C expressions; a renderer only places them. All offset arithmetic happens here
-and in ``gpt2gen.layout``.
+1. ``bind_graph``: every graph node finds its op and binds the op's dimension letters against the
+   model's tensor shapes (reporting the node, its line and both shapes when they disagree);
+2. ``emit_forward``: the forward, one ``Invoke`` per node, with per-layer views inside the layer loop;
+3. ``derive_backward``: the nodes in reverse, and where each activation gradient is used;
+4. ``plan_gradients``: every activation gradient gets a slot in the dacts arena by live interval, so
+   gradients whose lifetimes do not overlap share memory and a layer's slots serve every layer;
+5. ``emit_backward``: each op's backward invocation; since every backward kernel accumulates, a
+   gradient buffer is zeroed right before its first use.
+
+Output: a ``gpt2gen.program.Program``. Nothing here is any target's language: a target
+(``gpt2gen.targets``) renders the statements. All offset arithmetic happens in ``gpt2gen.layout``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from . import expr as E
 from . import ops as O
+from . import targets
 from .layout import Layout, align, plan_intervals
+from .program import (Alias, Assign, Buffer, Guard, Invoke, Local, Loop, Loss, Program, Ref, Seed, Stmt, Tensor,
+                      View, Zero, locals_used)
 from .spec import ModelSpec, Node, Repeat, SpecError, TensorDecl
-
-# ---------------------------------------------------------------------------------------------------
-# The program
-
-
-@dataclass
-class Call:
-    fn: str
-    args: list[str]           # C expressions
-    node: str
-    line: int
-    op: str
-
-
-@dataclass
-class Zero:
-    ptr: str
-    numel: str
-    what: str
-
-
-@dataclass
-class Fill:
-    ptr: str
-    numel: str
-    value: str
-    what: str
-
-
-@dataclass
-class Decl:
-    name: str
-    init: str
-    comment: str = ""
-    ctype: str = "float*"
-
-
-@dataclass
-class Assign:
-    name: str
-    value: str
-    comment: str = ""
-
-
-@dataclass
-class Guard:
-    cond: str
-    body: list["Stmt"]
-    comment: str = ""
-
-
-@dataclass
-class Loop:
-    var: str
-    count: str
-    reverse: bool
-    body: list["Stmt"]
-    comment: str = ""
-
-
-Stmt = Union[Call, Zero, Fill, Decl, Assign, Guard, Loop]
-
-
-@dataclass
-class Program:
-    spec: ModelSpec
-    config: dict[str, int | float]
-    layout: Layout
-    forward: list[Stmt]
-    backward: list[Stmt]
-    ops_used: list[str]
-    inputs: list[TensorDecl]
-    loss_numel: str | None
-
+from .targets import Target
 
 # ---------------------------------------------------------------------------------------------------
 # Binding an op to a node
@@ -320,61 +252,89 @@ def _check_hint(lhs: E.Expr, rhs: E.Expr, cmp: str, a, b, values: dict[str, int]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Naming buffers in C
-
-
-def _subst_bt(e: E.Expr) -> E.Expr:
-    """The expression with the run-time B, T replaced by their build-time maxima."""
-    if isinstance(e, E.Name) and e.id in ("B", "T"):
-        return E.Name(e.id + "_MAX")
-    if isinstance(e, E.BinOp):
-        return E.BinOp(e.op, _subst_bt(e.left), _subst_bt(e.right))
-    if isinstance(e, E.Neg):
-        return E.Neg(_subst_bt(e.x))
-    if isinstance(e, E.Call):
-        return E.Call(e.fn, tuple(_subst_bt(a) for a in e.args))
-    return e
+# Lowering, stage by stage: bind the graph, emit the forward, derive the backward and plan its gradient
+# memory, emit the backward.
 
 
 def shape_comment(t: TensorDecl) -> str:
     return "(" + ",".join(d.text().replace(" ", "") for d in t.shape) + ")"
 
 
-def layer_stride_c(t: TensorDecl) -> str:
-    return E.product_c([_subst_bt(d) for d in t.shape])
+def _dtype(t: TensorDecl) -> str:
+    return "i32" if t.dtype == "int" else "f32"
 
 
-def runtime_numel_c(t: TensorDecl) -> str:
-    """C for the number of elements of ``t`` at the run-time B and T."""
-    return E.product_c(list(t.shape))
+@dataclass
+class _Graph:
+    """The bound graph: every node with its op, in order, and what the forward learned about it."""
+    bound: dict[str, Bound]
+    guarded: set[str]                 # nodes that run only when the optional inputs are given
+    carries_init: dict[str, str]      # carry -> its value after the loop (the last layer's next)
+    optional_inputs: set[str]
+    target: Target                    # whose kernels run the ops: what each phase reads
+
+    def invoke(self, node: Node, phase: str, in_body: bool) -> Invoke:
+        b = self.bound[node.name]
+        return invoke(b, phase, in_body, self.target.kernels[b.op.name].reads(phase))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Lowering
-
-
-def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
+def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu") -> Program:
+    """The program of one training step of ``spec`` at ``config`` for ``target`` (whose kernels say what
+    each op's forward and backward read): forward, derived backward, layout."""
     ctx = _Ctx(spec, config)
-    tensors = spec.tensors
-    repeats = [g for g in spec.graph if isinstance(g, Repeat)]
-    n_layers = None
-    if repeats:
-        counts = {str(r.count) for r in repeats}
-        if len(counts) > 1:
-            raise ctx.err("all repeat blocks must have the same count (per-layer tensors are stacked over it)",
-                          line=repeats[1].line)
-        try:
-            n_layers = repeats[0].count.eval_int(ctx.env, "repeat count")
-        except E.ExprError as err:
-            raise ctx.err(str(err), line=repeats[0].line) from None
-        if n_layers < 1:
-            raise ctx.err(f"repeat count `{repeats[0].count}` = {n_layers} must be positive", line=repeats[0].line)
+    n_layers = _layer_count(ctx)
     if config["T"] > config.get("maxT", config["T"]):
         raise ctx.err(f"batch T = {config['T']} exceeds maxT = {config['maxT']}", line=spec.config_lines.get("T"),
                       hint="lower T (e.g. an override T=...) or raise maxT")
     layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values)
+    graph = bind_graph(ctx, targets.get(target))
+    forward = emit_forward(ctx, graph)
+    steps, events, body_local = derive_backward(ctx, graph)
+    plan = plan_gradients(ctx, graph, layout, events, body_local, steps)
+    backward = emit_backward(ctx, graph, plan, steps, forward)
+    used: list[str] = []
+    for item in spec.graph:
+        for n in (item.body if isinstance(item, Repeat) else [item]):
+            if n.op not in used:
+                used.append(n.op)
+    loss = None
+    if spec.loss:
+        loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
+    return Program(spec, config, layout, _buffers(spec, graph), forward, backward, used, spec.of_kind("input"), loss)
 
-    # ---- forward: check nodes in order, track producers, find cycles -------------------------------------
+
+def _buffers(spec: ModelSpec, graph: _Graph) -> dict[str, Buffer]:
+    """The model's tensors with their roles: what an op keeps only for its backward is ``saved``."""
+    saved = {name for b in graph.bound.values() for o, name in zip(b.op.outputs, b.node.outputs) if not o.grad}
+    out = {}
+    for t in spec.tensors.values():
+        role = {"input": "input", "param": "param"}.get(t.kind, "saved" if t.name in saved else "act")
+        out[t.name] = Buffer(t.name, tuple(t.shape), _dtype(t), role, t.per_layer, t.line)
+    return out
+
+
+def _layer_count(ctx: _Ctx) -> int | None:
+    repeats = [g for g in ctx.spec.graph if isinstance(g, Repeat)]
+    if not repeats:
+        return None
+    counts = {str(r.count) for r in repeats}
+    if len(counts) > 1:
+        raise ctx.err("all repeat blocks must have the same count (per-layer tensors are stacked over it)",
+                      line=repeats[1].line)
+    try:
+        n_layers = repeats[0].count.eval_int(ctx.env, "repeat count")
+    except E.ExprError as err:
+        raise ctx.err(str(err), line=repeats[0].line) from None
+    if n_layers < 1:
+        raise ctx.err(f"repeat count `{repeats[0].count}` = {n_layers} must be positive", line=repeats[0].line)
+    return n_layers
+
+
+# ---- stage 1: bind every node, in order ------------------------------------------------------------------
+
+def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
+    """Check the graph (single writers, no cycles, reads after writes, carries) and bind every node."""
+    spec, tensors = ctx.spec, ctx.spec.tensors
     order: list[tuple[Node, Repeat | None]] = []
     for item in spec.graph:
         if isinstance(item, Repeat):
@@ -398,7 +358,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
     available: set[str] = {t.name for t in spec.of_kind("input")} | {t.name for t in spec.of_kind("param")}
     bound: dict[str, Bound] = {}
     conditional: set[str] = set()             # tensors that exist only when an optional input is given
-    guarded: set[str] = set()                 # nodes that run only when the optional inputs are given
+    guarded: set[str] = set()
     optional_inputs = {t.name for t in spec.of_kind("input") if t.optional}
 
     def resolve_in(rep: Repeat | None):
@@ -425,25 +385,11 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             return t, None
         return resolve
 
-    fwd: list[Stmt] = []
     for item in spec.graph:
         items = item.body if isinstance(item, Repeat) else [item]
         rep = item if isinstance(item, Repeat) else None
         if rep:
-            for c, start in rep.carry.items():
-                if start not in available:
-                    raise ctx.err(f"carry `{c}` starts as `{start}`, which nothing has produced before the repeat",
-                                  line=rep.line)
-                st, nx = tensors.get(start), tensors.get(rep.next[c])
-                if st is None or st.kind != "act" or st.per_layer:
-                    raise ctx.err(f"carry `{c}` starts as `{start}`, which is not an activation of the whole model",
-                                  line=rep.line, hint="a carry starts as an activation that is not per_layer, written "
-                                                      "before the repeat block")
-                if nx is None or not nx.per_layer:
-                    raise ctx.err(f"carry `{c}`'s next value `{rep.next[c]}` must be a per-layer activation", line=rep.line)
-                if ctx.dim_values(st) != ctx.dim_values(nx) or [str(d) for d in st.shape] != [str(d) for d in nx.shape]:
-                    raise ctx.err(f"carry `{c}` starts as `{start}` {shape_comment(st)} but continues as `{nx.name}` "
-                                  f"{shape_comment(nx)}; both must have one shape", line=rep.line)
+            _check_carries(ctx, rep, available)
         for n in items:
             for name in n.inputs:
                 if not (rep and name in rep.carry) and name not in carries_init and name not in available:
@@ -454,8 +400,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                     if name in tensors and tensors[name].kind == "act":
                         raise ctx.err(f"`{name}` is read but no node writes it", n,
                                       hint="add a node that produces it, or read another tensor")
-            b = bind(ctx, n, resolve_in(rep))
-            bound[n.name] = b
+            bound[n.name] = bind(ctx, n, resolve_in(rep))
             for name in n.outputs:
                 available.add(name)
                 t = tensors[name]
@@ -470,98 +415,141 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                     raise ctx.err(f"carry `{c}`'s next value `{nxt}` is not produced in the body", line=rep.line)
                 carries_init[c] = nxt
                 available.add(c)
+    for b in bound.values():
+        if b.op.name not in target.kernels:
+            raise ctx.err(f"op `{b.op.name}` has no kernels on target `{target.name}`", b.node,
+                          hint=f"that target runs {', '.join(sorted(target.kernels))}")
+    return _Graph(bound, guarded, carries_init, optional_inputs, target)
 
-    # ---- C names of buffers --------------------------------------------------------------------------------
-    def ptr(name: str, t: TensorDecl, carry: str | None, in_body: bool) -> str:
-        if carry is not None:
-            return carry
-        if t.kind == "input":
-            return name
-        arena = "p" if t.kind == "param" else "a"
-        if t.per_layer and in_body:
-            return name
-        return f"{arena}->{name}"
 
-    def gptr(name: str, t: TensorDecl, carry: str | None, in_body: bool) -> str:
-        if t.kind == "input":
-            return "NULL"
-        if t.kind == "param":
-            if t.per_layer and in_body:
-                return f"d_{name}"
-            return f"g->{name}"
-        return f"d_{carry or name}"
+def _check_carries(ctx: _Ctx, rep: Repeat, available: set[str]) -> None:
+    tensors = ctx.spec.tensors
+    for c, start in rep.carry.items():
+        if start not in available:
+            raise ctx.err(f"carry `{c}` starts as `{start}`, which nothing has produced before the repeat",
+                          line=rep.line)
+        st, nx = tensors.get(start), tensors.get(rep.next[c])
+        if st is None or st.kind != "act" or st.per_layer:
+            raise ctx.err(f"carry `{c}` starts as `{start}`, which is not an activation of the whole model",
+                          line=rep.line, hint="a carry starts as an activation that is not per_layer, written "
+                                              "before the repeat block")
+        if nx is None or not nx.per_layer:
+            raise ctx.err(f"carry `{c}`'s next value `{rep.next[c]}` must be a per-layer activation", line=rep.line)
+        if ctx.dim_values(st) != ctx.dim_values(nx) or [str(d) for d in st.shape] != [str(d) for d in nx.shape]:
+            raise ctx.err(f"carry `{c}` starts as `{start}` {shape_comment(st)} but continues as `{nx.name}` "
+                          f"{shape_comment(nx)}; both must have one shape", line=rep.line)
 
-    def call_for(b: Bound, template: str, in_body: bool) -> Call:
-        """A kernel call from an op's call template, with every name replaced by its C expression."""
-        fn, args = O.parse_call(template)
-        names = {"B": "B", "T": "T"}
-        for o in b.op.inputs + b.op.outputs:
-            t = b.tensors[o.name]
-            if t is None:
-                names[o.name] = names["d_" + o.name] = "NULL"
+
+# ---- references to buffers, and the statements that declare them ---------------------------------------------
+
+def _ref(t: TensorDecl, carry: str | None, in_body: bool) -> Ref:
+    """The tensor an operand names: a carry's view, an input, a layer's slice, or a whole buffer."""
+    if carry is not None:
+        return Local(carry)
+    if t.kind == "input":
+        return Tensor(t.name, "input")
+    if t.per_layer and in_body:
+        return Local(t.name)
+    return Tensor(t.name, t.kind)
+
+
+def _grad_ref(t: TensorDecl, carry: str | None, in_body: bool) -> Ref:
+    """Where the gradient of the tensor an operand names goes (activation gradients live in views)."""
+    if t.kind == "input":
+        return None
+    if t.kind == "param":
+        return Local(f"d_{t.name}") if t.per_layer and in_body else Tensor(t.name, "grad")
+    return Local(f"d_{carry or t.name}")
+
+
+def invoke(b: Bound, phase: str, in_body: bool, reads: set[str]) -> Invoke:
+    """The statement that runs node ``b``'s op for ``phase`` on the node's tensors; ``reads``: the operands
+    (and ``d_<operand>`` gradients) the target's kernel for that phase is given."""
+    operands: dict[str, Ref] = {}
+    shapes: dict[str, tuple] = {}
+    for o in b.op.inputs + b.op.outputs:
+        t = b.tensors[o.name]
+        carry = b.carries.get(o.name)
+        if o.name in reads:
+            operands[o.name] = None if t is None else _ref(t, carry, in_body)
+        if "d_" + o.name in reads:
+            needs = t is not None and o.grad and o.dtype == "float"
+            operands["d_" + o.name] = _grad_ref(t, carry, in_body) if needs else None
+        if t is not None:
+            shapes[o.name] = tuple(t.shape)
+    return Invoke(b.op.name, phase, operands, shapes, {k: ex for k, (ex, _) in b.dims.items()}, dict(b.values),
+                  b.node.name, b.node.line)
+
+
+def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> list[Stmt]:
+    """Views at the top of a layer: this layer's slices of the stacked tensors its statements use."""
+    out: list[Stmt] = []
+    seen: set[str] = set()
+    for n in items:
+        for name in n.inputs + n.outputs:
+            t = ctx.spec.tensors.get(name)
+            if name in rep.carry or t is None or not t.per_layer or name in seen:
                 continue
-            carry = b.carries.get(o.name)
-            names[o.name] = ptr(t.name, t, carry, in_body)
-            names["d_" + o.name] = gptr(t.name, t, carry, in_body) if o.grad and o.dtype == "float" else "NULL"
-            names["numel__" + o.name] = E.product_c(list(t.shape))
-        for letter, (ex, _) in b.dims.items():
-            names[letter] = ex.to_c()
-        for k, v in b.values.items():
-            names[k] = str(v) if isinstance(v, int) else repr(float(v)) + "f"
-        return Call(fn, [_render_arg(a, names) for a in args], b.node.name, b.node.line, b.op.name)
+            seen.add(name)
+            if name in used:
+                out.append(View(name, "layer", _dtype(t), shape_comment(t), of=Tensor(name, t.kind), shape=t.shape))
+            if t.kind == "param" and f"d_{name}" in used:
+                out.append(View(f"d_{name}", "layer", _dtype(t), shape_comment(t), of=Tensor(name, "grad"),
+                                shape=t.shape))
+    return out
 
-    def layer_decls(items: list[Node], rep: Repeat, used: set[str]) -> list[Stmt]:
-        """Declarations at the top of a layer: this layer's slices of the stacked tensors it uses."""
-        out: list[Stmt] = []
-        seen: set[str] = set()
-        for n in items:
-            for name in n.inputs + n.outputs:
-                t = tensors.get(name)
-                if name in rep.carry or t is None or not t.per_layer or name in seen:
-                    continue
-                seen.add(name)
-                arena = "p" if t.kind == "param" else "a"
-                if name in used:
-                    out.append(Decl(name, f"{arena}->{name} + (size_t)l * {layer_stride_c(t)}", shape_comment(t)))
-                if t.kind == "param" and f"d_{name}" in used:
-                    out.append(Decl(f"d_{name}", f"g->{name} + (size_t)l * {layer_stride_c(t)}", shape_comment(t)))
-        return out
 
-    def used_names(stmts: list[Stmt]) -> set[str]:
-        out: set[str] = set()
-        for s in stmts:
-            if isinstance(s, Call):
-                for a in s.args:
-                    out.update(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", a))
-            elif isinstance(s, (Guard, Loop)):
-                out |= used_names(s.body)
-        return out
+def _carry_views(ctx: _Ctx, rep: Repeat) -> list[Stmt]:
+    out: list[Stmt] = []
+    for c, start in rep.carry.items():
+        st, nx = ctx.spec.tensors[start], ctx.spec.tensors[rep.next[c]]
+        out.append(View(c, "carry", _dtype(nx), f"{shape_comment(st)} carry: `{start}` for layer 0, then the previous "
+                                                f"layer's `{nx.name}`",
+                        of=Tensor(nx.name, "act"), shape=nx.shape, start=_ref(st, None, False)))
+    return out
 
-    def carry_decls(rep: Repeat) -> list[Stmt]:
-        out: list[Stmt] = []
-        for c, start in rep.carry.items():
-            st, nx = tensors[start], tensors[rep.next[c]]
-            out.append(Decl(c, f"(l == 0) ? {ptr(start, st, None, False)} : a->{nx.name} + (size_t)(l - 1) * "
-                               f"{layer_stride_c(nx)}", f"{shape_comment(st)} carry: `{start}` for layer 0, "
-                                                        f"then the previous layer's `{nx.name}`"))
-        return out
 
-    for item in spec.graph:
-        if isinstance(item, Repeat):
-            calls = _guarded([(call_for(bound[n.name], bound[n.name].op.forward, True), n.name in guarded)
-                              for n in item.body], optional_inputs)
-            body: list[Stmt] = carry_decls(item) + layer_decls(item.body, item, used_names(calls)) + calls
-            fwd.append(Loop("l", item.count.to_c(), False, body, "layers"))
-            for c in item.carry:
-                nx = tensors[item.next[c]]
-                fwd.append(Decl(c, f"a->{nx.name} + (size_t)({item.count.to_c()} - 1) * {layer_stride_c(nx)}",
-                                f"{shape_comment(nx)} carry `{c}` after the last layer"))
+def _guarded(calls: list[tuple[Invoke, bool]], optional_inputs: set[str]) -> list[Stmt]:
+    """Wrap runs of statements that need an optional input in a guard on those inputs."""
+    out: list[Stmt] = []
+    for c, needs in calls:
+        if needs:
+            if out and isinstance(out[-1], Guard):
+                out[-1].body.append(c)
+            else:
+                out.append(Guard(tuple(sorted(optional_inputs)), [c], "only when the optional inputs are given"))
         else:
-            fwd += _guarded([(call_for(bound[item.name], bound[item.name].op.forward, False), item.name in guarded)],
-                            optional_inputs)
+            out.append(c)
+    return out
 
-    # ---- backward: reverse walk, gradient buffers by live interval ----------------------------------------------
-    loss_t = tensors.get(spec.loss) if spec.loss else None
+
+# ---- stage 2: the forward ------------------------------------------------------------------------------------
+
+def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
+    fwd: list[Stmt] = []
+    for item in ctx.spec.graph:
+        if isinstance(item, Repeat):
+            calls = _guarded([(graph.invoke(n, "forward", True), n.name in graph.guarded) for n in item.body],
+                             graph.optional_inputs)
+            body: list[Stmt] = _carry_views(ctx, item) + _layer_views(ctx, item.body, item, locals_used(calls)) + calls
+            fwd.append(Loop(item.count, False, body, "layers"))
+            for c in item.carry:
+                nx = ctx.spec.tensors[item.next[c]]
+                fwd.append(View(c, "last_layer", _dtype(nx), f"{shape_comment(nx)} carry `{c}` after the last layer",
+                                of=Tensor(nx.name, "act"), shape=nx.shape, count=item.count))
+        else:
+            fwd += _guarded([(graph.invoke(item, "forward", False), item.name in graph.guarded)],
+                            graph.optional_inputs)
+    return fwd
+
+
+# ---- stage 3: derive the backward: the nodes in reverse and every use of each gradient ------------------------
+
+def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, list[int]], dict[str, Repeat]]:
+    """The backward's steps (seed, loop bounds, nodes), each activation gradient's positions of use, and
+    which gradients belong to a repeat body (one buffer per layer, reused by every layer)."""
+    spec, bound = ctx.spec, graph.bound
+    loss_t = spec.tensors.get(spec.loss) if spec.loss else None
     events: dict[str, list[int]] = {}           # grad buffer key -> positions of use
     body_local: dict[str, Repeat] = {}          # grad key -> repeat whose body owns it (per-layer acts, carries in body)
     steps: list[tuple] = []
@@ -613,74 +601,99 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                 t = b.tensors[o.name]
                 if not _has_act_grad(o, t):
                     continue
-                key = name if name in carries_init else t.name
+                key = name if name in graph.carries_init else t.name
                 note(key, pos)
                 if o in b.op.inputs:
                     consumed.add(key)
             pos += 1
 
     # carries: d(start tensor) is the outer carry buffer after the loop
-    alias: dict[str, str] = {}
     for item in spec.graph:
         if isinstance(item, Repeat):
             for c, start in item.carry.items():
                 if start in consumed:
                     raise ctx.err(f"carry start `{start}` is also read outside the carry; not supported yet",
                                   line=item.line, hint=f"read `{c}` instead of `{start}` where you can")
-                alias[start] = c
                 for p in events.get(start, []):     # the carry's buffers hold d(start) until its last use
                     note(c, p)
                     note(f"{c}@spare", p)
+    return steps, events, body_local
+
+
+# ---- stage 4: plan the gradients' memory by live interval ----------------------------------------------------
+
+@dataclass
+class _GradPlan:
+    keys: list[str]                   # gradients with a slot of their own, by first use
+    assignment: dict[str, int]        # key -> slot
+    body_local: dict[str, Repeat]
+    grad_tensor: dict[str, TensorDecl]
+
+    def view(self, key: str, var: str, comment: str | None = None) -> View:
+        t = self.grad_tensor[key]
+        return View(var, "slot", _dtype(t), comment or f"{shape_comment(t)} dslot{self.assignment[key]}",
+                    slot=self.assignment[key])
+
+
+def plan_gradients(ctx: _Ctx, graph: _Graph, layout: Layout, events: dict[str, list[int]],
+                   body_local: dict[str, Repeat], steps: list[tuple]) -> _GradPlan:
+    """Give every activation gradient a slot of the dacts arena; gradients never alive at once share one."""
+    spec = ctx.spec
+    starts = {start for item in spec.graph if isinstance(item, Repeat) for start in item.carry.values()}
     # every buffer lives from its first to its last event; events inside a loop stretch outer buffers over the loop
-    loops: list[tuple[int, int, Repeat]] = [(s[2], next(e[2] for e in steps if e[0] == "loop_end" and e[1] is s[1]), s[1])
-                                            for s in steps if s[0] == "loop_start"]
+    loops = [(s[2], next(e[2] for e in steps if e[0] == "loop_end" and e[1] is s[1])) for s in steps
+             if s[0] == "loop_start"]
 
     def interval(key: str) -> tuple[int, int]:
         ps = events[key]
         lo, hi = min(ps), max(ps)
         if key not in body_local:
-            for s, e, _ in loops:
+            for s, e in loops:
                 if any(s < p < e for p in ps):
                     lo, hi = min(lo, s), max(hi, e)
         return lo, hi
 
     def grad_tensor(key: str) -> TensorDecl:
         base = key.split("@")[0]
-        if base in carries_init:
-            return tensors[carries_init[base]]
+        if base in graph.carries_init:
+            return spec.tensors[graph.carries_init[base]]
         for item in spec.graph:
             if isinstance(item, Repeat) and base in item.carry:
-                return tensors[item.next[base]]
-        return tensors[base]
+                return spec.tensors[item.next[base]]
+        return spec.tensors[base]
 
     # gradients that need a buffer of their own (carry views and carry starts reuse the carry's buffers)
-    keys = sorted((k for k in events if not k.endswith(("@body", "@next")) and k not in alias),
+    keys = sorted((k for k in events if not k.endswith(("@body", "@next")) and k not in starts),
                   key=lambda k: (interval(k)[0], k))
     sizes = {k: align(layout.numel_max(grad_tensor(k))) for k in keys}
     slots, assignment = plan_intervals([(k, sizes[k], *interval(k)) for k in keys])
     layout.set_grad_slots(slots)
+    return _GradPlan(keys, assignment, body_local, {k: grad_tensor(k) for k in events})
 
-    def slot_ptr(key: str) -> str:
-        return f"da + DSLOT_{assignment[key]}"
 
-    bwd: list[Stmt] = [s for s in fwd if isinstance(s, Decl)]   # carries after the last layer
+# ---- stage 5: the backward -----------------------------------------------------------------------------------
+
+def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple], forward: list[Stmt]) -> list[Stmt]:
+    tensors, bound = ctx.spec.tensors, graph.bound
+    bwd: list[Stmt] = [s for s in forward if isinstance(s, View)]   # carries after the last layer
     zeroed: set[str] = set()
-    outer_keys = [k for k in keys if k not in body_local]
-    for k in outer_keys:
+    for k in plan.keys:
+        if k in plan.body_local:
+            continue
         if "@spare" in k:
             base = k.split("@")[0]
-            bwd.append(Decl(f"d_{base}_spare", slot_ptr(k), f"{shape_comment(grad_tensor(k))} second buffer for d_{base}, "
-                                                            f"swapped with it layer by layer"))
+            bwd.append(plan.view(k, f"d_{base}_spare", f"{shape_comment(plan.grad_tensor[k])} second buffer for "
+                                                       f"d_{base}, swapped with it layer by layer"))
         else:
-            bwd.append(Decl(f"d_{k}", slot_ptr(k), f"{shape_comment(grad_tensor(k))} dslot{assignment[k]}"))
+            bwd.append(plan.view(k, f"d_{k}"))
 
-    def zero_first(key: str, name: str, out: list[Stmt]) -> None:
+    def zero_first(key: str, var: str, out: list[Stmt]) -> None:
         if key not in zeroed:
             zeroed.add(key)
-            t = grad_tensor(key)
-            out.append(Zero(name, runtime_numel_c(t), f"{name} starts from zero (backward kernels accumulate)"))
+            out.append(Zero(Local(var), tuple(plan.grad_tensor[key].shape),
+                            f"{var} starts from zero (backward kernels accumulate)"))
 
-    def backward_call(b: Bound, in_body: bool, rep: Repeat | None, out: list[Stmt]) -> None:
+    def backward_of(b: Bound, in_body: bool, rep: Repeat | None, out: list[Stmt]) -> None:
         for o, name in _pairs(b):
             t = b.tensors[o.name]
             if not _has_act_grad(o, t):
@@ -690,16 +703,14 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
             if rep and name in rep.next.values():
                 continue   # the incoming gradient from the layer above
             zero_first(name, f"d_{name}", out)
-        out.append(call_for(b, b.op.backward, in_body))
+        out.append(graph.invoke(b.node, "backward", in_body))
 
-    loss_numel = None
     for st in steps:
         kind = st[0]
         if kind == "seed":
             t = st[1]
-            loss_numel = runtime_numel_c(t)
             zeroed.add(t.name)
-            bwd.append(Fill(f"d_{t.name}", loss_numel, f"1.0f / (float)({loss_numel})",
+            bwd.append(Seed(Local(f"d_{t.name}"), tuple(t.shape),
                             f"d_{t.name} = 1/(B*T): the loss is the mean of `{t.name}`"))
         elif kind == "loop_start":
             rep = st[1]
@@ -714,40 +725,34 @@ def lower(spec: ModelSpec, config: dict[str, int | float]) -> Program:
                         zero_first(name, f"d_{name}", bwd)
             body: list[Stmt] = []
             for c, nx in rep.next.items():
-                body.append(Decl(f"d_{nx}", f"d_{c}", f"{shape_comment(tensors[nx])} this layer's output is the next "
-                                                   f"layer's `{c}`: its gradient so far"))
+                body.append(Alias(f"d_{nx}", Local(f"d_{c}"), _dtype(tensors[nx]),
+                                  f"{shape_comment(tensors[nx])} this layer's output is the next layer's `{c}`: "
+                                  f"its gradient so far"))
             for c in rep.carry:
-                body.append(Assign(f"d_{c}", f"d_{c}_spare", "a fresh buffer for the gradient of this layer's input"))
-                body.append(Zero(f"d_{c}", runtime_numel_c(grad_tensor(c)), f"d_{c} starts from zero"))
+                body.append(Assign(f"d_{c}", Local(f"d_{c}_spare"), "a fresh buffer for the gradient of this layer's input"))
+                body.append(Zero(Local(f"d_{c}"), tuple(plan.grad_tensor[c].shape), f"d_{c} starts from zero"))
             calls: list[Stmt] = []
             for n in reversed(rep.body):
-                backward_call(bound[n.name], True, rep, calls)
-            used = used_names(calls)
-            body += [d for d in carry_decls(rep) if d.name in used]
-            body += layer_decls(rep.body, rep, used)
-            for k in keys:
-                if body_local.get(k) is rep and "@" not in k:
-                    body.append(Decl(f"d_{k}", slot_ptr(k), f"{shape_comment(grad_tensor(k))} dslot{assignment[k]}"))
+                backward_of(bound[n.name], True, rep, calls)
+            used = locals_used(calls)
+            body += [v for v in _carry_views(ctx, rep) if v.var in used]
+            body += _layer_views(ctx, rep.body, rep, used)
+            for k in plan.keys:
+                if plan.body_local.get(k) is rep and "@" not in k:
+                    body.append(plan.view(k, f"d_{k}"))
             body += calls
             for c, nx in rep.next.items():
-                body.append(Assign(f"d_{c}_spare", f"d_{nx}", "free again for the layer below"))
-            bwd.append(Loop("l", rep.count.to_c(), True, body, "layers, last to first"))
+                body.append(Assign(f"d_{c}_spare", Local(f"d_{nx}"), "free again for the layer below"))
+            bwd.append(Loop(rep.count, True, body, "layers, last to first"))
             for c, start in rep.carry.items():
-                bwd.append(Decl(f"d_{start}", f"d_{c}", f"{shape_comment(tensors[start])} gradient of `{start}`, "
-                                                       f"the carry's start"))
+                bwd.append(Alias(f"d_{start}", Local(f"d_{c}"), _dtype(tensors[start]),
+                                 f"{shape_comment(tensors[start])} gradient of `{start}`, the carry's start"))
                 zeroed.add(start)
         elif kind == "node":
             b, in_body = st[1], st[2]
             if not in_body:
-                backward_call(b, False, None, bwd)
-
-    inputs = spec.of_kind("input")
-    used = []
-    for item in spec.graph:
-        for n in (item.body if isinstance(item, Repeat) else [item]):
-            if n.op not in used:
-                used.append(n.op)
-    return Program(spec, config, layout, fwd, bwd, used, inputs, loss_numel)
+                backward_of(b, False, None, bwd)
+    return bwd
 
 
 def _has_act_grad(o: O.Operand, t: TensorDecl | None) -> bool:
@@ -758,37 +763,6 @@ def _has_act_grad(o: O.Operand, t: TensorDecl | None) -> bool:
 def _pairs(b: Bound) -> list[tuple[O.Operand, str]]:
     """(operand, tensor name) for every operand the node gives (optional inputs it leaves out are skipped)."""
     return list(zip(b.op.inputs, b.node.inputs)) + list(zip(b.op.outputs, b.node.outputs))
-
-
-def _render_arg(e: E.Expr, names: dict[str, str]) -> str:
-    if isinstance(e, E.Name):
-        return names.get(e.id, e.id)
-    if isinstance(e, E.Num):
-        return e.to_c()
-    if isinstance(e, E.BinOp):
-        op = "/" if e.op == "//" else e.op
-
-        def side(x: E.Expr) -> str:   # a nested sum or product keeps its parentheses
-            return f"({_render_arg(x, names)})" if isinstance(x, E.BinOp) else _render_arg(x, names)
-        return f"{side(e.left)} {op} {side(e.right)}"
-    if isinstance(e, E.Neg):
-        return f"-{_render_arg(e.x, names)}"
-    return e.to_c()
-
-
-def _guarded(calls: list[tuple[Call, bool]], optional_inputs: set[str]) -> list[Stmt]:
-    """Wrap runs of calls that need an optional input in ``if (input) { ... }``."""
-    out: list[Stmt] = []
-    cond = " && ".join(sorted(optional_inputs))
-    for c, needs in calls:
-        if needs:
-            if out and isinstance(out[-1], Guard):
-                out[-1].body.append(c)
-            else:
-                out.append(Guard(cond, [c], "only when the optional inputs are given"))
-        else:
-            out.append(c)
-    return out
 
 
 def _check_cycles(ctx: _Ctx, order: list[tuple[Node, Repeat | None]], writers: dict[str, Node]) -> None:

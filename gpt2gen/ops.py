@@ -1,16 +1,14 @@
-"""The op library: what each op takes and gives, how its shapes relate, and how to call its kernels.
+"""The op library: what each op takes and gives, and how its shapes relate -- on every target alike.
 
 An op is data. Its operands carry shape patterns over dimension letters (``B``, ``T`` are the run-time
 batch shape; other letters bind to whatever the model's tensors say, and must agree across operands);
-``*`` means "any shape, the same for every ``*`` operand". Its ``forward`` and ``backward`` are C call
-templates over operand names, ``d_<operand>`` (that operand's gradient, or NULL where none is needed),
-dimension letters, attributes and ``numel(<operand>)``. The kernels themselves live in the target's
-template folder (``templates/<target>/ops/<template>``); the backward of every op *accumulates* into
-every gradient it is given, so the lowering decides where gradient buffers start from zero.
+``*`` means "any shape, the same for every ``*`` operand". How an op runs is a target's business: each
+target's kernel table (``gpt2gen.targets``) names the kernels of its forward and backward and the
+template that defines them. The backward of every op *accumulates* into every gradient it is given, so
+the lowering decides where gradient buffers start from zero.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from . import expr as E
@@ -40,9 +38,6 @@ class OpDef:
     doc: str
     inputs: tuple[Operand, ...]
     outputs: tuple[Operand, ...]
-    forward: str
-    backward: str
-    template: str
     attrs: tuple[Attr, ...] = ()
     checks: tuple[tuple[str, str], ...] = ()   # (relation over letters, what it means) e.g. ("C % NH", ...)
 
@@ -53,8 +48,8 @@ class OpDef:
         raise KeyError(name)
 
 
-def _op(name, doc, inputs, outputs, forward, backward, template, attrs=(), checks=()) -> OpDef:
-    return OpDef(name, doc, tuple(inputs), tuple(outputs), forward, backward, template, tuple(attrs), tuple(checks))
+def _op(name, doc, inputs, outputs, attrs=(), checks=()) -> OpDef:
+    return OpDef(name, doc, tuple(inputs), tuple(outputs), tuple(attrs), tuple(checks))
 
 
 def I(name, shape, **kw) -> Operand:  # noqa: E743 - reads like the table it builds
@@ -67,102 +62,63 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     _op("embedding", "out[b,t] = table[idx[b,t]] + pos[t] (token plus position embedding)",
         [I("idx", "B,T", dtype="int", grad=False, indexes="Vt"), I("table", "Vt,C"), I("pos", "P,C")],
         [O("out", "B,T,C")],
-        "embedding_forward(out, idx, table, pos, B, T, C)",
-        "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)",
-        "embedding.c.j2", checks=[("T <= P", "the sequence length must fit the position table")]),
+        checks=[("T <= P", "the sequence length must fit the position table")]),
     _op("layernorm", "out = (inp - mean) * rstd * weight + bias over the last dimension",
         [I("inp", "B,T,C"), I("weight", "C"), I("bias", "C")],
         [O("out", "B,T,C"), O("mean", "B,T", grad=False), O("rstd", "B,T", grad=False)],
-        "layernorm_forward(out, mean, rstd, inp, weight, bias, B * T, C, eps)",
-        "layernorm_backward(d_inp, d_weight, d_bias, d_out, inp, weight, mean, rstd, B * T, C)",
-        "layernorm.c.j2", attrs=[Attr("eps", "float", 1e-5)]),
+        attrs=[Attr("eps", "float", 1e-5)]),
     _op("matmul", "out = inp @ weight^T (+ bias); weight is (OC, C) as in torch.nn.Linear",
         [I("inp", "B,T,C"), I("weight", "OC,C"), I("bias", "OC", optional=True)],
-        [O("out", "B,T,OC")],
-        "matmul_forward(out, inp, weight, bias, B * T, C, OC)",
-        "matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, B * T, C, OC)",
-        "matmul.c.j2"),
+        [O("out", "B,T,OC")]),
     _op("attention", "causal multi-head self-attention over a packed (q, k, v) input; keeps the log-sum-exp "
         "of each query's scores (flash-style: no T x T buffer)",
         [I("qkv", "B,T,3 * C")],
         [O("out", "B,T,C"), O("lse", "B,NH,T", grad=False)],
-        "attention_forward(out, lse, qkv, B, T, C, NH)",
-        "attention_backward(d_qkv, d_out, qkv, out, lse, B, T, C, NH)",
-        "attention.c.j2", attrs=[Attr("heads", "int", binds="NH")],
+        attrs=[Attr("heads", "int", binds="NH")],
         checks=[("C % NH == 0", "channels must divide evenly into heads")]),
     _op("gelu", "out = GELU(inp), tanh approximation",
-        [I("inp", "*")], [O("out", "*")],
-        "gelu_forward(out, inp, numel(out))",
-        "gelu_backward(d_inp, d_out, inp, numel(out))",
-        "gelu.c.j2"),
+        [I("inp", "*")], [O("out", "*")]),
     _op("residual", "out = a + b",
-        [I("a", "*"), I("b", "*")], [O("out", "*")],
-        "residual_forward(out, a, b, numel(out))",
-        "residual_backward(d_a, d_b, d_out, numel(out))",
-        "residual.c.j2"),
+        [I("a", "*"), I("b", "*")], [O("out", "*")]),
     _op("softmax_crossentropy", "losses = -log softmax(logits[..., :vocab])[target]; keeps the log-sum-exp of "
         "each row (the probabilities are recomputed in the backward, never stored)",
         [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False, indexes="V")],
         [O("lse", "B,T", grad=False), O("losses", "B,T")],
-        "softmax_crossentropy_forward(losses, lse, logits, targets, B * T, V, Vp)",
-        "softmax_crossentropy_backward(d_logits, d_losses, logits, lse, targets, B * T, V, Vp)",
-        "softmax_crossentropy.c.j2", attrs=[Attr("vocab", "int", binds="V")],
+        attrs=[Attr("vocab", "int", binds="V")],
         checks=[("V <= Vp", "the vocabulary cannot exceed the logits' width")]),
     # ---- the ops of Llama, Mistral and Gemma (docs/adding-an-architecture.md) ----------------------------
     _op("token_embedding", "out[b,t] = table[idx[b,t]] * scale (no position table; tokens == padding_idx get "
         "no gradient, as in torch.nn.Embedding)",
         [I("idx", "B,T", dtype="int", grad=False, indexes="Vt"), I("table", "Vt,C")],
         [O("out", "B,T,C")],
-        "token_embedding_forward(out, idx, table, B, T, C, scale)",
-        "token_embedding_backward(d_table, d_out, idx, B, T, C, scale, padding_idx)",
-        "token_embedding.c.j2", attrs=[Attr("scale", "float", 1.0), Attr("padding_idx", "int", -1)]),
+        attrs=[Attr("scale", "float", 1.0), Attr("padding_idx", "int", -1)]),
     _op("rmsnorm", "out = inp / sqrt(mean(inp^2) + eps) * (weight + weight_offset) over the last dimension "
         "(weight_offset 1: Gemma's (1 + weight) form)",
         [I("inp", "B,T,C"), I("weight", "C")],
         [O("out", "B,T,C"), O("rstd", "B,T", grad=False)],
-        "rmsnorm_forward(out, rstd, inp, weight, B * T, C, eps, weight_offset)",
-        "rmsnorm_backward(d_inp, d_weight, d_out, inp, weight, rstd, B * T, C, weight_offset)",
-        "rmsnorm.c.j2", attrs=[Attr("eps", "float", 1e-6), Attr("weight_offset", "float", 0.0)]),
+        attrs=[Attr("eps", "float", 1e-6), Attr("weight_offset", "float", 0.0)]),
     _op("rope", "rotary position embedding (rotate-half pairs i, i + D/2 of each of H heads; angle t * theta^(-2i/D))",
         [I("inp", "B,T,H * D")],
         [O("out", "B,T,H * D")],
-        "rope_forward(out, inp, B, T, H, D, theta)",
-        "rope_backward(d_inp, d_out, B, T, H, D, theta)",
-        "rope.c.j2", attrs=[Attr("heads", "int", binds="H"), Attr("head_dim", "int", binds="D"),
-                            Attr("theta", "float", 10000.0)],
+        attrs=[Attr("heads", "int", binds="H"), Attr("head_dim", "int", binds="D"), Attr("theta", "float", 10000.0)],
         checks=[("D % 2 == 0", "the head dimension must be even to rotate pairs")]),
     _op("gqa_attention", "causal self-attention, grouped-query (K kv heads shared by H query heads), with an "
         "optional sliding window (a query at t sees keys t - window < t2 <= t; window 0: all t2 <= t); keeps the "
         "log-sum-exp of each query's scores (flash-style: no T x T buffer)",
         [I("q", "B,T,H * D"), I("k", "B,T,K * D"), I("v", "B,T,K * D")],
         [O("out", "B,T,H * D"), O("lse", "B,H,T", grad=False)],
-        "gqa_attention_forward(out, lse, q, k, v, B, T, H, K, D, window)",
-        "gqa_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window)",
-        "attention.c.j2", attrs=[Attr("heads", "int", binds="H"), Attr("kv_heads", "int", binds="K"),
-                                     Attr("head_dim", "int", binds="D"), Attr("window", "int", 0)],
+        attrs=[Attr("heads", "int", binds="H"), Attr("kv_heads", "int", binds="K"),
+               Attr("head_dim", "int", binds="D"), Attr("window", "int", 0)],
         checks=[("H % K == 0", "query heads must divide evenly into groups over the kv heads")]),
     _op("swiglu", "out = silu(gate) * up (the gated feed-forward of Llama and Mistral)",
-        [I("gate", "*"), I("up", "*")], [O("out", "*")],
-        "swiglu_forward(out, gate, up, numel(out))",
-        "swiglu_backward(d_gate, d_up, d_out, gate, up, numel(out))",
-        "glu.c.j2"),
+        [I("gate", "*"), I("up", "*")], [O("out", "*")]),
     _op("geglu", "out = gelu_tanh(gate) * up (the gated feed-forward of Gemma)",
-        [I("gate", "*"), I("up", "*")], [O("out", "*")],
-        "geglu_forward(out, gate, up, numel(out))",
-        "geglu_backward(d_gate, d_up, d_out, gate, up, numel(out))",
-        "glu.c.j2"),
+        [I("gate", "*"), I("up", "*")], [O("out", "*")]),
 ]}
 
 
 def get(name: str) -> OpDef | None:
     return OPS.get(name)
-
-
-def parse_call(call: str) -> tuple[str, list[E.Expr]]:
-    """Split a call template like ``f(a, d_b, B * T)`` into its function name and argument expressions."""
-    fn, _, rest = call.partition("(")
-    args = rest.rsplit(")", 1)[0]
-    return fn.strip(), [E.parse(re.sub(r"numel\((\w+)\)", r"numel__\1", a)) for a in args.split(",")]
 
 
 def pattern(dim: str) -> E.Expr:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .builder import Built, check_available_memory, describe_available, load_extension, memory_error
+from .builder import Built, check_available_memory, compile_model, describe_available, load_extension, memory_error
 from .layout import ALIGN_FLOATS, Arena
-from .render import signature
+from .program import signature
 
 
 def _aligned(n: int) -> np.ndarray:
@@ -256,6 +256,15 @@ class Model:
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"<gpt2gen Model {self.spec.name} target={self.target} {cfg}>"
+
+
+def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | None = 0,
+          out: str | Path | None = None, verbose: bool = False, **overrides) -> Model:
+    """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros)."""
+    m = Model(compile_model(model, target, out=out, verbose=verbose, **overrides))
+    if seed is not None:
+        m.init_weights(seed)
+    return m
 
 
 def check_training_memory(model: Model) -> None:

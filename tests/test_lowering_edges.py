@@ -225,8 +225,8 @@ def test_model_file_name_cannot_break_out_of_a_comment(tmp_path):
 
 def test_call_arguments_keep_their_parentheses():
     from gpt2gen import expr as E
-    from gpt2gen.lower import _render_arg
+    from gpt2gen.targets.cpu import c_arg
     names = {"a": "x", "b": "y", "c": "z"}
-    assert _render_arg(E.parse("(a + b) * c"), names) == "(x + y) * z"
-    assert _render_arg(E.parse("a - (b - c)"), names) == "x - (y - z)"
-    assert _render_arg(E.parse("B * T"), {"B": "B", "T": "T"}) == "B * T"
+    assert c_arg(E.parse("(a + b) * c"), names) == "(x + y) * z"
+    assert c_arg(E.parse("a - (b - c)"), names) == "x - (y - z)"
+    assert c_arg(E.parse("B * T"), {"B": "B", "T": "T"}) == "B * T"

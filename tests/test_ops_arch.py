@@ -29,10 +29,10 @@ def lib():
     return ctypes.CDLL(str(kernels_library(ARCH_OPS)))
 
 
-def test_ops_are_registered_with_their_templates():
+def test_ops_are_registered_with_their_kernels():
+    from gpt2gen.targets.cpu import KERNELS
     for name in ARCH_OPS:
-        op = O.get(name)
-        assert op is not None and op.forward and op.backward, name
+        assert O.get(name) is not None and name in KERNELS, name
 
 
 # ---- token embedding -------------------------------------------------------------------------------------

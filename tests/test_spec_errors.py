@@ -18,6 +18,7 @@ from gpt2gen import expr as E
 from gpt2gen import spec as S
 from gpt2gen.builder import generate
 from gpt2gen.lower import lower
+from gpt2gen.targets import c_names as CN
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = (ROOT / "model.yaml").read_text()
@@ -428,8 +429,8 @@ def test_every_name_of_the_generated_c_is_reserved():
     for model in [ROOT / "model.yaml"] + sorted((ROOT / "models").glob("*.yaml")):
         program, sources = generate(model, L=1)
         own = set(program.spec.config)
-        names = S._c_names(sources["model.c"], file_scope_only=True) - own
-        free = sorted(n for n in names if S.reserved_reason(n) is None)
+        names = CN.c_names(sources["model.c"], file_scope_only=True) - own
+        free = sorted(n for n in names if CN.reserved_reason(n) is None)
         assert not free, f"{model.name}: the generated C declares {free}, which a model file may still use"
 
 
@@ -447,9 +448,9 @@ def test_the_reserved_list_covers_this_machines_c_headers(tmp_path):
     flags = [f for f in c_flags() if f.startswith(("-std", "-march", "-f", "-D", "-U"))]
     declared = subprocess.run([*cc, *flags, "-E", "-P", str(src)], capture_output=True, text=True, check=True).stdout
     macros = subprocess.run([*cc, *flags, "-E", "-dM", str(src)], capture_output=True, text=True, check=True).stdout
-    names = S._c_names(declared, file_scope_only=True) | set(re.findall(r"^#define (\w+)", macros, re.M))
-    free = sorted(n for n in names if S.reserved_reason(n) is None)
-    assert not free, f"these headers ({', '.join(headers)}) declare {free}: add them to spec.C_LIBRARY"
+    names = CN.c_names(declared, file_scope_only=True) | set(re.findall(r"^#define (\w+)", macros, re.M))
+    free = sorted(n for n in names if CN.reserved_reason(n) is None)
+    assert not free, f"these headers ({', '.join(headers)}) declare {free}: add them to C_LIBRARY in gpt2gen/targets/c_names.py"
 
 
 @pytest.mark.parametrize("value, words", [

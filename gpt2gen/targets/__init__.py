@@ -1,0 +1,135 @@
+"""Targets: what differs between backends, one object each.
+
+A ``Target`` owns everything that depends on where the model runs: its kernel table (each op's forward
+and backward kernel call for that target), its type names, the precisions and fusions it supports, its
+template folder, how a lowered ``Program`` becomes source files, how those compile, and which names it
+reserves in the model files. Lowering (``gpt2gen.lower``) knows none of this; adding a backend means
+adding one ``Target`` here and one folder under ``templates/``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .. import expr as E
+
+if TYPE_CHECKING:
+    from ..program import Program
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """A kernel function and its arguments: expressions over operand names, ``d_<operand>`` (that
+    operand's gradient), dimension letters, attributes and ``numel(<operand>)``."""
+    fn: str
+    args: tuple[E.Expr, ...]
+
+    @classmethod
+    def parse(cls, call: str) -> "KernelCall":
+        """``f(a, d_b, B * T, numel(out))`` -> KernelCall("f", (a, d_b, B * T, numel__out))."""
+        fn, _, rest = call.partition("(")
+        args = rest.rsplit(")", 1)[0]
+        return cls(fn.strip(), tuple(E.parse(re.sub(r"numel\((\w+)\)", r"numel__\1", a)) for a in args.split(",")))
+
+
+    def names(self) -> set[str]:
+        out: set[str] = set()
+        for a in self.args:
+            out |= a.names()
+        return out
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One op on one target: the template file that defines its kernels and their calls."""
+    template: str
+    forward: KernelCall
+    backward: KernelCall
+
+    def reads(self, phase: str) -> set[str]:
+        """The operands (and ``d_<operand>`` gradients) the kernel of ``phase`` is given."""
+        return getattr(self, phase).names()
+
+
+@dataclass
+class CompileJob:
+    """What the builder hands a target to compile one model: the rendered sources written in ``directory``,
+    the product to write (``out``, a temporary the builder renames into place), the Python module name it
+    must export, the host toolchain and its flags, the shared pybind11 binding (an object file whose module
+    init is ``PyInit_<binding_module>``), and ``run(cmd, what, source=None, hint=None)`` to run a compiler."""
+    directory: Path
+    sources: dict[str, str]
+    out: Path
+    module: str
+    toolchain: dict[str, str]
+    cflags: list[str]
+    link_flags: list[str]
+    binding: Path
+    binding_module: str
+    run: Callable[..., None]
+    hint: str | None = None
+    verbose: bool = False
+
+
+class Target:
+    """The interface every backend implements (see ``gpt2gen.targets.cpu``)."""
+    name: str
+    folder: str                                  # templates/<folder>/
+    precisions: tuple[str, ...] = ("fp32",)
+    fusions: tuple[str, ...] = ()
+    kernels: dict[str, Kernel]
+    type_names: dict[str, str]                   # storage dtype -> the target's type
+
+    def render(self, program: "Program", label: str | None = None) -> dict[str, str]:
+        """The program's source files: {file name: text}."""
+        raise NotImplementedError
+
+    def kernels_source(self, op_names: list[str]) -> str:
+        """A standalone source of these ops' kernels with exported symbols (the op tests call them)."""
+        raise NotImplementedError
+
+    def compile(self, job: CompileJob) -> None:
+        raise NotImplementedError
+
+    def reserved_reason(self, name: str) -> str | None:
+        """Why ``name`` cannot name a config value, tensor or carry of a model on this target, or None."""
+        return None
+
+    reserved_prefixes: tuple[str, ...] = ()
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in self.precisions:
+            raise ValueError(f"target `{self.name}` has no precision `{precision}`; it has "
+                             f"{', '.join(self.precisions)}")
+
+
+def _targets() -> dict[str, Target]:
+    from .cpu import CPU
+    return {CPU.name: CPU}
+
+
+def names() -> list[str]:
+    return list(_targets())
+
+
+def get(name: str) -> Target:
+    """The target called ``name``; an unknown name is a ValueError listing the known ones."""
+    targets = _targets()
+    if name not in targets:
+        raise ValueError(f"unknown target `{name}`; known targets: {', '.join(targets)}")
+    return targets[name]
+
+
+def reserved_reason(name: str) -> str | None:
+    """Why ``name`` cannot be a model's name on some target (a model file is meant for all of them)."""
+    for t in _targets().values():
+        reason = t.reserved_reason(name)
+        if reason:
+            return reason
+    return None
+
+
+def reserved_prefixes() -> tuple[str, ...]:
+    return tuple(p for t in _targets().values() for p in t.reserved_prefixes)
