@@ -28,6 +28,7 @@ class Slot:
     numel: int
     decay: bool = True             # parameters: AdamW weight decay applies
     note: str = ""
+    alias: bool = False            # lies inside another slot (shared scratch), adds no memory
 
     @property
     def nbytes(self) -> int:
@@ -47,6 +48,16 @@ class Arena:
         slot = Slot(name, shape, dims, self.size, numel, decay, note)
         self.slots.append(slot)
         self.size = align(self.size + numel)
+        return slot
+
+    def alias(self, name: str, shape: str, dims: tuple[int, ...], offset: int, note: str = "") -> Slot:
+        """A tensor placed inside an existing slot (scratch shared by tensors never alive at once); it adds
+        nothing to the arena's size."""
+        numel = 1
+        for d in dims:
+            numel *= d
+        slot = Slot(name, shape, dims, offset, numel, True, note, alias=True)
+        self.slots.append(slot)
         return slot
 
     def __getitem__(self, name: str) -> Slot:
@@ -71,10 +82,17 @@ class Layout:
 
     @classmethod
     def plan(cls, spec: ModelSpec, config: dict, n_layers: int,
-             dim_values: Callable[[TensorDecl], tuple[int, ...]]) -> "Layout":
+             dim_values: Callable[[TensorDecl], tuple[int, ...]],
+             saved: dict[str, TensorDecl] | None = None, notes: dict[str, str] | None = None,
+             scratch: dict[str, int] | None = None) -> "Layout":
+        """``saved``: the buffers ops keep for their backward (named after their node), placed after the
+        model's own tensors; ``notes``: what a buffer is, shown beside it; ``scratch``: activations that
+        no backward reads -> the scratch slot they share (one layer's worth, reused by every layer)."""
         params, acts = Arena("params"), Arena("acts")
         numel_max: dict[str, int] = {}
-        for t in spec.tensors.values():
+        scratch = scratch or {}
+        shared: list[tuple[TensorDecl, str, tuple[int, ...]]] = []
+        for t in list(spec.tensors.values()) + list((saved or {}).values()):
             if t.kind == "input":
                 continue
             dims = dim_values(t)
@@ -83,10 +101,22 @@ class Layout:
                 n *= d
             numel_max[t.name] = n
             shape = ", ".join(d.text().replace(" ", "") for d in t.shape)
+            if t.name in scratch:
+                shared.append((t, f"({shape})", dims))
+                continue
             if t.per_layer:
                 dims, shape = (n_layers,) + dims, "L, " + shape
             arena = params if t.kind == "param" else acts
-            arena.add(t.name, f"({shape})", dims, t.decay if t.kind == "param" else True)
+            arena.add(t.name, f"({shape})", dims, t.decay if t.kind == "param" else True, (notes or {}).get(t.name, ""))
+        sizes: dict[int, int] = {}
+        for t, _, _ in shared:
+            sizes[scratch[t.name]] = max(sizes.get(scratch[t.name], 0), align(numel_max[t.name]))
+        offsets = {}
+        for i in sorted(sizes):
+            users = [t.name for t, _, _ in shared if scratch[t.name] == i]
+            offsets[i] = acts.add(f"scratch{i}", f"({sizes[i]})", (sizes[i],), note="shared by " + ", ".join(users)).offset
+        for t, shape, dims in shared:
+            acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in scratch{scratch[t.name]}: no backward reads it")
         return cls(config, n_layers, params, acts, Arena("dacts"), numel_max)
 
     def numel_max(self, t: TensorDecl) -> int:

@@ -16,8 +16,9 @@ Output: a ``gpt2gen.program.Program``. Nothing here is any target's language: a 
 """
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import expr as E
 from . import ops as O
@@ -41,6 +42,7 @@ class Bound:
     carries: dict[str, str]               # operand -> carry name, where the operand is a carry
     dims: dict[str, tuple[E.Expr, int]]
     values: dict[str, float | int]        # attributes that bind no letter: floats, and ints such as a window
+    saved: dict[str, TensorDecl] = field(default_factory=dict)   # what the target's forward keeps for the backward
 
 
 class _Ctx:
@@ -48,6 +50,13 @@ class _Ctx:
         self.spec = spec
         self.config = config
         self.env = dict(config)        # B and T at their maxima
+        self.saved: dict[str, TensorDecl] = {}     # buffers the ops' kernels keep for the backward, by name
+        self.saved_by_node: dict[str, list[str]] = {}
+        self.notes: dict[str, str] = {}             # buffer -> what it is, for the layout table
+        self.scratch: dict[str, int] = {}           # activation no backward reads -> its shared scratch slot
+
+    def tensor(self, name: str) -> TensorDecl | None:
+        return self.spec.tensors.get(name) or self.saved.get(name)
 
     def err(self, msg: str, node: Node | None = None, line: int | None = None, hint: str | None = None,
             symbols=()) -> SpecError:
@@ -75,8 +84,9 @@ def _shape_text(t: TensorDecl, values: tuple[int, ...]) -> str:
     return sym if sym == num else f"{sym} = {num}"
 
 
-def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
-    """Check a node against its op and bind the op's dimension letters."""
+def bind(ctx: _Ctx, node: Node, resolve, saved_names: tuple[str, ...] = ()) -> Bound:
+    """Check a node against its op and bind the op's dimension letters. ``saved_names``: what the target's
+    kernel keeps for the backward by itself (a model file that still lists it among the outputs is told)."""
     op = O.get(node.op)
     if op is None:
         raise ctx.err(f"unknown op `{node.op}`", node,
@@ -87,8 +97,14 @@ def bind(ctx: _Ctx, node: Node, resolve) -> Bound:
         raise ctx.err(f"op `{op.name}` takes {want} inputs ({', '.join(o.name for o in op.inputs)}), "
                       f"got {len(node.inputs)}", node)
     if len(node.outputs) != len(op.outputs):
-        raise ctx.err(f"op `{op.name}` gives {len(op.outputs)} outputs ({', '.join(o.name for o in op.outputs)}), "
-                      f"got {len(node.outputs)}", node)
+        extra = node.outputs[len(op.outputs):]
+        hint = None
+        if saved_names and len(extra) == len(saved_names):
+            hint = (f"`{op.name}` keeps its {', '.join(saved_names)} for the backward by itself (under the node's "
+                    f"name, see `gpt2gen layout`): drop {', '.join(f'`{x}`' for x in extra)} from `out:` and from "
+                    f"`activations:`")
+        raise ctx.err(f"op `{op.name}` gives {len(op.outputs)} output{'s' if len(op.outputs) != 1 else ''} "
+                      f"({', '.join(o.name for o in op.outputs)}), got {len(node.outputs)}", node, hint=hint)
     for k in node.attrs:
         if k not in {a.name for a in op.attrs}:
             raise ctx.err(f"op `{op.name}` has no attribute `{k}`", node,
@@ -286,8 +302,10 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu") 
     if config["T"] > config.get("maxT", config["T"]):
         raise ctx.err(f"batch T = {config['T']} exceeds maxT = {config['maxT']}", line=spec.config_lines.get("T"),
                       hint="lower T (e.g. an override T=...) or raise maxT")
-    layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values)
     graph = bind_graph(ctx, targets.get(target))
+    ctx.scratch = plan_scratch(ctx, graph)
+    layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values, saved=ctx.saved, notes=ctx.notes,
+                         scratch=ctx.scratch)
     forward = emit_forward(ctx, graph)
     steps, events, body_local = derive_backward(ctx, graph)
     plan = plan_gradients(ctx, graph, layout, events, body_local, steps)
@@ -300,16 +318,17 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu") 
     loss = None
     if spec.loss:
         loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
-    return Program(spec, config, layout, _buffers(spec, graph), forward, backward, used, spec.of_kind("input"), loss)
+    return Program(spec, config, layout, _buffers(ctx), forward, backward, used, spec.of_kind("input"), loss)
 
 
-def _buffers(spec: ModelSpec, graph: _Graph) -> dict[str, Buffer]:
-    """The model's tensors with their roles: what an op keeps only for its backward is ``saved``."""
-    saved = {name for b in graph.bound.values() for o, name in zip(b.op.outputs, b.node.outputs) if not o.grad}
+def _buffers(ctx: _Ctx) -> dict[str, Buffer]:
+    """The model's tensors with their roles, and what the ops keep for their backward (``saved``)."""
     out = {}
-    for t in spec.tensors.values():
-        role = {"input": "input", "param": "param"}.get(t.kind, "saved" if t.name in saved else "act")
+    for t in ctx.spec.tensors.values():
+        role = {"input": "input", "param": "param"}.get(t.kind, "scratch" if t.name in ctx.scratch else "act")
         out[t.name] = Buffer(t.name, tuple(t.shape), _dtype(t), role, t.per_layer, t.line)
+    for t in ctx.saved.values():
+        out[t.name] = Buffer(t.name, tuple(t.shape), "f32", "saved", t.per_layer, t.line)
     return out
 
 
@@ -400,7 +419,13 @@ def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
                     if name in tensors and tensors[name].kind == "act":
                         raise ctx.err(f"`{name}` is read but no node writes it", n,
                                       hint="add a node that produces it, or read another tensor")
-            bound[n.name] = bind(ctx, n, resolve_in(rep))
+            kernel = target.kernels.get(n.op)
+            b = bind(ctx, n, resolve_in(rep), tuple(sv.name for sv in kernel.saved) if kernel else ())
+            if kernel is None:
+                raise ctx.err(f"op `{n.op}` has no kernels on target `{target.name}`", n,
+                              hint=f"that target runs {', '.join(sorted(target.kernels))}")
+            b.saved = _saved_buffers(ctx, b, kernel.saved, rep is not None)
+            bound[n.name] = b
             for name in n.outputs:
                 available.add(name)
                 t = tensors[name]
@@ -415,11 +440,42 @@ def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
                     raise ctx.err(f"carry `{c}`'s next value `{nxt}` is not produced in the body", line=rep.line)
                 carries_init[c] = nxt
                 available.add(c)
-    for b in bound.values():
-        if b.op.name not in target.kernels:
-            raise ctx.err(f"op `{b.op.name}` has no kernels on target `{target.name}`", b.node,
-                          hint=f"that target runs {', '.join(sorted(target.kernels))}")
     return _Graph(bound, guarded, carries_init, optional_inputs, target)
+
+
+def _saved_buffers(ctx: _Ctx, b: Bound, saved, per_layer: bool) -> dict[str, TensorDecl]:
+    """The buffers node ``b``'s kernel keeps for its backward, named ``<node>_<what>`` and shaped by the
+    node's letters; each is an activation of the model (per layer inside a repeat block)."""
+    out: dict[str, TensorDecl] = {}
+    letters = {k: ex for k, (ex, _) in b.dims.items()}
+    for sv in saved:
+        name = f"{b.node.name}_{sv.name}"
+        clash = ("a tensor" if name in ctx.spec.tensors else "a config name" if name in ctx.spec.config else
+                 "what another node keeps" if name in ctx.saved else None)
+        reason = clash or targets.reserved_reason(name)
+        if reason:
+            raise ctx.err(f"node '{b.node.name}' keeps its `{sv.name}` for the backward as `{name}`, which is "
+                          f"{'already ' + clash if clash else 'reserved: ' + reason}", b.node,
+                          hint="rename the node")
+        shape = tuple(_substitute(O.pattern(p), letters) for p in sv.shape)
+        t = TensorDecl(name, "act", shape, per_layer, b.node.line)
+        ctx.saved[name] = out[sv.name] = t
+        ctx.saved_by_node.setdefault(b.node.name, []).append(name)
+        ctx.notes[name] = f"kept by '{b.node.name}' ({b.op.name}) for its backward: {sv.doc}"
+    return out
+
+
+def _substitute(e: E.Expr, letters: dict[str, E.Expr]) -> E.Expr:
+    """An op's shape pattern in the model's terms: each bound letter replaced by the model's expression."""
+    if isinstance(e, E.Name):
+        return letters.get(e.id, e)
+    if isinstance(e, E.BinOp):
+        return E.BinOp(e.op, _substitute(e.left, letters), _substitute(e.right, letters))
+    if isinstance(e, E.Neg):
+        return E.Neg(_substitute(e.x, letters))
+    if isinstance(e, E.Call):
+        return E.Call(e.fn, tuple(_substitute(a, letters) for a in e.args))
+    return e
 
 
 def _check_carries(ctx: _Ctx, rep: Repeat, available: set[str]) -> None:
@@ -477,6 +533,10 @@ def invoke(b: Bound, phase: str, in_body: bool, reads: set[str]) -> Invoke:
             operands["d_" + o.name] = _grad_ref(t, carry, in_body) if needs else None
         if t is not None:
             shapes[o.name] = tuple(t.shape)
+    for name, t in b.saved.items():
+        if name in reads:
+            operands[name] = _ref(t, None, in_body)
+        shapes[name] = tuple(t.shape)
     return Invoke(b.op.name, phase, operands, shapes, {k: ex for k, (ex, _) in b.dims.items()}, dict(b.values),
                   b.node.name, b.node.line)
 
@@ -486,12 +546,15 @@ def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> l
     out: list[Stmt] = []
     seen: set[str] = set()
     for n in items:
-        for name in n.inputs + n.outputs:
-            t = ctx.spec.tensors.get(name)
+        for name in n.inputs + n.outputs + ctx.saved_by_node.get(n.name, []):
+            t = ctx.tensor(name)
             if name in rep.carry or t is None or not t.per_layer or name in seen:
                 continue
             seen.add(name)
-            if name in used:
+            if name in used and name in ctx.scratch:
+                out.append(View(name, "scratch", _dtype(t), f"{shape_comment(t)} scratch{ctx.scratch[name]}, every layer's",
+                                of=Tensor(name, t.kind)))
+            elif name in used:
                 out.append(View(name, "layer", _dtype(t), shape_comment(t), of=Tensor(name, t.kind), shape=t.shape))
             if t.kind == "param" and f"d_{name}" in used:
                 out.append(View(f"d_{name}", "layer", _dtype(t), shape_comment(t), of=Tensor(name, "grad"),
@@ -523,7 +586,50 @@ def _guarded(calls: list[tuple[Invoke, bool]], optional_inputs: set[str]) -> lis
     return out
 
 
-# ---- stage 2: the forward ------------------------------------------------------------------------------------
+# ---- stage 2: plan the forward's memory: what no backward reads is scratch ----------------------------------
+
+def plan_scratch(ctx: _Ctx, graph: _Graph) -> dict[str, int]:
+    """Activations that no backward reads (a residual's summands, say) need to live only until the forward
+    has read them: each gets a scratch slot by live interval over the forward, one layer's worth for a
+    per-layer tensor (every layer reuses it). Returns tensor -> slot. Kept whole: what a backward kernel
+    of the target reads, the carries' stacked tensors, the loss and the logits (the runtime reads them)."""
+    spec = ctx.spec
+    kept = {spec.loss, spec.logits}
+    for b in graph.bound.values():
+        reads = graph.target.kernels[b.op.name].reads("backward")
+        kept |= {b.tensors[o.name].name for o in b.op.inputs + b.op.outputs
+                 if o.name in reads and b.tensors[o.name] is not None}
+    repeats = [item for item in spec.graph if isinstance(item, Repeat)]
+    for rep in repeats:
+        kept |= set(rep.carry.values()) | set(rep.next.values())
+    candidates = {t.name for t in spec.tensors.values() if t.kind == "act" and t.name not in kept}
+    events: dict[str, list[int]] = {}
+    loops: list[tuple[int, int]] = []
+    pos = 0
+    for item in spec.graph:
+        start = pos
+        for n in (item.body if isinstance(item, Repeat) else [item]):
+            for name in n.inputs + n.outputs:
+                if name in candidates:
+                    events.setdefault(name, []).append(pos)
+            pos += 1
+        if isinstance(item, Repeat):
+            loops.append((start, pos - 1))
+
+    def interval(name: str) -> tuple[int, int]:
+        lo, hi = min(events[name]), max(events[name])
+        if not spec.tensors[name].per_layer:       # used in a loop: alive through all of it
+            for s, e in loops:
+                if any(s <= p <= e for p in events[name]):
+                    lo, hi = min(lo, s), max(hi, e)
+        return lo, hi
+
+    items = [(name, align(math.prod(ctx.dim_values(spec.tensors[name]))), *interval(name))
+             for name in sorted(events, key=lambda k: (min(events[k]), k))]
+    return plan_intervals(items)[1]
+
+
+# ---- stage 3: the forward ------------------------------------------------------------------------------------
 
 def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
     fwd: list[Stmt] = []
@@ -543,7 +649,7 @@ def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
     return fwd
 
 
-# ---- stage 3: derive the backward: the nodes in reverse and every use of each gradient ------------------------
+# ---- stage 4: derive the backward: the nodes in reverse and every use of each gradient ------------------------
 
 def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, list[int]], dict[str, Repeat]]:
     """The backward's steps (seed, loop bounds, nodes), each activation gradient's positions of use, and
@@ -620,7 +726,7 @@ def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, li
     return steps, events, body_local
 
 
-# ---- stage 4: plan the gradients' memory by live interval ----------------------------------------------------
+# ---- stage 5: plan the gradients' memory by live interval ----------------------------------------------------
 
 @dataclass
 class _GradPlan:
@@ -671,7 +777,7 @@ def plan_gradients(ctx: _Ctx, graph: _Graph, layout: Layout, events: dict[str, l
     return _GradPlan(keys, assignment, body_local, {k: grad_tensor(k) for k in events})
 
 
-# ---- stage 5: the backward -----------------------------------------------------------------------------------
+# ---- stage 6: the backward -----------------------------------------------------------------------------------
 
 def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple], forward: list[Stmt]) -> list[Stmt]:
     tensors, bound = ctx.spec.tensors, graph.bound

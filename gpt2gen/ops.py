@@ -5,7 +5,9 @@ batch shape; other letters bind to whatever the model's tensors say, and must ag
 ``*`` means "any shape, the same for every ``*`` operand". How an op runs is a target's business: each
 target's kernel table (``gpt2gen.targets``) names the kernels of its forward and backward and the
 template that defines them. The backward of every op *accumulates* into every gradient it is given, so
-the lowering decides where gradient buffers start from zero.
+the lowering decides where gradient buffers start from zero. What an op keeps from its forward for its
+backward (a norm's statistics, attention's log-sum-exp per row) is not part of the op either: it depends
+on how the target implements the op, so each target's kernel declares it and the lowering places it.
 """
 from __future__ import annotations
 
@@ -65,25 +67,23 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
         checks=[("T <= P", "the sequence length must fit the position table")]),
     _op("layernorm", "out = (inp - mean) * rstd * weight + bias over the last dimension",
         [I("inp", "B,T,C"), I("weight", "C"), I("bias", "C")],
-        [O("out", "B,T,C"), O("mean", "B,T", grad=False), O("rstd", "B,T", grad=False)],
+        [O("out", "B,T,C")],
         attrs=[Attr("eps", "float", 1e-5)]),
     _op("matmul", "out = inp @ weight^T (+ bias); weight is (OC, C) as in torch.nn.Linear",
         [I("inp", "B,T,C"), I("weight", "OC,C"), I("bias", "OC", optional=True)],
         [O("out", "B,T,OC")]),
-    _op("attention", "causal multi-head self-attention over a packed (q, k, v) input; keeps the log-sum-exp "
-        "of each query's scores (flash-style: no T x T buffer)",
+    _op("attention", "causal multi-head self-attention over a packed (q, k, v) input",
         [I("qkv", "B,T,3 * C")],
-        [O("out", "B,T,C"), O("lse", "B,NH,T", grad=False)],
+        [O("out", "B,T,C")],
         attrs=[Attr("heads", "int", binds="NH")],
         checks=[("C % NH == 0", "channels must divide evenly into heads")]),
     _op("gelu", "out = GELU(inp), tanh approximation",
         [I("inp", "*")], [O("out", "*")]),
     _op("residual", "out = a + b",
         [I("a", "*"), I("b", "*")], [O("out", "*")]),
-    _op("softmax_crossentropy", "losses = -log softmax(logits[..., :vocab])[target]; keeps the log-sum-exp of "
-        "each row (the probabilities are recomputed in the backward, never stored)",
+    _op("softmax_crossentropy", "losses = -log softmax(logits[..., :vocab])[target]",
         [I("logits", "B,T,Vp"), I("targets", "B,T", dtype="int", grad=False, indexes="V")],
-        [O("lse", "B,T", grad=False), O("losses", "B,T")],
+        [O("losses", "B,T")],
         attrs=[Attr("vocab", "int", binds="V")],
         checks=[("V <= Vp", "the vocabulary cannot exceed the logits' width")]),
     # ---- the ops of Llama, Mistral and Gemma (docs/adding-an-architecture.md) ----------------------------
@@ -95,7 +95,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     _op("rmsnorm", "out = inp / sqrt(mean(inp^2) + eps) * (weight + weight_offset) over the last dimension "
         "(weight_offset 1: Gemma's (1 + weight) form)",
         [I("inp", "B,T,C"), I("weight", "C")],
-        [O("out", "B,T,C"), O("rstd", "B,T", grad=False)],
+        [O("out", "B,T,C")],
         attrs=[Attr("eps", "float", 1e-6), Attr("weight_offset", "float", 0.0)]),
     _op("rope", "rotary position embedding (rotate-half pairs i, i + D/2 of each of H heads; angle t * theta^(-2i/D))",
         [I("inp", "B,T,H * D")],
@@ -103,10 +103,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
         attrs=[Attr("heads", "int", binds="H"), Attr("head_dim", "int", binds="D"), Attr("theta", "float", 10000.0)],
         checks=[("D % 2 == 0", "the head dimension must be even to rotate pairs")]),
     _op("gqa_attention", "causal self-attention, grouped-query (K kv heads shared by H query heads), with an "
-        "optional sliding window (a query at t sees keys t - window < t2 <= t; window 0: all t2 <= t); keeps the "
-        "log-sum-exp of each query's scores (flash-style: no T x T buffer)",
+        "optional sliding window (a query at t sees keys t - window < t2 <= t; window 0: all t2 <= t)",
         [I("q", "B,T,H * D"), I("k", "B,T,K * D"), I("v", "B,T,K * D")],
-        [O("out", "B,T,H * D"), O("lse", "B,H,T", grad=False)],
+        [O("out", "B,T,H * D")],
         attrs=[Attr("heads", "int", binds="H"), Attr("kv_heads", "int", binds="K"),
                Attr("head_dim", "int", binds="D"), Attr("window", "int", 0)],
         checks=[("H % K == 0", "query heads must divide evenly into groups over the kv heads")]),

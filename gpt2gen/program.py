@@ -75,9 +75,10 @@ class Invoke:
 class View:
     """``var`` names part of a buffer for the statements after it.
 
-    kind ``layer``: layer ``l``'s slice of the stacked ``of``; ``carry``: ``start`` for layer 0, then the
-    previous layer's slice of ``of``; ``last_layer``: the last of ``count`` layers' slice of ``of``;
-    ``slot``: gradient slot ``slot`` of the activation-gradient arena."""
+    kind ``layer``: layer ``l``'s slice of the stacked ``of``; ``scratch``: all of ``of``, one layer's
+    worth that every layer reuses; ``carry``: ``start`` for layer 0, then the previous layer's slice of
+    ``of``; ``last_layer``: the last of ``count`` layers' slice of ``of``; ``slot``: gradient slot
+    ``slot`` of the activation-gradient arena."""
     var: str
     kind: str
     dtype: str

@@ -146,7 +146,7 @@ def test_logits_loss_and_gradients_match_transformers(arch, case, tmp_path):
         assert_close(f"grad {name} vs transformers", got_g, want, rtol=1e-3, atol=scaled_atol(want, 1e-4))
     # flash-style attention: what is kept for the backward is one log-sum-exp per query, no T x T buffer
     Tm = int(ours.config["T"])
-    assert ours.acts["att_lse"].shape[-1] == Tm
+    assert ours.acts["attn_lse"].shape[-1] == Tm      # kept by the node `attn` (the target's kernel declares it)
     assert not [n for n, a in ours.acts.items() if a.ndim >= 2 and a.shape[-2:] == (Tm, Tm)]
 
 

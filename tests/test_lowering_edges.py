@@ -40,7 +40,6 @@ activations:
   r2: {shape: [B, T, C], per_layer: true}
   f: [B, T, C]
   logits: [B, T, Vp]
-  loss_lse: [B, T]
   losses: [B, T]
 outputs: {logits: {tensor: logits, columns: V}, loss: losses}
 """
@@ -54,7 +53,7 @@ LAYER = """
 TAIL = """
   - {name: final, op: matmul, in: [FINAL, wf], out: f}
   - {name: head, op: matmul, in: [f, wte], out: logits}
-  - {name: loss, op: softmax_crossentropy, in: [logits, targets], out: [loss_lse, losses], vocab: V}
+  - {name: loss, op: softmax_crossentropy, in: [logits, targets], out: losses, vocab: V}
 """
 
 GRAPHS = {
@@ -230,3 +229,62 @@ def test_call_arguments_keep_their_parentheses():
     assert c_arg(E.parse("(a + b) * c"), names) == "(x + y) * z"
     assert c_arg(E.parse("a - (b - c)"), names) == "x - (y - z)"
     assert c_arg(E.parse("B * T"), {"B": "B", "T": "T"}) == "B * T"
+
+
+# ---- what the ops keep for their backward, and scratch ---------------------------------------------------
+
+def _gpt2_text() -> str:
+    from gpt2gen.resources import data_root
+    return (data_root() / "model.yaml").read_text()
+
+
+def test_saved_state_is_placed_by_the_lowering_under_the_node_name():
+    """The model file declares no statistics: the target's kernels do, and the layout names their node."""
+    from gpt2gen.resources import data_root
+    spec = S.load(data_root() / "model.yaml")
+    program = lower(spec, spec.resolve({"L": 2}))
+    acts = {s.name: s for s in program.layout.acts.slots}
+    for name, dims in [("ln_1_mean", (2, 4, 64)), ("ln_1_rstd", (2, 4, 64)), ("attn_lse", (2, 4, 12, 64)),
+                       ("ln_f_rstd", (4, 64)), ("loss_lse", (4, 64))]:
+        assert acts[name].dims == dims and "kept by" in acts[name].note, (name, acts[name])
+        assert program.buffers[name].role == "saved" and program.buffers[name].dtype == "f32"
+    assert "kept by 'attn' (attention)" in program.layout.table()
+
+
+def test_a_node_that_still_lists_saved_statistics_is_told_what_to_drop(tmp_path):
+    text = _gpt2_text().replace("out: ln1, eps: norm_eps}", "out: [ln1, ln1_mean, ln1_rstd], eps: norm_eps}")
+    text = text.replace("  qkv:", "  ln1_mean:  {shape: [B, T], per_layer: true}\n"
+                                  "  ln1_rstd:  {shape: [B, T], per_layer: true}\n  qkv:", 1)
+    p = tmp_path / "old.yaml"
+    p.write_text(text)
+    spec = S.load(p)
+    with pytest.raises(S.SpecError) as e:
+        lower(spec, spec.resolve())
+    msg = str(e.value)
+    assert "op `layernorm` gives 1 output (out), got 3" in msg and "node 'ln_1'" in msg
+    assert "keeps its mean, rstd for the backward by itself" in msg and "drop `ln1_mean`, `ln1_rstd`" in msg
+
+
+def test_a_saved_buffer_whose_name_is_taken_is_refused_at_its_node(tmp_path):
+    text = _gpt2_text().replace("  losses:    [B, T]", "  losses:    [B, T]\n  ln_f_rstd: [B, T]")
+    p = tmp_path / "clash.yaml"
+    p.write_text(text)
+    spec = S.load(p)
+    with pytest.raises(S.SpecError, match=r"node 'ln_f' keeps its `rstd` for the backward as `ln_f_rstd`, which is "
+                                          r"already a tensor[\s\S]*hint: rename the node"):
+        lower(spec, spec.resolve())
+
+
+def test_activations_no_backward_reads_share_one_layer_of_scratch():
+    """GPT-2's residual summands (attproj, fcproj) are read only by the forward's residual nodes: one
+    (B,T,C) slot serves both in every layer instead of two (L,B,T,C) stacks; what a backward reads stays."""
+    from gpt2gen.resources import data_root
+    spec = S.load(data_root() / "model.yaml")
+    program = lower(spec, spec.resolve({"L": 3}))
+    acts = {s.name: s for s in program.layout.acts.slots}
+    assert acts["attproj"].offset == acts["fcproj"].offset and acts["attproj"].dims == (4, 64, 768)
+    assert acts["attproj"].alias and program.buffers["attproj"].role == "scratch"
+    for kept in ("ln1", "qkv", "atty", "residual2", "fch", "fch_gelu", "residual3", "logits", "losses"):
+        assert program.buffers[kept].role == "act" and not acts[kept].alias, kept
+    code = render_program(program)["model.c"]
+    assert "float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's" in code

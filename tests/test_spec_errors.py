@@ -406,7 +406,7 @@ def test_a_config_name_that_breaks_the_c_is_refused(tmp_path, name):
 
 @pytest.mark.parametrize("section, old, new", [
     ("parameter", "  lnfb:     {shape: [C]", "  exp:     {shape: [C]"),
-    ("activation", "  lnf_mean:  [B, T]", "  INFINITY:  [B, T]"),
+    ("activation", "  losses:    [B, T]", "  INFINITY:  [B, T]"),
     ("carry", "carry: {x: encoded}", "carry: {tanhf: encoded}"),
 ])
 def test_a_tensor_name_that_breaks_the_c_is_refused(tmp_path, section, old, new):

@@ -42,11 +42,22 @@ class KernelCall:
 
 
 @dataclass(frozen=True)
+class Saved:
+    """A buffer the op's forward writes for its backward on this target: a name its calls use and a shape
+    pattern over the op's letters (``B,NH,T``). Statistics are kept in fp32 whatever the precision."""
+    name: str
+    shape: tuple[str, ...]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
 class Kernel:
-    """One op on one target: the template file that defines its kernels and their calls."""
+    """One op on one target: the template file that defines its kernels, their calls, and what the
+    forward keeps for the backward."""
     template: str
     forward: KernelCall
     backward: KernelCall
+    saved: tuple[Saved, ...] = ()
 
     def reads(self, phase: str) -> set[str]:
         """The operands (and ``d_<operand>`` gradients) the kernel of ``phase`` is given."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 
 import jinja2
 
@@ -16,28 +17,34 @@ from .. import expr as E
 from .. import program as P
 from ..cache import temp_path, write_if_changed
 from ..resources import csrc_dir, model_label, templates_dir
-from . import CompileJob, Kernel, KernelCall, Target
+from . import CompileJob, Kernel, KernelCall, Saved, Target
 
 
-def _k(template: str, forward: str, backward: str) -> Kernel:
-    return Kernel(template, KernelCall.parse(forward), KernelCall.parse(backward))
+def _k(template: str, forward: str, backward: str, saved: dict[str, tuple[str, str]] | None = None) -> Kernel:
+    """``saved``: name -> (shape pattern, what it is)."""
+    return Kernel(template, KernelCall.parse(forward), KernelCall.parse(backward),
+                  tuple(Saved(n, tuple(p.split(",")), doc) for n, (p, doc) in (saved or {}).items()))
 
 
 # Each op's kernels on this target: arguments name the op's operands (``d_x``: x's gradient, NULL where
-# none is needed), its dimension letters and attributes (gpt2gen/ops.py), and ``numel(x)``.
+# none is needed), its dimension letters and attributes (gpt2gen/ops.py), ``numel(x)``, and what the
+# forward saves for the backward (placed in the activations arena under the node's name).
+_ROW_STATS = {"mean": ("B,T", "row means"), "rstd": ("B,T", "row 1/sqrt(var + eps)")}
 KERNELS: dict[str, Kernel] = {
     "embedding": _k("embedding.c.j2",
                     "embedding_forward(out, idx, table, pos, B, T, C)",
                     "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)"),
     "layernorm": _k("layernorm.c.j2",
                     "layernorm_forward(out, mean, rstd, inp, weight, bias, B * T, C, eps)",
-                    "layernorm_backward(d_inp, d_weight, d_bias, d_out, inp, weight, mean, rstd, B * T, C)"),
+                    "layernorm_backward(d_inp, d_weight, d_bias, d_out, inp, weight, mean, rstd, B * T, C)",
+                    _ROW_STATS),
     "matmul": _k("matmul.c.j2",
                  "matmul_forward(out, inp, weight, bias, B * T, C, OC)",
                  "matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, B * T, C, OC)"),
     "attention": _k("attention.c.j2",
                     "attention_forward(out, lse, qkv, B, T, C, NH)",
-                    "attention_backward(d_qkv, d_out, qkv, out, lse, B, T, C, NH)"),
+                    "attention_backward(d_qkv, d_out, qkv, out, lse, B, T, C, NH)",
+                    {"lse": ("B,NH,T", "log-sum-exp of each query's scores, no T x T buffer")}),
     "gelu": _k("gelu.c.j2",
                "gelu_forward(out, inp, numel(out))",
                "gelu_backward(d_inp, d_out, inp, numel(out))"),
@@ -46,19 +53,22 @@ KERNELS: dict[str, Kernel] = {
                    "residual_backward(d_a, d_b, d_out, numel(out))"),
     "softmax_crossentropy": _k("softmax_crossentropy.c.j2",
                                "softmax_crossentropy_forward(losses, lse, logits, targets, B * T, V, Vp)",
-                               "softmax_crossentropy_backward(d_logits, d_losses, logits, lse, targets, B * T, V, Vp)"),
+                               "softmax_crossentropy_backward(d_logits, d_losses, logits, lse, targets, B * T, V, Vp)",
+                               {"lse": ("B,T", "row log-sum-exp; no probabilities are stored")}),
     "token_embedding": _k("token_embedding.c.j2",
                           "token_embedding_forward(out, idx, table, B, T, C, scale)",
                           "token_embedding_backward(d_table, d_out, idx, B, T, C, scale, padding_idx)"),
     "rmsnorm": _k("rmsnorm.c.j2",
                   "rmsnorm_forward(out, rstd, inp, weight, B * T, C, eps, weight_offset)",
-                  "rmsnorm_backward(d_inp, d_weight, d_out, inp, weight, rstd, B * T, C, weight_offset)"),
+                  "rmsnorm_backward(d_inp, d_weight, d_out, inp, weight, rstd, B * T, C, weight_offset)",
+                  {"rstd": ("B,T", "row 1/sqrt(mean(x^2) + eps)")}),
     "rope": _k("rope.c.j2",
                "rope_forward(out, inp, B, T, H, D, theta)",
                "rope_backward(d_inp, d_out, B, T, H, D, theta)"),
     "gqa_attention": _k("attention.c.j2",
                         "gqa_attention_forward(out, lse, q, k, v, B, T, H, K, D, window)",
-                        "gqa_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window)"),
+                        "gqa_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window)",
+                        {"lse": ("B,H,T", "log-sum-exp of each query's scores, no T x T buffer")}),
     "swiglu": _k("glu.c.j2",
                  "swiglu_forward(out, gate, up, numel(out))",
                  "swiglu_backward(d_gate, d_up, d_out, gate, up, numel(out))"),
@@ -66,6 +76,27 @@ KERNELS: dict[str, Kernel] = {
                 "geglu_forward(out, gate, up, numel(out))",
                 "geglu_backward(d_gate, d_up, d_out, gate, up, numel(out))"),
 }
+
+@dataclass(frozen=True)
+class Storage:
+    """How the kernels store the model's float tensors (parameters, activations and their gradients); the
+    kernel templates get it as ``st``. Arithmetic is fp32 in every precision: ``load`` and ``store`` are the C
+    that widens a stored element to a float and rounds a float back (nothing for fp32), ``add`` the C of
+    ``dst += e`` on a stored element. Saved statistics, losses and optimizer state stay float."""
+    name: str                       # "fp32" | "bf16"
+    ctype: str                      # the C element type: float | gg_bf16 (util.c.j2)
+
+    def load(self, e: str) -> str:
+        return e if self.name == "fp32" else f"gg_bf16_to_f32({e})"
+
+    def store(self, e: str) -> str:
+        return e if self.name == "fp32" else f"gg_f32_to_bf16({e})"
+
+    def add(self, dst: str, e: str) -> str:
+        return f"{dst} += {e}" if self.name == "fp32" else f"{dst} = gg_f32_to_bf16(gg_bf16_to_f32({dst}) + ({e}))"
+
+
+STORAGE = {"fp32": Storage("fp32", "float"), "bf16": Storage("bf16", "gg_bf16")}
 
 HELPERS = ("util.c.j2",)            # kernel templates every model includes before its ops
 OPTIMIZER = "optim/adamw.c.j2"
@@ -182,6 +213,8 @@ class CpuTarget(Target):
     def view_init(self, s: P.View) -> str:
         if s.kind == "slot":
             return f"da + DSLOT_{s.slot}"
+        if s.kind == "scratch":
+            return c_ref(s.of)
         stride = c_product([_at_maxima(d) for d in s.shape])
         if s.kind == "layer":
             return f"{c_ref(s.of)} + (size_t)l * {stride}"
@@ -217,8 +250,10 @@ class CpuTarget(Target):
 
     # ---- files ------------------------------------------------------------------------------------------
 
-    def kernel_sections(self, op_names: list[str]) -> list[str]:
-        """The kernel sections for these ops (helpers first, optimizer last)."""
+    def kernel_sections(self, op_names: list[str], precision: str = "fp32") -> list[str]:
+        """The kernel sections for these ops (helpers first, optimizer last), their float tensors stored in
+        ``precision`` (STORAGE)."""
+        st = STORAGE[precision]
         env = self.environment()
         names = list(HELPERS)
         for name in op_names:
@@ -226,13 +261,13 @@ class CpuTarget(Target):
             if t not in names:
                 names.append(t)
         names.append(OPTIMIZER)
-        return [env.get_template(n).render(op=None).strip("\n") + "\n" for n in names]
+        return [env.get_template(n).render(op=None, st=st).strip("\n") + "\n" for n in names]
 
-    def kernels_source(self, op_names: list[str]) -> str:
+    def kernels_source(self, op_names: list[str], precision: str = "fp32") -> str:
         head = ("// kernels of gpt2gen ops, for testing them one by one (generated; do not edit)\n"
                 "#include <math.h>\n#include <stddef.h>\n#include <stdlib.h>\n#include <string.h>\n"
                 "#define GG_KERNEL\n\n")
-        return head + "\n".join(self.kernel_sections(op_names))
+        return head + "\n".join(self.kernel_sections(op_names, precision))
 
     def render(self, program: P.Program, label: str | None = None) -> dict[str, str]:
         spec, layout = program.spec, program.layout

@@ -876,81 +876,84 @@ static void point_params(Params* p, float* base) {
 typedef struct {
     float* encoded;    // (B, T, C)
     float* ln1;        // (L, B, T, C)
-    float* ln1_mean;   // (L, B, T)
-    float* ln1_rstd;   // (L, B, T)
     float* qkv;        // (L, B, T, 3*C)
     float* atty;       // (L, B, T, C)
-    float* att_lse;    // (L, B, NH, T)
-    float* attproj;    // (L, B, T, C)
     float* residual2;  // (L, B, T, C)
     float* ln2;        // (L, B, T, C)
-    float* ln2_mean;   // (L, B, T)
-    float* ln2_rstd;   // (L, B, T)
     float* fch;        // (L, B, T, FF)
     float* fch_gelu;   // (L, B, T, FF)
-    float* fcproj;     // (L, B, T, C)
     float* residual3;  // (L, B, T, C)
     float* lnf;        // (B, T, C)
-    float* lnf_mean;   // (B, T)
-    float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
+    float* ln_1_mean;  // (L, B, T)
+    float* ln_1_rstd;  // (L, B, T)
+    float* attn_lse;   // (L, B, NH, T)
+    float* ln_2_mean;  // (L, B, T)
+    float* ln_2_rstd;  // (L, B, T)
+    float* ln_f_mean;  // (B, T)
+    float* ln_f_rstd;  // (B, T)
+    float* loss_lse;   // (B, T)
+    float* scratch0;   // (196608)
+    float* attproj;    // (B, T, C)
+    float* fcproj;     // (B, T, C)
 } Acts;
 
-static const gg_tensor_entry ACT_TABLE[22] = {
+static const gg_tensor_entry ACT_TABLE[23] = {
     {"encoded",              0,       196608, 0},
     {"ln1",             196608,      2359296, 0},
-    {"ln1_mean",       2555904,         3072, 0},
-    {"ln1_rstd",       2558976,         3072, 0},
-    {"qkv",            2562048,      7077888, 0},
-    {"atty",           9639936,      2359296, 0},
-    {"att_lse",       11999232,        36864, 0},
-    {"attproj",       12036096,      2359296, 0},
-    {"residual2",     14395392,      2359296, 0},
-    {"ln2",           16754688,      2359296, 0},
-    {"ln2_mean",      19113984,         3072, 0},
-    {"ln2_rstd",      19117056,         3072, 0},
-    {"fch",           19120128,      9437184, 0},
-    {"fch_gelu",      28557312,      9437184, 0},
-    {"fcproj",        37994496,      2359296, 0},
-    {"residual3",     40353792,      2359296, 0},
-    {"lnf",           42713088,       196608, 0},
-    {"lnf_mean",      42909696,          256, 0},
-    {"lnf_rstd",      42909952,          256, 0},
-    {"logits",        42910208,     12877824, 0},
-    {"loss_lse",      55788032,          256, 0},
-    {"losses",        55788288,          256, 0},
+    {"qkv",            2555904,      7077888, 0},
+    {"atty",           9633792,      2359296, 0},
+    {"residual2",     11993088,      2359296, 0},
+    {"ln2",           14352384,      2359296, 0},
+    {"fch",           16711680,      9437184, 0},
+    {"fch_gelu",      26148864,      9437184, 0},
+    {"residual3",     35586048,      2359296, 0},
+    {"lnf",           37945344,       196608, 0},
+    {"logits",        38141952,     12877824, 0},
+    {"losses",        51019776,          256, 0},
+    {"ln_1_mean",     51020032,         3072, 0},
+    {"ln_1_rstd",     51023104,         3072, 0},
+    {"attn_lse",      51026176,        36864, 0},
+    {"ln_2_mean",     51063040,         3072, 0},
+    {"ln_2_rstd",     51066112,         3072, 0},
+    {"ln_f_mean",     51069184,          256, 0},
+    {"ln_f_rstd",     51069440,          256, 0},
+    {"loss_lse",      51069696,          256, 0},
+    {"scratch0",      51069952,       196608, 0},
+    {"attproj",       51069952,       196608, 0},
+    {"fcproj",        51069952,       196608, 0},
 };
 
-static const size_t ACTS_FLOATS = 55788544;
+static const size_t ACTS_FLOATS = 51266560;
 
 static void point_acts(Acts* a, float* base) {
-    float** fields[22] = {
+    float** fields[23] = {
         &a->encoded,
         &a->ln1,
-        &a->ln1_mean,
-        &a->ln1_rstd,
         &a->qkv,
         &a->atty,
-        &a->att_lse,
-        &a->attproj,
         &a->residual2,
         &a->ln2,
-        &a->ln2_mean,
-        &a->ln2_rstd,
         &a->fch,
         &a->fch_gelu,
-        &a->fcproj,
         &a->residual3,
         &a->lnf,
-        &a->lnf_mean,
-        &a->lnf_rstd,
         &a->logits,
-        &a->loss_lse,
         &a->losses,
+        &a->ln_1_mean,
+        &a->ln_1_rstd,
+        &a->attn_lse,
+        &a->ln_2_mean,
+        &a->ln_2_rstd,
+        &a->ln_f_mean,
+        &a->ln_f_rstd,
+        &a->loss_lse,
+        &a->scratch0,
+        &a->attproj,
+        &a->fcproj,
     };
-    for (int i = 0; i < 22; i++) *fields[i] = base + ACT_TABLE[i].offset;
+    for (int i = 0; i < 23; i++) *fields[i] = base + ACT_TABLE[i].offset;
 }
 
 // ----------------------------------------------------------------------------
@@ -975,65 +978,65 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     const int* idx = inputs[0];  // (B,T)
     const int* targets = inputs[1];  // (B,T), may be NULL
 
-    // embed (model.yaml:68): embedding
+    // embed (model.yaml:60): embedding
     embedding_forward(a->encoded, idx, p->wte, p->wpe, B, T, C);
     for (int l = 0; l < L; l++) {  // layers
         float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
         float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
         float* ln1b = p->ln1b + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_mean = a->ln1_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_mean = a->ln_1_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qkvw = p->qkvw + (size_t)l * (size_t)(3 * C) * C;  // (3*C,C)
         float* qkvb = p->qkvb + (size_t)l * (size_t)(3 * C);  // (3*C)
         float* qkv = a->qkv + (size_t)l * (size_t)B_MAX * T_MAX * (3 * C);  // (B,T,3*C)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* attprojb = p->attprojb + (size_t)l * (size_t)C;  // (C)
-        float* attproj = a->attproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2b = p->ln2b + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_mean = a->ln2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_mean = a->ln_2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* fcw = p->fcw + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* fcb = p->fcb + (size_t)l * (size_t)FF;  // (FF)
         float* fch = a->fch + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* fch_gelu = a->fch_gelu + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* fcprojw = p->fcprojw + (size_t)l * (size_t)C * FF;  // (C,FF)
         float* fcprojb = p->fcprojb + (size_t)l * (size_t)C;  // (C)
-        float* fcproj = a->fcproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* fcproj = a->fcproj;  // (B,T,C) scratch0, every layer's
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        // ln_1 (model.yaml:72): layernorm
-        layernorm_forward(ln1, ln1_mean, ln1_rstd, x, ln1w, ln1b, B * T, C, 1e-05f);
-        // attn_qkv (model.yaml:73): matmul
+        // ln_1 (model.yaml:64): layernorm
+        layernorm_forward(ln1, ln_1_mean, ln_1_rstd, x, ln1w, ln1b, B * T, C, 1e-05f);
+        // attn_qkv (model.yaml:65): matmul
         matmul_forward(qkv, ln1, qkvw, qkvb, B * T, C, (3 * C));
-        // attn (model.yaml:74): attention
-        attention_forward(atty, att_lse, qkv, B, T, C, NH);
-        // attn_proj (model.yaml:75): matmul
+        // attn (model.yaml:66): attention
+        attention_forward(atty, attn_lse, qkv, B, T, C, NH);
+        // attn_proj (model.yaml:67): matmul
         matmul_forward(attproj, atty, attprojw, attprojb, B * T, C, C);
-        // attn_res (model.yaml:76): residual
+        // attn_res (model.yaml:68): residual
         residual_forward(residual2, x, attproj, (size_t)B * T * C);
-        // ln_2 (model.yaml:77): layernorm
-        layernorm_forward(ln2, ln2_mean, ln2_rstd, residual2, ln2w, ln2b, B * T, C, 1e-05f);
-        // mlp_fc (model.yaml:78): matmul
+        // ln_2 (model.yaml:69): layernorm
+        layernorm_forward(ln2, ln_2_mean, ln_2_rstd, residual2, ln2w, ln2b, B * T, C, 1e-05f);
+        // mlp_fc (model.yaml:70): matmul
         matmul_forward(fch, ln2, fcw, fcb, B * T, C, FF);
-        // mlp_gelu (model.yaml:79): gelu
+        // mlp_gelu (model.yaml:71): gelu
         gelu_forward(fch_gelu, fch, (size_t)B * T * FF);
-        // mlp_proj (model.yaml:80): matmul
+        // mlp_proj (model.yaml:72): matmul
         matmul_forward(fcproj, fch_gelu, fcprojw, fcprojb, B * T, FF, C);
-        // mlp_res (model.yaml:81): residual
+        // mlp_res (model.yaml:73): residual
         residual_forward(residual3, residual2, fcproj, (size_t)B * T * C);
     }
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
-    // ln_f (model.yaml:83): layernorm
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x, p->lnfw, p->lnfb, B * T, C, 1e-05f);
-    // lm_head (model.yaml:84): matmul
+    // ln_f (model.yaml:75): layernorm
+    layernorm_forward(a->lnf, a->ln_f_mean, a->ln_f_rstd, x, p->lnfw, p->lnfb, B * T, C, 1e-05f);
+    // lm_head (model.yaml:76): matmul
     matmul_forward(a->logits, a->lnf, p->wte, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
-        // loss (model.yaml:85): softmax_crossentropy
+        // loss (model.yaml:77): softmax_crossentropy
         softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
@@ -1060,14 +1063,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (model.yaml:85): softmax_crossentropy
+    // loss (model.yaml:77): softmax_crossentropy
     softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (model.yaml:84): matmul
+    // lm_head (model.yaml:76): matmul
     matmul_backward(d_lnf, g->wte, NULL, d_logits, a->lnf, p->wte, B * T, C, Vp);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
-    // ln_f (model.yaml:83): layernorm
-    layernorm_backward(d_x, g->lnfw, g->lnfb, d_lnf, x, p->lnfw, a->lnf_mean, a->lnf_rstd, B * T, C);
+    // ln_f (model.yaml:75): layernorm
+    layernorm_backward(d_x, g->lnfw, g->lnfb, d_lnf, x, p->lnfw, a->ln_f_mean, a->ln_f_rstd, B * T, C);
     for (int l = L - 1; l >= 0; l--) {  // layers, last to first
         float* d_residual3 = d_x;  // (B,T,C) this layer's output is the next layer's `x`: its gradient so far
         d_x = d_x_spare;  // a fresh buffer for the gradient of this layer's input
@@ -1077,14 +1080,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln1w = g->ln1w + (size_t)l * (size_t)C;  // (C)
         float* d_ln1b = g->ln1b + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_mean = a->ln1_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_mean = a->ln_1_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qkvw = p->qkvw + (size_t)l * (size_t)(3 * C) * C;  // (3*C,C)
         float* d_qkvw = g->qkvw + (size_t)l * (size_t)(3 * C) * C;  // (3*C,C)
         float* d_qkvb = g->qkvb + (size_t)l * (size_t)(3 * C);  // (3*C)
         float* qkv = a->qkv + (size_t)l * (size_t)B_MAX * T_MAX * (3 * C);  // (B,T,3*C)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojb = g->attprojb + (size_t)l * (size_t)C;  // (C)
@@ -1093,8 +1096,8 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln2w = g->ln2w + (size_t)l * (size_t)C;  // (C)
         float* d_ln2b = g->ln2b + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_mean = a->ln2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_mean = a->ln_2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* fcw = p->fcw + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* d_fcw = g->fcw + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* d_fcb = g->fcb + (size_t)l * (size_t)FF;  // (FF)
@@ -1114,37 +1117,37 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln1 = da + DSLOT_3;  // (B,T,C) dslot3
         gg_zero(d_residual2, (size_t)B * T * C);  // d_residual2 starts from zero (backward kernels accumulate)
         gg_zero(d_fcproj, (size_t)B * T * C);  // d_fcproj starts from zero (backward kernels accumulate)
-        // mlp_res (model.yaml:81): residual
+        // mlp_res (model.yaml:73): residual
         residual_backward(d_residual2, d_fcproj, d_residual3, (size_t)B * T * C);
         gg_zero(d_fch_gelu, (size_t)B * T * FF);  // d_fch_gelu starts from zero (backward kernels accumulate)
-        // mlp_proj (model.yaml:80): matmul
+        // mlp_proj (model.yaml:72): matmul
         matmul_backward(d_fch_gelu, d_fcprojw, d_fcprojb, d_fcproj, fch_gelu, fcprojw, B * T, FF, C);
         gg_zero(d_fch, (size_t)B * T * FF);  // d_fch starts from zero (backward kernels accumulate)
-        // mlp_gelu (model.yaml:79): gelu
+        // mlp_gelu (model.yaml:71): gelu
         gelu_backward(d_fch, d_fch_gelu, fch, (size_t)B * T * FF);
         gg_zero(d_ln2, (size_t)B * T * C);  // d_ln2 starts from zero (backward kernels accumulate)
-        // mlp_fc (model.yaml:78): matmul
+        // mlp_fc (model.yaml:70): matmul
         matmul_backward(d_ln2, d_fcw, d_fcb, d_fch, ln2, fcw, B * T, C, FF);
-        // ln_2 (model.yaml:77): layernorm
-        layernorm_backward(d_residual2, d_ln2w, d_ln2b, d_ln2, residual2, ln2w, ln2_mean, ln2_rstd, B * T, C);
+        // ln_2 (model.yaml:69): layernorm
+        layernorm_backward(d_residual2, d_ln2w, d_ln2b, d_ln2, residual2, ln2w, ln_2_mean, ln_2_rstd, B * T, C);
         gg_zero(d_attproj, (size_t)B * T * C);  // d_attproj starts from zero (backward kernels accumulate)
-        // attn_res (model.yaml:76): residual
+        // attn_res (model.yaml:68): residual
         residual_backward(d_x, d_attproj, d_residual2, (size_t)B * T * C);
         gg_zero(d_atty, (size_t)B * T * C);  // d_atty starts from zero (backward kernels accumulate)
-        // attn_proj (model.yaml:75): matmul
+        // attn_proj (model.yaml:67): matmul
         matmul_backward(d_atty, d_attprojw, d_attprojb, d_attproj, atty, attprojw, B * T, C, C);
         gg_zero(d_qkv, (size_t)B * T * (3 * C));  // d_qkv starts from zero (backward kernels accumulate)
-        // attn (model.yaml:74): attention
-        attention_backward(d_qkv, d_atty, qkv, atty, att_lse, B, T, C, NH);
+        // attn (model.yaml:66): attention
+        attention_backward(d_qkv, d_atty, qkv, atty, attn_lse, B, T, C, NH);
         gg_zero(d_ln1, (size_t)B * T * C);  // d_ln1 starts from zero (backward kernels accumulate)
-        // attn_qkv (model.yaml:73): matmul
+        // attn_qkv (model.yaml:65): matmul
         matmul_backward(d_ln1, d_qkvw, d_qkvb, d_qkv, ln1, qkvw, B * T, C, (3 * C));
-        // ln_1 (model.yaml:72): layernorm
-        layernorm_backward(d_x, d_ln1w, d_ln1b, d_ln1, x, ln1w, ln1_mean, ln1_rstd, B * T, C);
+        // ln_1 (model.yaml:64): layernorm
+        layernorm_backward(d_x, d_ln1w, d_ln1b, d_ln1, x, ln1w, ln_1_mean, ln_1_rstd, B * T, C);
         d_x_spare = d_residual3;  // free again for the layer below
     }
     float* d_encoded = d_x;  // (B,T,C) gradient of `encoded`, the carry's start
-    // embed (model.yaml:68): embedding
+    // embed (model.yaml:60): embedding
     embedding_backward(g->wte, g->wpe, d_encoded, idx, B, T, C);
 }
 
@@ -1169,7 +1172,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "18a229128a1467f9d2f3"; }
+const char* gg_signature(void) { return "fdb3fbf5d091cfd4aedb"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

@@ -908,87 +908,93 @@ static void point_params(Params* p, float* base) {
 typedef struct {
     float* encoded;    // (B, T, C)
     float* ln1;        // (L, B, T, C)
-    float* ln1_rstd;   // (L, B, T)
-    float* qh;         // (L, B, T, NH*HD)
-    float* kh;         // (L, B, T, NKV*HD)
     float* vh;         // (L, B, T, NKV*HD)
     float* q_rot;      // (L, B, T, NH*HD)
     float* k_rot;      // (L, B, T, NKV*HD)
     float* atty;       // (L, B, T, NH*HD)
-    float* att_lse;    // (L, B, NH, T)
-    float* attproj;    // (L, B, T, C)
     float* residual2;  // (L, B, T, C)
     float* ln2;        // (L, B, T, C)
-    float* ln2_rstd;   // (L, B, T)
     float* gate;       // (L, B, T, FF)
     float* up;         // (L, B, T, FF)
     float* swi;        // (L, B, T, FF)
-    float* down;       // (L, B, T, C)
     float* residual3;  // (L, B, T, C)
     float* lnf;        // (B, T, C)
-    float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
+    float* ln_1_rstd;  // (L, B, T)
+    float* attn_lse;   // (L, B, NH, T)
+    float* ln_2_rstd;  // (L, B, T)
+    float* ln_f_rstd;  // (B, T)
+    float* loss_lse;   // (B, T)
+    float* scratch0;   // (1048576)
+    float* scratch1;   // (1048576)
+    float* qh;         // (B, T, NH*HD)
+    float* kh;         // (B, T, NKV*HD)
+    float* attproj;    // (B, T, C)
+    float* down;       // (B, T, C)
 } Acts;
 
-static const gg_tensor_entry ACT_TABLE[24] = {
+static const gg_tensor_entry ACT_TABLE[26] = {
     {"encoded",              0,      1048576, 0},
     {"ln1",            1048576,     33554432, 0},
-    {"ln1_rstd",      34603008,         8192, 0},
-    {"qh",            34611200,     33554432, 0},
-    {"kh",            68165632,     33554432, 0},
-    {"vh",           101720064,     33554432, 0},
-    {"q_rot",        135274496,     33554432, 0},
-    {"k_rot",        168828928,     33554432, 0},
-    {"atty",         202383360,     33554432, 0},
-    {"att_lse",      235937792,       262144, 0},
-    {"attproj",      236199936,     33554432, 0},
-    {"residual2",    269754368,     33554432, 0},
-    {"ln2",          303308800,     33554432, 0},
-    {"ln2_rstd",     336863232,         8192, 0},
-    {"gate",         336871424,     90177536, 0},
-    {"up",           427048960,     90177536, 0},
-    {"swi",          517226496,     90177536, 0},
-    {"down",         607404032,     33554432, 0},
-    {"residual3",    640958464,     33554432, 0},
-    {"lnf",          674512896,      1048576, 0},
-    {"lnf_rstd",     675561472,          256, 0},
-    {"logits",       675561728,      8192000, 0},
-    {"loss_lse",     683753728,          256, 0},
-    {"losses",       683753984,          256, 0},
+    {"vh",            34603008,     33554432, 0},
+    {"q_rot",         68157440,     33554432, 0},
+    {"k_rot",        101711872,     33554432, 0},
+    {"atty",         135266304,     33554432, 0},
+    {"residual2",    168820736,     33554432, 0},
+    {"ln2",          202375168,     33554432, 0},
+    {"gate",         235929600,     90177536, 0},
+    {"up",           326107136,     90177536, 0},
+    {"swi",          416284672,     90177536, 0},
+    {"residual3",    506462208,     33554432, 0},
+    {"lnf",          540016640,      1048576, 0},
+    {"logits",       541065216,      8192000, 0},
+    {"losses",       549257216,          256, 0},
+    {"ln_1_rstd",    549257472,         8192, 0},
+    {"attn_lse",     549265664,       262144, 0},
+    {"ln_2_rstd",    549527808,         8192, 0},
+    {"ln_f_rstd",    549536000,          256, 0},
+    {"loss_lse",     549536256,          256, 0},
+    {"scratch0",     549536512,      1048576, 0},
+    {"scratch1",     550585088,      1048576, 0},
+    {"qh",           549536512,      1048576, 0},
+    {"kh",           550585088,      1048576, 0},
+    {"attproj",      549536512,      1048576, 0},
+    {"down",         549536512,      1048576, 0},
 };
 
-static const size_t ACTS_FLOATS = 683754240;
+static const size_t ACTS_FLOATS = 551633664;
 
 static void point_acts(Acts* a, float* base) {
-    float** fields[24] = {
+    float** fields[26] = {
         &a->encoded,
         &a->ln1,
-        &a->ln1_rstd,
-        &a->qh,
-        &a->kh,
         &a->vh,
         &a->q_rot,
         &a->k_rot,
         &a->atty,
-        &a->att_lse,
-        &a->attproj,
         &a->residual2,
         &a->ln2,
-        &a->ln2_rstd,
         &a->gate,
         &a->up,
         &a->swi,
-        &a->down,
         &a->residual3,
         &a->lnf,
-        &a->lnf_rstd,
         &a->logits,
-        &a->loss_lse,
         &a->losses,
+        &a->ln_1_rstd,
+        &a->attn_lse,
+        &a->ln_2_rstd,
+        &a->ln_f_rstd,
+        &a->loss_lse,
+        &a->scratch0,
+        &a->scratch1,
+        &a->qh,
+        &a->kh,
+        &a->attproj,
+        &a->down,
     };
-    for (int i = 0; i < 24; i++) *fields[i] = base + ACT_TABLE[i].offset;
+    for (int i = 0; i < 26; i++) *fields[i] = base + ACT_TABLE[i].offset;
 }
 
 // ----------------------------------------------------------------------------
@@ -1014,75 +1020,75 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     const int* idx = inputs[0];  // (B,T)
     const int* targets = inputs[1];  // (B,T), may be NULL
 
-    // embed (models/llama2.yaml:70): token_embedding
+    // embed (models/llama2.yaml:65): token_embedding
     token_embedding_forward(a->encoded, idx, p->wte, B, T, C, 1.0f);
     for (int l = 0; l < L; l++) {  // layers
         float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
         float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
-        float* qh = a->qh + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* qh = a->qh;  // (B,T,NH*HD) scratch0, every layer's
         float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
-        float* kh = a->kh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* kh = a->kh;  // (B,T,NKV*HD) scratch1, every layer's
         float* vw = p->vw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
         float* vh = a->vh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
-        float* attproj = a->attproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* upw = p->upw + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* up = a->up + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* swi = a->swi + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* downw = p->downw + (size_t)l * (size_t)C * FF;  // (C,FF)
-        float* down = a->down + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* down = a->down;  // (B,T,C) scratch0, every layer's
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        // ln_1 (models/llama2.yaml:74): rmsnorm
-        rmsnorm_forward(ln1, ln1_rstd, x, ln1w, B * T, C, 1e-05f, 0.0f);
-        // attn_q (models/llama2.yaml:75): matmul
+        // ln_1 (models/llama2.yaml:69): rmsnorm
+        rmsnorm_forward(ln1, ln_1_rstd, x, ln1w, B * T, C, 1e-05f, 0.0f);
+        // attn_q (models/llama2.yaml:70): matmul
         matmul_forward(qh, ln1, qw, NULL, B * T, C, (NH * HD));
-        // attn_k (models/llama2.yaml:76): matmul
+        // attn_k (models/llama2.yaml:71): matmul
         matmul_forward(kh, ln1, kw, NULL, B * T, C, (NKV * HD));
-        // attn_v (models/llama2.yaml:77): matmul
+        // attn_v (models/llama2.yaml:72): matmul
         matmul_forward(vh, ln1, vw, NULL, B * T, C, (NKV * HD));
-        // rope_q (models/llama2.yaml:78): rope
+        // rope_q (models/llama2.yaml:73): rope
         rope_forward(q_rot, qh, B, T, NH, HD, 10000.0f);
-        // rope_k (models/llama2.yaml:79): rope
+        // rope_k (models/llama2.yaml:74): rope
         rope_forward(k_rot, kh, B, T, NKV, HD, 10000.0f);
-        // attn (models/llama2.yaml:80): gqa_attention
-        gqa_attention_forward(atty, att_lse, q_rot, k_rot, vh, B, T, NH, NKV, HD, 0);
-        // attn_proj (models/llama2.yaml:81): matmul
+        // attn (models/llama2.yaml:75): gqa_attention
+        gqa_attention_forward(atty, attn_lse, q_rot, k_rot, vh, B, T, NH, NKV, HD, 0);
+        // attn_proj (models/llama2.yaml:76): matmul
         matmul_forward(attproj, atty, attprojw, NULL, B * T, (NH * HD), C);
-        // attn_res (models/llama2.yaml:82): residual
+        // attn_res (models/llama2.yaml:77): residual
         residual_forward(residual2, x, attproj, (size_t)B * T * C);
-        // ln_2 (models/llama2.yaml:83): rmsnorm
-        rmsnorm_forward(ln2, ln2_rstd, residual2, ln2w, B * T, C, 1e-05f, 0.0f);
-        // mlp_gate (models/llama2.yaml:84): matmul
+        // ln_2 (models/llama2.yaml:78): rmsnorm
+        rmsnorm_forward(ln2, ln_2_rstd, residual2, ln2w, B * T, C, 1e-05f, 0.0f);
+        // mlp_gate (models/llama2.yaml:79): matmul
         matmul_forward(gate, ln2, gatew, NULL, B * T, C, FF);
-        // mlp_up (models/llama2.yaml:85): matmul
+        // mlp_up (models/llama2.yaml:80): matmul
         matmul_forward(up, ln2, upw, NULL, B * T, C, FF);
-        // mlp_act (models/llama2.yaml:86): swiglu
+        // mlp_act (models/llama2.yaml:81): swiglu
         swiglu_forward(swi, gate, up, (size_t)B * T * FF);
-        // mlp_down (models/llama2.yaml:87): matmul
+        // mlp_down (models/llama2.yaml:82): matmul
         matmul_forward(down, swi, downw, NULL, B * T, FF, C);
-        // mlp_res (models/llama2.yaml:88): residual
+        // mlp_res (models/llama2.yaml:83): residual
         residual_forward(residual3, residual2, down, (size_t)B * T * C);
     }
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
-    // ln_f (models/llama2.yaml:90): rmsnorm
-    rmsnorm_forward(a->lnf, a->lnf_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
-    // lm_head (models/llama2.yaml:91): matmul
+    // ln_f (models/llama2.yaml:85): rmsnorm
+    rmsnorm_forward(a->lnf, a->ln_f_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
+    // lm_head (models/llama2.yaml:86): matmul
     matmul_forward(a->logits, a->lnf, p->lmheadw, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
-        // loss (models/llama2.yaml:92): softmax_crossentropy
+        // loss (models/llama2.yaml:87): softmax_crossentropy
         softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
@@ -1109,14 +1115,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (models/llama2.yaml:92): softmax_crossentropy
+    // loss (models/llama2.yaml:87): softmax_crossentropy
     softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (models/llama2.yaml:91): matmul
+    // lm_head (models/llama2.yaml:86): matmul
     matmul_backward(d_lnf, g->lmheadw, NULL, d_logits, a->lnf, p->lmheadw, B * T, C, Vp);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
-    // ln_f (models/llama2.yaml:90): rmsnorm
-    rmsnorm_backward(d_x, g->lnfw, d_lnf, x, p->lnfw, a->lnf_rstd, B * T, C, 0.0f);
+    // ln_f (models/llama2.yaml:85): rmsnorm
+    rmsnorm_backward(d_x, g->lnfw, d_lnf, x, p->lnfw, a->ln_f_rstd, B * T, C, 0.0f);
     for (int l = L - 1; l >= 0; l--) {  // layers, last to first
         float* d_residual3 = d_x;  // (B,T,C) this layer's output is the next layer's `x`: its gradient so far
         d_x = d_x_spare;  // a fresh buffer for the gradient of this layer's input
@@ -1125,7 +1131,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
         float* d_ln1w = g->ln1w + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
         float* d_qw = g->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
         float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
@@ -1136,14 +1142,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* d_ln2w = g->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* d_gatew = g->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
@@ -1169,52 +1175,52 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln1 = da + DSLOT_4;  // (B,T,C) dslot4
         gg_zero(d_residual2, (size_t)B * T * C);  // d_residual2 starts from zero (backward kernels accumulate)
         gg_zero(d_down, (size_t)B * T * C);  // d_down starts from zero (backward kernels accumulate)
-        // mlp_res (models/llama2.yaml:88): residual
+        // mlp_res (models/llama2.yaml:83): residual
         residual_backward(d_residual2, d_down, d_residual3, (size_t)B * T * C);
         gg_zero(d_swi, (size_t)B * T * FF);  // d_swi starts from zero (backward kernels accumulate)
-        // mlp_down (models/llama2.yaml:87): matmul
+        // mlp_down (models/llama2.yaml:82): matmul
         matmul_backward(d_swi, d_downw, NULL, d_down, swi, downw, B * T, FF, C);
         gg_zero(d_gate, (size_t)B * T * FF);  // d_gate starts from zero (backward kernels accumulate)
         gg_zero(d_up, (size_t)B * T * FF);  // d_up starts from zero (backward kernels accumulate)
-        // mlp_act (models/llama2.yaml:86): swiglu
+        // mlp_act (models/llama2.yaml:81): swiglu
         swiglu_backward(d_gate, d_up, d_swi, gate, up, (size_t)B * T * FF);
         gg_zero(d_ln2, (size_t)B * T * C);  // d_ln2 starts from zero (backward kernels accumulate)
-        // mlp_up (models/llama2.yaml:85): matmul
+        // mlp_up (models/llama2.yaml:80): matmul
         matmul_backward(d_ln2, d_upw, NULL, d_up, ln2, upw, B * T, C, FF);
-        // mlp_gate (models/llama2.yaml:84): matmul
+        // mlp_gate (models/llama2.yaml:79): matmul
         matmul_backward(d_ln2, d_gatew, NULL, d_gate, ln2, gatew, B * T, C, FF);
-        // ln_2 (models/llama2.yaml:83): rmsnorm
-        rmsnorm_backward(d_residual2, d_ln2w, d_ln2, residual2, ln2w, ln2_rstd, B * T, C, 0.0f);
+        // ln_2 (models/llama2.yaml:78): rmsnorm
+        rmsnorm_backward(d_residual2, d_ln2w, d_ln2, residual2, ln2w, ln_2_rstd, B * T, C, 0.0f);
         gg_zero(d_attproj, (size_t)B * T * C);  // d_attproj starts from zero (backward kernels accumulate)
-        // attn_res (models/llama2.yaml:82): residual
+        // attn_res (models/llama2.yaml:77): residual
         residual_backward(d_x, d_attproj, d_residual2, (size_t)B * T * C);
         gg_zero(d_atty, (size_t)B * T * (NH * HD));  // d_atty starts from zero (backward kernels accumulate)
-        // attn_proj (models/llama2.yaml:81): matmul
+        // attn_proj (models/llama2.yaml:76): matmul
         matmul_backward(d_atty, d_attprojw, NULL, d_attproj, atty, attprojw, B * T, (NH * HD), C);
         gg_zero(d_q_rot, (size_t)B * T * (NH * HD));  // d_q_rot starts from zero (backward kernels accumulate)
         gg_zero(d_k_rot, (size_t)B * T * (NKV * HD));  // d_k_rot starts from zero (backward kernels accumulate)
         gg_zero(d_vh, (size_t)B * T * (NKV * HD));  // d_vh starts from zero (backward kernels accumulate)
-        // attn (models/llama2.yaml:80): gqa_attention
-        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, atty, att_lse, B, T, NH, NKV, HD, 0);
+        // attn (models/llama2.yaml:75): gqa_attention
+        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, atty, attn_lse, B, T, NH, NKV, HD, 0);
         gg_zero(d_kh, (size_t)B * T * (NKV * HD));  // d_kh starts from zero (backward kernels accumulate)
-        // rope_k (models/llama2.yaml:79): rope
+        // rope_k (models/llama2.yaml:74): rope
         rope_backward(d_kh, d_k_rot, B, T, NKV, HD, 10000.0f);
         gg_zero(d_qh, (size_t)B * T * (NH * HD));  // d_qh starts from zero (backward kernels accumulate)
-        // rope_q (models/llama2.yaml:78): rope
+        // rope_q (models/llama2.yaml:73): rope
         rope_backward(d_qh, d_q_rot, B, T, NH, HD, 10000.0f);
         gg_zero(d_ln1, (size_t)B * T * C);  // d_ln1 starts from zero (backward kernels accumulate)
-        // attn_v (models/llama2.yaml:77): matmul
+        // attn_v (models/llama2.yaml:72): matmul
         matmul_backward(d_ln1, d_vw, NULL, d_vh, ln1, vw, B * T, C, (NKV * HD));
-        // attn_k (models/llama2.yaml:76): matmul
+        // attn_k (models/llama2.yaml:71): matmul
         matmul_backward(d_ln1, d_kw, NULL, d_kh, ln1, kw, B * T, C, (NKV * HD));
-        // attn_q (models/llama2.yaml:75): matmul
+        // attn_q (models/llama2.yaml:70): matmul
         matmul_backward(d_ln1, d_qw, NULL, d_qh, ln1, qw, B * T, C, (NH * HD));
-        // ln_1 (models/llama2.yaml:74): rmsnorm
-        rmsnorm_backward(d_x, d_ln1w, d_ln1, x, ln1w, ln1_rstd, B * T, C, 0.0f);
+        // ln_1 (models/llama2.yaml:69): rmsnorm
+        rmsnorm_backward(d_x, d_ln1w, d_ln1, x, ln1w, ln_1_rstd, B * T, C, 0.0f);
         d_x_spare = d_residual3;  // free again for the layer below
     }
     float* d_encoded = d_x;  // (B,T,C) gradient of `encoded`, the carry's start
-    // embed (models/llama2.yaml:70): token_embedding
+    // embed (models/llama2.yaml:65): token_embedding
     token_embedding_backward(g->wte, d_encoded, idx, B, T, C, 1.0f, -1);
 }
 
@@ -1239,7 +1245,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "936aad1ad8cb5d3ee221"; }
+const char* gg_signature(void) { return "f0f4ef2f19673498626a"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {

@@ -909,87 +909,93 @@ static void point_params(Params* p, float* base) {
 typedef struct {
     float* encoded;    // (B, T, C)
     float* ln1;        // (L, B, T, C)
-    float* ln1_rstd;   // (L, B, T)
-    float* qh;         // (L, B, T, NH*HD)
-    float* kh;         // (L, B, T, NKV*HD)
     float* vh;         // (L, B, T, NKV*HD)
     float* q_rot;      // (L, B, T, NH*HD)
     float* k_rot;      // (L, B, T, NKV*HD)
     float* atty;       // (L, B, T, NH*HD)
-    float* att_lse;    // (L, B, NH, T)
-    float* attproj;    // (L, B, T, C)
     float* residual2;  // (L, B, T, C)
     float* ln2;        // (L, B, T, C)
-    float* ln2_rstd;   // (L, B, T)
     float* gate;       // (L, B, T, FF)
     float* up;         // (L, B, T, FF)
     float* swi;        // (L, B, T, FF)
-    float* down;       // (L, B, T, C)
     float* residual3;  // (L, B, T, C)
     float* lnf;        // (B, T, C)
-    float* lnf_rstd;   // (B, T)
     float* logits;     // (B, T, Vp)
-    float* loss_lse;   // (B, T)
     float* losses;     // (B, T)
+    float* ln_1_rstd;  // (L, B, T)
+    float* attn_lse;   // (L, B, NH, T)
+    float* ln_2_rstd;  // (L, B, T)
+    float* ln_f_rstd;  // (B, T)
+    float* loss_lse;   // (B, T)
+    float* scratch0;   // (1048576)
+    float* scratch1;   // (262144)
+    float* qh;         // (B, T, NH*HD)
+    float* kh;         // (B, T, NKV*HD)
+    float* attproj;    // (B, T, C)
+    float* down;       // (B, T, C)
 } Acts;
 
-static const gg_tensor_entry ACT_TABLE[24] = {
+static const gg_tensor_entry ACT_TABLE[26] = {
     {"encoded",              0,      1048576, 0},
     {"ln1",            1048576,     33554432, 0},
-    {"ln1_rstd",      34603008,         8192, 0},
-    {"qh",            34611200,     33554432, 0},
-    {"kh",            68165632,      8388608, 0},
-    {"vh",            76554240,      8388608, 0},
-    {"q_rot",         84942848,     33554432, 0},
-    {"k_rot",        118497280,      8388608, 0},
-    {"atty",         126885888,     33554432, 0},
-    {"att_lse",      160440320,       262144, 0},
-    {"attproj",      160702464,     33554432, 0},
-    {"residual2",    194256896,     33554432, 0},
-    {"ln2",          227811328,     33554432, 0},
-    {"ln2_rstd",     261365760,         8192, 0},
-    {"gate",         261373952,    117440512, 0},
-    {"up",           378814464,    117440512, 0},
-    {"swi",          496254976,    117440512, 0},
-    {"down",         613695488,     33554432, 0},
-    {"residual3",    647249920,     33554432, 0},
-    {"lnf",          680804352,      1048576, 0},
-    {"lnf_rstd",     681852928,          256, 0},
-    {"logits",       681853184,      8192000, 0},
-    {"loss_lse",     690045184,          256, 0},
-    {"losses",       690045440,          256, 0},
+    {"vh",            34603008,      8388608, 0},
+    {"q_rot",         42991616,     33554432, 0},
+    {"k_rot",         76546048,      8388608, 0},
+    {"atty",          84934656,     33554432, 0},
+    {"residual2",    118489088,     33554432, 0},
+    {"ln2",          152043520,     33554432, 0},
+    {"gate",         185597952,    117440512, 0},
+    {"up",           303038464,    117440512, 0},
+    {"swi",          420478976,    117440512, 0},
+    {"residual3",    537919488,     33554432, 0},
+    {"lnf",          571473920,      1048576, 0},
+    {"logits",       572522496,      8192000, 0},
+    {"losses",       580714496,          256, 0},
+    {"ln_1_rstd",    580714752,         8192, 0},
+    {"attn_lse",     580722944,       262144, 0},
+    {"ln_2_rstd",    580985088,         8192, 0},
+    {"ln_f_rstd",    580993280,          256, 0},
+    {"loss_lse",     580993536,          256, 0},
+    {"scratch0",     580993792,      1048576, 0},
+    {"scratch1",     582042368,       262144, 0},
+    {"qh",           580993792,      1048576, 0},
+    {"kh",           582042368,       262144, 0},
+    {"attproj",      580993792,      1048576, 0},
+    {"down",         580993792,      1048576, 0},
 };
 
-static const size_t ACTS_FLOATS = 690045696;
+static const size_t ACTS_FLOATS = 582304512;
 
 static void point_acts(Acts* a, float* base) {
-    float** fields[24] = {
+    float** fields[26] = {
         &a->encoded,
         &a->ln1,
-        &a->ln1_rstd,
-        &a->qh,
-        &a->kh,
         &a->vh,
         &a->q_rot,
         &a->k_rot,
         &a->atty,
-        &a->att_lse,
-        &a->attproj,
         &a->residual2,
         &a->ln2,
-        &a->ln2_rstd,
         &a->gate,
         &a->up,
         &a->swi,
-        &a->down,
         &a->residual3,
         &a->lnf,
-        &a->lnf_rstd,
         &a->logits,
-        &a->loss_lse,
         &a->losses,
+        &a->ln_1_rstd,
+        &a->attn_lse,
+        &a->ln_2_rstd,
+        &a->ln_f_rstd,
+        &a->loss_lse,
+        &a->scratch0,
+        &a->scratch1,
+        &a->qh,
+        &a->kh,
+        &a->attproj,
+        &a->down,
     };
-    for (int i = 0; i < 24; i++) *fields[i] = base + ACT_TABLE[i].offset;
+    for (int i = 0; i < 26; i++) *fields[i] = base + ACT_TABLE[i].offset;
 }
 
 // ----------------------------------------------------------------------------
@@ -1015,75 +1021,75 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     const int* idx = inputs[0];  // (B,T)
     const int* targets = inputs[1];  // (B,T), may be NULL
 
-    // embed (models/mistral.yaml:72): token_embedding
+    // embed (models/mistral.yaml:67): token_embedding
     token_embedding_forward(a->encoded, idx, p->wte, B, T, C, 1.0f);
     for (int l = 0; l < L; l++) {  // layers
         float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
         float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
-        float* qh = a->qh + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* qh = a->qh;  // (B,T,NH*HD) scratch0, every layer's
         float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
-        float* kh = a->kh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* kh = a->kh;  // (B,T,NKV*HD) scratch1, every layer's
         float* vw = p->vw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
         float* vh = a->vh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
-        float* attproj = a->attproj + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* upw = p->upw + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* up = a->up + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* swi = a->swi + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* downw = p->downw + (size_t)l * (size_t)C * FF;  // (C,FF)
-        float* down = a->down + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* down = a->down;  // (B,T,C) scratch0, every layer's
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        // ln_1 (models/mistral.yaml:76): rmsnorm
-        rmsnorm_forward(ln1, ln1_rstd, x, ln1w, B * T, C, 1e-05f, 0.0f);
-        // attn_q (models/mistral.yaml:77): matmul
+        // ln_1 (models/mistral.yaml:71): rmsnorm
+        rmsnorm_forward(ln1, ln_1_rstd, x, ln1w, B * T, C, 1e-05f, 0.0f);
+        // attn_q (models/mistral.yaml:72): matmul
         matmul_forward(qh, ln1, qw, NULL, B * T, C, (NH * HD));
-        // attn_k (models/mistral.yaml:78): matmul
+        // attn_k (models/mistral.yaml:73): matmul
         matmul_forward(kh, ln1, kw, NULL, B * T, C, (NKV * HD));
-        // attn_v (models/mistral.yaml:79): matmul
+        // attn_v (models/mistral.yaml:74): matmul
         matmul_forward(vh, ln1, vw, NULL, B * T, C, (NKV * HD));
-        // rope_q (models/mistral.yaml:80): rope
+        // rope_q (models/mistral.yaml:75): rope
         rope_forward(q_rot, qh, B, T, NH, HD, 10000.0f);
-        // rope_k (models/mistral.yaml:81): rope
+        // rope_k (models/mistral.yaml:76): rope
         rope_forward(k_rot, kh, B, T, NKV, HD, 10000.0f);
-        // attn (models/mistral.yaml:82): gqa_attention
-        gqa_attention_forward(atty, att_lse, q_rot, k_rot, vh, B, T, NH, NKV, HD, 4096);
-        // attn_proj (models/mistral.yaml:84): matmul
+        // attn (models/mistral.yaml:77): gqa_attention
+        gqa_attention_forward(atty, attn_lse, q_rot, k_rot, vh, B, T, NH, NKV, HD, 4096);
+        // attn_proj (models/mistral.yaml:79): matmul
         matmul_forward(attproj, atty, attprojw, NULL, B * T, (NH * HD), C);
-        // attn_res (models/mistral.yaml:85): residual
+        // attn_res (models/mistral.yaml:80): residual
         residual_forward(residual2, x, attproj, (size_t)B * T * C);
-        // ln_2 (models/mistral.yaml:86): rmsnorm
-        rmsnorm_forward(ln2, ln2_rstd, residual2, ln2w, B * T, C, 1e-05f, 0.0f);
-        // mlp_gate (models/mistral.yaml:87): matmul
+        // ln_2 (models/mistral.yaml:81): rmsnorm
+        rmsnorm_forward(ln2, ln_2_rstd, residual2, ln2w, B * T, C, 1e-05f, 0.0f);
+        // mlp_gate (models/mistral.yaml:82): matmul
         matmul_forward(gate, ln2, gatew, NULL, B * T, C, FF);
-        // mlp_up (models/mistral.yaml:88): matmul
+        // mlp_up (models/mistral.yaml:83): matmul
         matmul_forward(up, ln2, upw, NULL, B * T, C, FF);
-        // mlp_act (models/mistral.yaml:89): swiglu
+        // mlp_act (models/mistral.yaml:84): swiglu
         swiglu_forward(swi, gate, up, (size_t)B * T * FF);
-        // mlp_down (models/mistral.yaml:90): matmul
+        // mlp_down (models/mistral.yaml:85): matmul
         matmul_forward(down, swi, downw, NULL, B * T, FF, C);
-        // mlp_res (models/mistral.yaml:91): residual
+        // mlp_res (models/mistral.yaml:86): residual
         residual_forward(residual3, residual2, down, (size_t)B * T * C);
     }
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
-    // ln_f (models/mistral.yaml:93): rmsnorm
-    rmsnorm_forward(a->lnf, a->lnf_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
-    // lm_head (models/mistral.yaml:94): matmul
+    // ln_f (models/mistral.yaml:88): rmsnorm
+    rmsnorm_forward(a->lnf, a->ln_f_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
+    // lm_head (models/mistral.yaml:89): matmul
     matmul_forward(a->logits, a->lnf, p->lmheadw, NULL, B * T, C, Vp);
     if (targets) {  // only when the optional inputs are given
-        // loss (models/mistral.yaml:95): softmax_crossentropy
+        // loss (models/mistral.yaml:90): softmax_crossentropy
         softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
     }
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
@@ -1110,14 +1116,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (models/mistral.yaml:95): softmax_crossentropy
+    // loss (models/mistral.yaml:90): softmax_crossentropy
     softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (models/mistral.yaml:94): matmul
+    // lm_head (models/mistral.yaml:89): matmul
     matmul_backward(d_lnf, g->lmheadw, NULL, d_logits, a->lnf, p->lmheadw, B * T, C, Vp);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
-    // ln_f (models/mistral.yaml:93): rmsnorm
-    rmsnorm_backward(d_x, g->lnfw, d_lnf, x, p->lnfw, a->lnf_rstd, B * T, C, 0.0f);
+    // ln_f (models/mistral.yaml:88): rmsnorm
+    rmsnorm_backward(d_x, g->lnfw, d_lnf, x, p->lnfw, a->ln_f_rstd, B * T, C, 0.0f);
     for (int l = L - 1; l >= 0; l--) {  // layers, last to first
         float* d_residual3 = d_x;  // (B,T,C) this layer's output is the next layer's `x`: its gradient so far
         d_x = d_x_spare;  // a fresh buffer for the gradient of this layer's input
@@ -1126,7 +1132,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
         float* d_ln1w = g->ln1w + (size_t)l * (size_t)C;  // (C)
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln1_rstd = a->ln1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
         float* d_qw = g->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
         float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
@@ -1137,14 +1143,14 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
-        float* att_lse = a->att_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
+        float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* d_ln2w = g->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
-        float* ln2_rstd = a->ln2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* d_gatew = g->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
         float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
@@ -1170,52 +1176,52 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_ln1 = da + DSLOT_4;  // (B,T,C) dslot4
         gg_zero(d_residual2, (size_t)B * T * C);  // d_residual2 starts from zero (backward kernels accumulate)
         gg_zero(d_down, (size_t)B * T * C);  // d_down starts from zero (backward kernels accumulate)
-        // mlp_res (models/mistral.yaml:91): residual
+        // mlp_res (models/mistral.yaml:86): residual
         residual_backward(d_residual2, d_down, d_residual3, (size_t)B * T * C);
         gg_zero(d_swi, (size_t)B * T * FF);  // d_swi starts from zero (backward kernels accumulate)
-        // mlp_down (models/mistral.yaml:90): matmul
+        // mlp_down (models/mistral.yaml:85): matmul
         matmul_backward(d_swi, d_downw, NULL, d_down, swi, downw, B * T, FF, C);
         gg_zero(d_gate, (size_t)B * T * FF);  // d_gate starts from zero (backward kernels accumulate)
         gg_zero(d_up, (size_t)B * T * FF);  // d_up starts from zero (backward kernels accumulate)
-        // mlp_act (models/mistral.yaml:89): swiglu
+        // mlp_act (models/mistral.yaml:84): swiglu
         swiglu_backward(d_gate, d_up, d_swi, gate, up, (size_t)B * T * FF);
         gg_zero(d_ln2, (size_t)B * T * C);  // d_ln2 starts from zero (backward kernels accumulate)
-        // mlp_up (models/mistral.yaml:88): matmul
+        // mlp_up (models/mistral.yaml:83): matmul
         matmul_backward(d_ln2, d_upw, NULL, d_up, ln2, upw, B * T, C, FF);
-        // mlp_gate (models/mistral.yaml:87): matmul
+        // mlp_gate (models/mistral.yaml:82): matmul
         matmul_backward(d_ln2, d_gatew, NULL, d_gate, ln2, gatew, B * T, C, FF);
-        // ln_2 (models/mistral.yaml:86): rmsnorm
-        rmsnorm_backward(d_residual2, d_ln2w, d_ln2, residual2, ln2w, ln2_rstd, B * T, C, 0.0f);
+        // ln_2 (models/mistral.yaml:81): rmsnorm
+        rmsnorm_backward(d_residual2, d_ln2w, d_ln2, residual2, ln2w, ln_2_rstd, B * T, C, 0.0f);
         gg_zero(d_attproj, (size_t)B * T * C);  // d_attproj starts from zero (backward kernels accumulate)
-        // attn_res (models/mistral.yaml:85): residual
+        // attn_res (models/mistral.yaml:80): residual
         residual_backward(d_x, d_attproj, d_residual2, (size_t)B * T * C);
         gg_zero(d_atty, (size_t)B * T * (NH * HD));  // d_atty starts from zero (backward kernels accumulate)
-        // attn_proj (models/mistral.yaml:84): matmul
+        // attn_proj (models/mistral.yaml:79): matmul
         matmul_backward(d_atty, d_attprojw, NULL, d_attproj, atty, attprojw, B * T, (NH * HD), C);
         gg_zero(d_q_rot, (size_t)B * T * (NH * HD));  // d_q_rot starts from zero (backward kernels accumulate)
         gg_zero(d_k_rot, (size_t)B * T * (NKV * HD));  // d_k_rot starts from zero (backward kernels accumulate)
         gg_zero(d_vh, (size_t)B * T * (NKV * HD));  // d_vh starts from zero (backward kernels accumulate)
-        // attn (models/mistral.yaml:82): gqa_attention
-        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, atty, att_lse, B, T, NH, NKV, HD, 4096);
+        // attn (models/mistral.yaml:77): gqa_attention
+        gqa_attention_backward(d_q_rot, d_k_rot, d_vh, d_atty, q_rot, k_rot, vh, atty, attn_lse, B, T, NH, NKV, HD, 4096);
         gg_zero(d_kh, (size_t)B * T * (NKV * HD));  // d_kh starts from zero (backward kernels accumulate)
-        // rope_k (models/mistral.yaml:81): rope
+        // rope_k (models/mistral.yaml:76): rope
         rope_backward(d_kh, d_k_rot, B, T, NKV, HD, 10000.0f);
         gg_zero(d_qh, (size_t)B * T * (NH * HD));  // d_qh starts from zero (backward kernels accumulate)
-        // rope_q (models/mistral.yaml:80): rope
+        // rope_q (models/mistral.yaml:75): rope
         rope_backward(d_qh, d_q_rot, B, T, NH, HD, 10000.0f);
         gg_zero(d_ln1, (size_t)B * T * C);  // d_ln1 starts from zero (backward kernels accumulate)
-        // attn_v (models/mistral.yaml:79): matmul
+        // attn_v (models/mistral.yaml:74): matmul
         matmul_backward(d_ln1, d_vw, NULL, d_vh, ln1, vw, B * T, C, (NKV * HD));
-        // attn_k (models/mistral.yaml:78): matmul
+        // attn_k (models/mistral.yaml:73): matmul
         matmul_backward(d_ln1, d_kw, NULL, d_kh, ln1, kw, B * T, C, (NKV * HD));
-        // attn_q (models/mistral.yaml:77): matmul
+        // attn_q (models/mistral.yaml:72): matmul
         matmul_backward(d_ln1, d_qw, NULL, d_qh, ln1, qw, B * T, C, (NH * HD));
-        // ln_1 (models/mistral.yaml:76): rmsnorm
-        rmsnorm_backward(d_x, d_ln1w, d_ln1, x, ln1w, ln1_rstd, B * T, C, 0.0f);
+        // ln_1 (models/mistral.yaml:71): rmsnorm
+        rmsnorm_backward(d_x, d_ln1w, d_ln1, x, ln1w, ln_1_rstd, B * T, C, 0.0f);
         d_x_spare = d_residual3;  // free again for the layer below
     }
     float* d_encoded = d_x;  // (B,T,C) gradient of `encoded`, the carry's start
-    // embed (models/mistral.yaml:72): token_embedding
+    // embed (models/mistral.yaml:67): token_embedding
     token_embedding_backward(g->wte, d_encoded, idx, B, T, C, 1.0f, -1);
 }
 
@@ -1240,7 +1246,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "891d059df554ab22ae40"; }
+const char* gg_signature(void) { return "9ae5e869c952961a810b"; }
 
 size_t gg_arena_floats(int which) {
     switch (which) {
