@@ -19,6 +19,7 @@ def from_llmc(path, target="cpu", **kwargs):
 
 
 def from_hf(directory, model="model.yaml", target="cpu", **overrides):
-    """Import a local HuggingFace checkpoint (config.json + weights) using the model file's mapping."""
+    """Import a local HuggingFace checkpoint (config.json + weights) using the model file's mapping
+    (``precision=`` and ``fuse=`` are build options, as for ``build``)."""
     from .checkpoint import from_hf as _from_hf
     return _from_hf(directory, model=model, target=target, **overrides)

@@ -57,7 +57,7 @@ def step_work(program, B: int, T: int) -> dict[str, Any]:
         if not isinstance(s, Invoke):
             continue
         dim = {k: int(ex.eval(env)) for k, ex in s.dims.items()}
-        if s.op == "matmul":
+        if s.op in ("matmul", "matmul_gelu", "classifier"):     # a GEMM, alone or fused with what follows
             key = (B * T, dim["C"], dim["OC"])
             gemms[key] = gemms.get(key, 0) + n
         elif s.op == "attention":

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import fusion as _fusion
 from . import lower as _lower
 from . import render as _render
 from . import spec as _spec
@@ -290,8 +291,7 @@ def binding_object(tc: dict[str, str]) -> Path:
 #     arenas already hold as theirs.
 # GPT2GEN_MAX_MEMORY, when set, replaces both figures: the most memory the model may use.
 
-ARENAS = ("params", "grads", "m", "v", "acts", "dacts")
-RUN_ARENAS = ("params", "acts")            # what forward and generate write; training writes all of ARENAS
+RUN_ARENAS = ("params", "acts")            # what forward and generate write; training writes all the arenas
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
 
 
@@ -420,21 +420,20 @@ def _human(n: float) -> str:
 
 
 def arena_bytes(program: Program) -> dict[str, int]:
-    """Bytes of each arena the runtime allocates (params, grads, m and v share one layout)."""
-    lay = program.layout
-    return {"params": lay.params.nbytes, "grads": lay.params.nbytes, "m": lay.params.nbytes, "v": lay.params.nbytes,
-            "acts": lay.acts.nbytes, "dacts": lay.dacts.nbytes}
+    """Bytes of each arena the runtime allocates (params, grads, master, m and v share one layout in elements)."""
+    return program.layout.arena_bytes()
 
 
-def memory_error(program: Program, reason: str, arenas: tuple[str, ...] = ARENAS,
+def memory_error(program: Program, reason: str, arenas: tuple[str, ...] | None = None,
                  now: bool = False) -> MemoryLimitError:
     """The error for a model too large: the size of each arena ``arenas`` counts, their total, why (``reason``),
     what training adds when only the running arenas were counted, and a hint (``now``: the figure was the
     memory available at the moment, so freeing memory helps too)."""
     sizes = arena_bytes(program)
+    arenas = tuple(sizes) if arenas is None else arenas
     total = sum(sizes[n] for n in arenas)
     rows = "\n".join(f"  {n:<7} {_human(sizes[n]):>14}" for n in arenas)
-    rest = [n for n in ARENAS if n not in arenas]
+    rest = [n for n in sizes if n not in arenas]
     what = "its arenas" if not rest else f"its {' and '.join(arenas)} arenas (what running it writes)"
     also = (f"\n  training also needs {', '.join(f'{n} {_human(sizes[n])}' for n in rest)} "
             f"({_human(sum(sizes.values()))} in all)") if rest else ""
@@ -496,20 +495,30 @@ def check_available_memory(program: Program, held: int = 0) -> None:
 # ---- models ---------------------------------------------------------------------------------------------
 
 def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str | None = None,
-             **overrides) -> tuple[Program, dict[str, str]]:
-    """Load, lower and render a model; returns the program and {file name: source}."""
+             precision: str = "fp32", fuse: str | None = "all", **overrides) -> tuple[Program, dict[str, str]]:
+    """Load, lower and render a model; returns the program and {file name: source}. ``precision``: fp32 or
+    bf16 (the target says which it has); ``fuse``: ``all``, ``none`` or fusion names ``a,b`` (gpt2gen/fusion.py)."""
     path = find_model(model)
     spec = _spec.load(path)
     config = spec.resolve(overrides)
-    program = _lower.lower(spec, config, target)
+    tgt = _target(target)
+    try:
+        tgt.check_precision(precision)
+    except ValueError as e:
+        raise BuildError(f"{e}; e.g. --precision {tgt.precisions[0]}") from None
+    try:
+        _fusion.choose(fuse, tgt.fusions, target)
+    except ValueError as e:
+        raise BuildError(f"--fuse {fuse}: {e}") from None
+    program = _lower.lower(spec, config, target, precision, fuse)
     return program, _render.render_program(program, target, label)
 
 
 def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: str | Path | None = None,
-                  verbose: bool = False, **overrides) -> Built:
+                  verbose: bool = False, precision: str = "fp32", fuse: str | None = "all", **overrides) -> Built:
     """Generate and compile a model (or find it in the cache). ``out`` also receives a copy of the sources."""
     tgt = _target(target)
-    program, sources = generate(model, target, **overrides)
+    program, sources = generate(model, target, precision=precision, fuse=fuse, **overrides)
     check_memory(program)
     if out is not None:
         _render.write_sources(sources, Path(out))
@@ -560,10 +569,11 @@ def load_extension(path: Path):
     return module
 
 
-def kernels_library(op_names: list[str], target: str = "cpu") -> Path:
+def kernels_library(op_names: list[str], target: str = "cpu", precision: str = "fp32") -> Path:
     """Compile the kernels of ``op_names`` (plus helpers and the optimizer) into a shared library with
-    exported symbols, cached by content; the op tests call them through ctypes."""
-    source = _target(target).kernels_source(op_names)
+    exported symbols, cached by content; the op tests call them through ctypes. ``precision``: how their
+    float tensors are stored (the source, and so the cache key, differs by precision)."""
+    source = _target(target).kernels_source(op_names, precision)
     flags = c_flags()
     recall = _recall_key("kernels", source, " ".join(flags))
     tc, cached = _toolchain_or_cached(recall)

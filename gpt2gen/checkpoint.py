@@ -223,7 +223,7 @@ def save_llmc(model, path: str | os.PathLike, dtype: str = "fp32") -> Path:
     def write(fh):
         fh.write(header.tobytes())
         for name in shapes:
-            t = np.ascontiguousarray(model.params[name], dtype="<f4")
+            t = np.ascontiguousarray(_weights(model)[name], dtype="<f4")
             fh.write((t if dtype == "fp32" else fp32_to_bf16(t)).tobytes())
 
     return atomic_write_bytes(path, write)
@@ -242,7 +242,8 @@ def load_llmc(model, path: str | os.PathLike) -> dict[str, int]:
     for name, t in tensors.items():   # every tensor is checked before any is written
         check_finite(t, f"tensor {name}", path)
     for name, t in tensors.items():
-        model.params[name][...] = t
+        _weights(model)[name][...] = t
+    _sync(model)
     return hdr
 
 
@@ -713,7 +714,7 @@ def check_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yam
 
 
 def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml",
-            target: str = "cpu", **overrides):
+            target: str = "cpu", *, precision: str = "fp32", fuse: str | None = "all", **overrides):
     """Import a HuggingFace checkpoint directory through the model YAML's ``huggingface`` mapping.
 
     Reads ``config.json``, turns the mapped keys into build overrides (explicit ``overrides`` win),
@@ -725,13 +726,15 @@ def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml
     tensor the mapping marks ``pad_rows`` (an unpadded vocabulary) may have fewer rows than ours: it
     fills the leading rows and the rest are zeroed; any other shape difference is an error naming
     the tensor, both shapes and the file. Checkpoint tensors the mapping neither maps nor ignores
-    are an error.
+    are an error. ``precision`` and ``fuse`` are build options (gpt2gen.build).
     """
     from . import build
 
     build_cfg, tensors, plan = check_hf(directory, model, **overrides)
-    m = build(model=model, target=target, seed=None, **build_cfg)   # weights come from the checkpoint
-    _copy_hf(m.params, tensors, plan, staged=False)
+    m = build(model=model, target=target, seed=None, precision=precision, fuse=fuse,  # weights: the checkpoint's
+              **build_cfg)
+    _copy_hf(_weights(m), tensors, plan, staged=False)
+    _sync(m)
     return m
 
 
@@ -752,7 +755,8 @@ def load_hf_into(m, directory: str | os.PathLike, mapping=None) -> None:
     mapping = mapping if mapping is not None else m.spec.huggingface
     tensors = _HFTensors(directory)
     plan = _plan_hf(directory, tensors, mapping, {k: tuple(v.shape) for k, v in m.params.items()})
-    _copy_hf(m.params, tensors, plan, staged=True)
+    _copy_hf(_weights(m), tensors, plan, staged=True)
+    _sync(m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,9 +791,28 @@ def _predated_symbols(model, saved: dict[str, Any]) -> dict[str, Any]:
     return _plain({k: resolved[k] for k in missing if k in resolved})
 
 
+def _weights(model) -> dict[str, np.ndarray]:
+    """The fp32 weights a checkpoint reads or writes: the master weights of a mixed-precision model, else
+    its parameters (after writing them, ``_sync`` rounds the 16-bit parameters from them)."""
+    return getattr(model, "weights", model.params)
+
+
+def _sync(model) -> None:
+    if hasattr(model, "sync_params"):
+        model.sync_params()
+
+
 def _model_identity(model) -> dict[str, Any]:
     spec = getattr(model, "spec", None)
-    return {"name": getattr(spec, "name", None), "path": str(getattr(spec, "path", "")) or None}
+    return {"name": getattr(spec, "name", None), "path": str(getattr(spec, "path", "")) or None,
+            "precision": getattr(model, "precision", "fp32")}
+
+
+def _state_arenas(model) -> dict[str, np.ndarray]:
+    """What a state holds: the fp32 weights (the master weights in mixed precision) and AdamW's moments,
+    each flat over the parameters' layout in elements."""
+    arenas = model.arenas
+    return {"params": arenas.get("master", arenas["params"]), "m": arenas["m"], "v": arenas["v"]}
 
 
 def save_state(path: str | os.PathLike, model, *, step: int, data: dict | None = None,
@@ -802,7 +825,7 @@ def save_state(path: str | os.PathLike, model, *, step: int, data: dict | None =
     """
     from safetensors.numpy import save_file
 
-    arrays = {k: np.ascontiguousarray(model.arenas[k], dtype=np.float32) for k in STATE_ARENAS}
+    arrays = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in _state_arenas(model).items()}
     meta = {
         "format": STATE_FORMAT, "version": STATE_VERSION,
         "config": json.dumps(_plain(model.config), sort_keys=True),
@@ -941,14 +964,22 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
         detail = ", ".join(f"{k}={a} in the file but {b} in the model"
                            for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"{path}: model shape mismatch: {detail}")
+    saved_precision = (meta.get("model") or {}).get("precision", "fp32")
+    ours = getattr(model, "precision", "fp32")
+    if saved_precision != ours:
+        raise CheckpointError(f"{path}: the state was trained in {saved_precision}, the model is built in {ours}\n"
+                              f"  hint: resume with the precision it was trained in (--precision {saved_precision})")
     arrays = _read_state_arrays(path, meta)
+    target = _state_arenas(model)
     for k in STATE_ARENAS:
-        if arrays[k].shape != model.arenas[k].shape:
+        if arrays[k].shape != target[k].shape:
             raise CheckpointError(f"{path}: arena {k} has {arrays[k].size} floats, the model "
-                                  f"{model.arenas[k].size}")
+                                  f"{target[k].size}")
     _check_state_finite(path, arrays, model)
     for k in STATE_ARENAS:
-        model.arenas[k][...] = arrays[k]
+        target[k][...] = arrays[k]
+    if hasattr(model, "sync_params"):
+        model.sync_params()
     return meta
 
 

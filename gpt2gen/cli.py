@@ -1,9 +1,10 @@
 """The ``gpt2gen`` command line: build, layout, generate, and the training commands.
 
-    gpt2gen build --target cpu [--model FILE] [--set NAME=VALUE ...] [--out DIR]
-    gpt2gen layout [--model FILE] [--set NAME=VALUE ...]
+    gpt2gen build --target cpu [--precision fp32|bf16] [--model FILE] [--set NAME=VALUE ...] [--out DIR]
+    gpt2gen layout [--precision P] [--model FILE] [--set NAME=VALUE ...] [--world N --zero 1]
     gpt2gen generate [--check]          # refresh (or check) generated/ for the shipped models
     gpt2gen prepro | train | plot ...   # data, training and curves (see docs/training.md)
+    gpt2gen sample | eval | export ...  # use a checkpoint: generate text, loss and perplexity, HF / llm.c files
 
 Every entry point (these subcommands, ``python -m gpt2gen.train``, ``.data``, ``.plot`` and ``.bench``) runs its
 handler through :func:`run_command`, which turns user errors into one ``gpt2gen: error: ...`` message
@@ -18,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import __version__
+from . import __version__, targets
 from .builder import BuildError, compile_model, generate
+from . import checks
 from .checks import Output, UsageError, check_outputs, describe_error, read_text
+from .fusion import FUSIONS
+from .precision import POLICIES
 from .resources import data_root, find_model
 from .spec import SpecError
 
@@ -105,15 +109,27 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value or a batch maximum, e.g. --set L=2 --set B=8 (repeatable)")
 
 
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", choices=targets.names(),
+                   help="code generation target (default: %(default)s)")
+    p.add_argument("--precision", default="fp32", choices=list(POLICIES),
+                   help="storage of parameters, activations and gradients: fp32, or bf16/fp16 with fp32 master "
+                        "weights, moments and statistics (default: %(default)s; a target says which it has)")
+    p.add_argument("--fuse", default="all", metavar="all|none|A,B",
+                   help="fusions of node pairs into one kernel: all (default), none, or names from "
+                        f"{', '.join(FUSIONS)}")
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.out:
         check_outputs([Output("--out", Path(args.out), "dir", "the generated sources")])
-    built = compile_model(args.model, args.target, out=args.out, **parse_overrides(args.overrides))
+    built = compile_model(args.model, args.target, out=args.out, precision=args.precision, fuse=args.fuse,
+                          **parse_overrides(args.overrides))
     dt = time.perf_counter() - t0
     n = sum(s.numel for s in built.program.layout.params.slots)
     state = "compiled" if built.compiled else "up to date (cached)"
-    print(f"{built.program.spec.name} ({args.target}): {state} in {dt:.2f} s, {n:,} parameters")
+    print(f"{built.program.spec.name} ({args.target}, {args.precision}): {state} in {dt:.2f} s, {n:,} parameters")
     print(f"  sources:   {built.directory}")
     print(f"  extension: {built.extension}")
     if args.out:
@@ -122,10 +138,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
-    program, _ = generate(args.model, "cpu", **parse_overrides(args.overrides))
+    program, _ = generate(args.model, args.target, precision=args.precision, fuse=args.fuse,
+                          **parse_overrides(args.overrides))
     cfg = ", ".join(f"{k}={v}" for k, v in program.config.items())
     print(f"{program.spec.name} from {find_model(args.model)}: {cfg}\n")
     print(program.layout.table())
+    if args.world > 1 or args.zero:
+        from .distributed import memory_report
+        print("\n" + memory_report(program.layout, args.world, args.zero))
     return 0
 
 
@@ -174,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "An unchanged model rebuilds nothing; an edited one recompiles only its "
                                    "generated C.")
     _model_args(p)
-    p.add_argument("--target", default="cpu", choices=["cpu"], help="code generation target (default: %(default)s)")
+    _target_args(p)
     p.add_argument("--out", help="also write the generated sources into this directory")
     p.set_defaults(func=cmd_build)
 
@@ -182,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print every tensor's name, shape, offset and size in the flat arenas, and "
                                    "the totals, at the build-time maxima of B and T.")
     _model_args(p)
+    _target_args(p)
+    p.add_argument("--world", type=checks.Bounded(int, 1), default=1, metavar="N",
+                   help="also report the memory per rank of data-parallel training over N processes")
+    p.add_argument("--zero", type=int, choices=[0, 1], default=0,
+                   help="with --world: 1 = ZeRO stage 1, the optimizer state (AdamW's moments, master "
+                        "weights) sharded over the ranks")
     p.set_defaults(func=cmd_layout)
 
     p = sub.add_parser("generate", help="refresh generated/ for the shipped models",
@@ -190,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="only report files that are out of date (exit 1 if any)")
     p.set_defaults(func=cmd_generate)
 
-    for module in ("data", "train", "plot", "bench"):
+    for module in ("data", "train", "plot", "bench", "sample", "evaluate", "export"):
         try:
             mod = __import__(f"gpt2gen.{module}", fromlist=["add_subcommand"])
         except ImportError:

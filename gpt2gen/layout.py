@@ -1,22 +1,30 @@
 """Layout: every tensor's place in the flat arenas, computed once in Python.
 
-Five arenas hold a model's state: ``params`` (and ``grads``, ``m``, ``v`` with the same layout),
-``acts`` (activations, sized for the build-time maxima of B and T) and ``dacts`` (activation gradients,
-whose slots the lowering plans by live interval). Every offset is a multiple of 16 floats (64 bytes).
-Per-layer tensors are stacked over layers, as in llm.c: a parameter of shape (C) is stored as (L, C).
+The arenas hold a model's state: ``params`` (and ``grads``, the optimizer's ``m`` and ``v`` and, in mixed
+precision, the fp32 ``master`` weights, all with the same layout in elements), ``acts`` (activations,
+sized for the build-time maxima of B and T) and ``dacts`` (activation gradients, whose slots the lowering
+plans by live interval). Each arena has an element type (the precision's storage dtype; fp32 for
+master, m and v) and every offset counts elements of it; a tensor of another dtype inside an arena (an
+fp32 statistic among bf16 activations) occupies its bytes' worth of elements. Every offset is a multiple
+of 64 bytes. Per-layer tensors are stacked over layers, as in llm.c: a parameter of shape (C) is stored
+as (L, C).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .precision import DTYPES, Policy, policy as _policy
 from .spec import ModelSpec, TensorDecl
 
-ALIGN_FLOATS = 16   # 64 bytes of float32
+ALIGN_BYTES = 64
+ALIGN_FLOATS = ALIGN_BYTES // 4
 
 
-def align(n: int) -> int:
-    return (n + ALIGN_FLOATS - 1) // ALIGN_FLOATS * ALIGN_FLOATS
+def align(n: int, itemsize: int = 4) -> int:
+    """``n`` elements of ``itemsize`` bytes rounded up to a whole number of 64-byte lines."""
+    unit = ALIGN_BYTES // itemsize
+    return (n + unit - 1) // unit * unit
 
 
 @dataclass
@@ -29,34 +37,48 @@ class Slot:
     decay: bool = True             # parameters: AdamW weight decay applies
     note: str = ""
     alias: bool = False            # lies inside another slot (shared scratch), adds no memory
+    dtype: str = "f32"             # the tensor's own storage dtype
+    role: str = ""                 # gpt2gen.program.ROLES: param, act, saved, scratch, act_grad
 
     @property
     def nbytes(self) -> int:
-        return self.numel * 4
+        return self.numel * DTYPES[self.dtype].itemsize
 
 
 @dataclass
 class Arena:
     name: str
     slots: list[Slot] = field(default_factory=list)
-    size: int = 0                  # floats, aligned
+    size: int = 0                  # elements of the arena's dtype, aligned
+    dtype: str = "f32"             # the element type offsets count
 
-    def add(self, name: str, shape: str, dims: tuple[int, ...], decay: bool = True, note: str = "") -> Slot:
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    def _elements(self, numel: int, dtype: str) -> int:
+        """How many of the arena's elements a tensor of ``numel`` ``dtype`` values occupies."""
+        return -(-numel * DTYPES[dtype].itemsize // self.itemsize)
+
+    def add(self, name: str, shape: str, dims: tuple[int, ...], decay: bool = True, note: str = "",
+            dtype: str | None = None, role: str = "") -> Slot:
         numel = 1
         for d in dims:
             numel *= d
-        slot = Slot(name, shape, dims, self.size, numel, decay, note)
+        dtype = dtype or self.dtype
+        slot = Slot(name, shape, dims, self.size, numel, decay, note, dtype=dtype, role=role)
         self.slots.append(slot)
-        self.size = align(self.size + numel)
+        self.size = align(self.size + self._elements(numel, dtype), self.itemsize)
         return slot
 
-    def alias(self, name: str, shape: str, dims: tuple[int, ...], offset: int, note: str = "") -> Slot:
+    def alias(self, name: str, shape: str, dims: tuple[int, ...], offset: int, note: str = "",
+              dtype: str | None = None) -> Slot:
         """A tensor placed inside an existing slot (scratch shared by tensors never alive at once); it adds
         nothing to the arena's size."""
         numel = 1
         for d in dims:
             numel *= d
-        slot = Slot(name, shape, dims, offset, numel, True, note, alias=True)
+        slot = Slot(name, shape, dims, offset, numel, True, note, alias=True, dtype=dtype or self.dtype, role="scratch")
         self.slots.append(slot)
         return slot
 
@@ -68,7 +90,7 @@ class Arena:
 
     @property
     def nbytes(self) -> int:
-        return self.size * 4
+        return self.size * self.itemsize
 
 
 @dataclass
@@ -79,16 +101,21 @@ class Layout:
     acts: Arena
     dacts: Arena
     _numel_max: dict[str, int]
+    precision: Policy = field(default_factory=lambda: _policy("fp32"))
 
     @classmethod
     def plan(cls, spec: ModelSpec, config: dict, n_layers: int,
              dim_values: Callable[[TensorDecl], tuple[int, ...]],
              saved: dict[str, TensorDecl] | None = None, notes: dict[str, str] | None = None,
-             scratch: dict[str, int] | None = None) -> "Layout":
+             scratch: dict[str, int] | None = None, precision: Policy | None = None,
+             dtypes: dict[str, str] | None = None) -> "Layout":
         """``saved``: the buffers ops keep for their backward (named after their node), placed after the
         model's own tensors; ``notes``: what a buffer is, shown beside it; ``scratch``: activations that
-        no backward reads -> the scratch slot they share (one layer's worth, reused by every layer)."""
-        params, acts = Arena("params"), Arena("acts")
+        no backward reads -> the scratch slot they share (one layer's worth, reused by every layer);
+        ``precision``: the storage policy; ``dtypes``: each tensor's storage dtype (default: the policy's)."""
+        precision = precision or _policy("fp32")
+        dtypes = dtypes or {}
+        params, acts = Arena("params", dtype=precision.storage), Arena("acts", dtype=precision.storage)
         numel_max: dict[str, int] = {}
         scratch = scratch or {}
         shared: list[tuple[TensorDecl, str, tuple[int, ...]]] = []
@@ -107,45 +134,84 @@ class Layout:
             if t.per_layer:
                 dims, shape = (n_layers,) + dims, "L, " + shape
             arena = params if t.kind == "param" else acts
-            arena.add(t.name, f"({shape})", dims, t.decay if t.kind == "param" else True, (notes or {}).get(t.name, ""))
+            role = "param" if t.kind == "param" else "saved" if saved and t.name in saved else "act"
+            arena.add(t.name, f"({shape})", dims, t.decay if t.kind == "param" else True, (notes or {}).get(t.name, ""),
+                      dtypes.get(t.name, arena.dtype), role)
         sizes: dict[int, int] = {}
         for t, _, _ in shared:
-            sizes[scratch[t.name]] = max(sizes.get(scratch[t.name], 0), align(numel_max[t.name]))
+            need = acts._elements(numel_max[t.name], dtypes.get(t.name, acts.dtype))
+            sizes[scratch[t.name]] = max(sizes.get(scratch[t.name], 0), align(need, acts.itemsize))
         offsets = {}
         for i in sorted(sizes):
             users = [t.name for t, _, _ in shared if scratch[t.name] == i]
-            offsets[i] = acts.add(f"scratch{i}", f"({sizes[i]})", (sizes[i],), note="shared by " + ", ".join(users)).offset
+            offsets[i] = acts.add(f"scratch{i}", f"({sizes[i]})", (sizes[i],), note="shared by " + ", ".join(users),
+                                  role="scratch").offset
         for t, shape, dims in shared:
-            acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in scratch{scratch[t.name]}: no backward reads it")
-        return cls(config, n_layers, params, acts, Arena("dacts"), numel_max)
+            acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in scratch{scratch[t.name]}: no backward reads it",
+                       dtypes.get(t.name, acts.dtype))
+        return cls(config, n_layers, params, acts, Arena("dacts", dtype=precision.storage), numel_max, precision)
 
     def numel_max(self, t: TensorDecl) -> int:
         """Elements of one layer's slice of ``t`` at the build-time maxima."""
         return self._numel_max[t.name]
 
+    def grad_slot_size(self, t: TensorDecl, dtype: str) -> int:
+        """Elements of the dacts arena that one layer's gradient of ``t``, stored as ``dtype``, occupies."""
+        return align(self.dacts._elements(self._numel_max[t.name], dtype), self.dacts.itemsize)
+
     def set_grad_slots(self, slots: list[tuple[int, list[str]]]) -> None:
-        self.dacts = Arena("dacts")
+        self.dacts = Arena("dacts", dtype=self.precision.storage)
         for i, (size, keys) in enumerate(slots):
-            self.dacts.add(f"dslot{i}", f"({size})", (size,), note="d_" + ", d_".join(k.replace("@", " ") for k in keys))
+            self.dacts.add(f"dslot{i}", f"({size})", (size,), note="d_" + ", d_".join(k.replace("@", " ") for k in keys),
+                           role="act_grad")
 
     def arenas(self) -> list[Arena]:
         return [self.params, self.acts, self.dacts]
 
+    def arena_bytes(self) -> dict[str, int]:
+        """Bytes of each arena a model allocates: params, grads (the parameters' dtype), master (mixed
+        precision only), m and v (fp32, the parameters' layout in elements), acts, dacts."""
+        n = self.params.size
+        out = {"params": self.params.nbytes, "grads": self.params.nbytes}
+        if self.precision.master:
+            out["master"] = 4 * n
+        out |= {"m": 4 * n, "v": 4 * n, "acts": self.acts.nbytes, "dacts": self.dacts.nbytes}
+        return out
+
+    def arena_dtypes(self) -> dict[str, str]:
+        st = self.precision.storage
+        out = {"params": st, "grads": st}
+        if self.precision.master:
+            out["master"] = "f32"
+        return out | {"m": "f32", "v": "f32", "acts": st, "dacts": st}
+
     def table(self) -> str:
-        """The human-readable layout: one line per tensor, then the totals."""
+        """The human-readable layout: one line per tensor, then the totals per arena and per role."""
         lines = []
+        same = ", ".join(k for k in self.arena_bytes() if k in ("grads", "master", "m", "v"))
         for arena in self.arenas():
-            lines.append(f"{arena.name} arena" + (" (grads, m and v share this layout)" if arena.name == "params" else ""))
-            lines.append(f"  {'name':<12} {'shape':<22} {'dims':<26} {'offset':>12} {'bytes':>13}")
+            lines.append(f"{arena.name} arena, {arena.dtype}" + (f" ({same} share this layout in elements)"
+                                                               if arena.name == "params" else ""))
+            lines.append(f"  {'name':<12} {'dtype':<5} {'shape':<22} {'dims':<26} {'offset':>12} {'bytes':>13}")
             for s in arena.slots:
                 dims = "(" + ", ".join(map(str, s.dims)) + ")"
                 extra = f"  {s.note}" if s.note else ""
-                lines.append(f"  {s.name:<12} {s.shape:<22} {dims:<26} {s.offset:>12,} {s.nbytes:>13,}{extra}")
-            lines.append(f"  {'total':<12} {'':<22} {'':<26} {'':>12} {arena.nbytes:>13,}  ({arena.nbytes / 2**20:.1f} MiB)")
+                lines.append(f"  {s.name:<12} {s.dtype:<5} {s.shape:<22} {dims:<26} {s.offset:>12,} {s.nbytes:>13,}{extra}")
+            lines.append(f"  {'total':<12} {'':<5} {'':<22} {'':<26} {'':>12} {arena.nbytes:>13,}  "
+                         f"({arena.nbytes / 2**20:.1f} MiB)")
             lines.append("")
         n_params = sum(s.numel for s in self.params.slots)
-        total = 4 * self.params.nbytes + self.acts.nbytes + self.dacts.nbytes
-        lines.append(f"parameters: {n_params:,}; all arenas (params, grads, m, v, acts, dacts): "
+        sizes = self.arena_bytes()
+        dtypes = self.arena_dtypes()
+        total = sum(sizes.values())
+        roles: dict[str, int] = {}
+        for s in self.acts.slots:
+            if not s.alias:
+                roles[s.role] = roles.get(s.role, 0) + self.acts._elements(s.numel, s.dtype) * self.acts.itemsize
+        lines.append("acts by role: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in roles.items()))
+        lines.append(f"precision {self.precision.name}; by arena: " +
+                     ", ".join(f"{k} {dtypes[k]} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+        lines.append(f"parameters: {n_params:,}; all arenas ({', '.join(sizes)}): "
                      f"{total:,} bytes ({total / 2**20:.1f} MiB)")
         return "\n".join(lines)
 

@@ -16,13 +16,17 @@ Output: a ``gpt2gen.program.Program``. Nothing here is any target's language: a 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 
 from . import expr as E
 from . import ops as O
+from . import precision as _precision
 from . import targets
+from .fusion import FUSIONS, Fusion
+from .fusion import choose as choose_fusions
 from .layout import Layout, align, plan_intervals
 from .program import (Alias, Assign, Buffer, Guard, Invoke, Local, Loop, Loss, Program, Ref, Seed, Stmt, Tensor,
                       View, Zero, locals_used)
@@ -54,6 +58,15 @@ class _Ctx:
         self.saved_by_node: dict[str, list[str]] = {}
         self.notes: dict[str, str] = {}             # buffer -> what it is, for the layout table
         self.scratch: dict[str, int] = {}           # activation no backward reads -> its shared scratch slot
+        self.policy = _precision.policy("fp32")
+
+    def dtype(self, t: TensorDecl) -> str:
+        """The storage dtype of tensor ``t`` (and of its gradient) under the build's precision."""
+        if t.dtype == "int":
+            return "i32"
+        if t.name in self.saved or t.name == self.spec.loss:
+            return self.policy.dtype("saved")
+        return self.policy.storage
 
     def tensor(self, name: str) -> TensorDecl | None:
         return self.spec.tensors.get(name) or self.saved.get(name)
@@ -276,8 +289,6 @@ def shape_comment(t: TensorDecl) -> str:
     return "(" + ",".join(d.text().replace(" ", "") for d in t.shape) + ")"
 
 
-def _dtype(t: TensorDecl) -> str:
-    return "i32" if t.dtype == "int" else "f32"
 
 
 @dataclass
@@ -288,37 +299,48 @@ class _Graph:
     carries_init: dict[str, str]      # carry -> its value after the loop (the last layer's next)
     optional_inputs: set[str]
     target: Target                    # whose kernels run the ops: what each phase reads
+    items: list = field(default_factory=list)   # the graph as the later stages see it (after fusion)
 
     def invoke(self, node: Node, phase: str, in_body: bool) -> Invoke:
         b = self.bound[node.name]
         return invoke(b, phase, in_body, self.target.kernels[b.op.name].reads(phase))
 
 
-def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu") -> Program:
+def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", precision: str = "fp32",
+          fuse: str | None = "all") -> Program:
     """The program of one training step of ``spec`` at ``config`` for ``target`` (whose kernels say what
-    each op's forward and backward read): forward, derived backward, layout."""
+    each op's forward and backward read) in ``precision`` (each buffer's storage dtype), with the fusions
+    ``fuse`` names (``all``, ``none`` or ``a,b``): forward, derived backward, layout. A precision or fusion
+    the target lacks is a ValueError naming the ones it has."""
+    tgt = targets.get(target)
+    tgt.check_precision(precision)
+    chosen = choose_fusions(fuse, tgt.fusions, tgt.name)
     ctx = _Ctx(spec, config)
+    ctx.policy = _precision.policy(precision)
     n_layers = _layer_count(ctx)
     if config["T"] > config.get("maxT", config["T"]):
         raise ctx.err(f"batch T = {config['T']} exceeds maxT = {config['maxT']}", line=spec.config_lines.get("T"),
                       hint="lower T (e.g. an override T=...) or raise maxT")
-    graph = bind_graph(ctx, targets.get(target))
+    graph = bind_graph(ctx, tgt)
+    fused = globals()["fuse"](ctx, graph, chosen)
     ctx.scratch = plan_scratch(ctx, graph)
+    dtypes = {t.name: ctx.dtype(t) for t in list(spec.tensors.values()) + list(ctx.saved.values())}
     layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values, saved=ctx.saved, notes=ctx.notes,
-                         scratch=ctx.scratch)
+                         scratch=ctx.scratch, precision=ctx.policy, dtypes=dtypes)
     forward = emit_forward(ctx, graph)
     steps, events, body_local = derive_backward(ctx, graph)
     plan = plan_gradients(ctx, graph, layout, events, body_local, steps)
     backward = emit_backward(ctx, graph, plan, steps, forward)
     used: list[str] = []
-    for item in spec.graph:
+    for item in graph.items:
         for n in (item.body if isinstance(item, Repeat) else [item]):
             if n.op not in used:
                 used.append(n.op)
     loss = None
     if spec.loss:
         loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
-    return Program(spec, config, layout, _buffers(ctx), forward, backward, used, spec.of_kind("input"), loss)
+    return Program(spec, config, layout, _buffers(ctx), forward, backward, used, spec.of_kind("input"), loss,
+                   precision=ctx.policy, fused=fused)
 
 
 def _buffers(ctx: _Ctx) -> dict[str, Buffer]:
@@ -326,7 +348,7 @@ def _buffers(ctx: _Ctx) -> dict[str, Buffer]:
     out = {}
     for t in ctx.spec.tensors.values():
         role = {"input": "input", "param": "param"}.get(t.kind, "scratch" if t.name in ctx.scratch else "act")
-        out[t.name] = Buffer(t.name, tuple(t.shape), _dtype(t), role, t.per_layer, t.line)
+        out[t.name] = Buffer(t.name, tuple(t.shape), ctx.dtype(t), role, t.per_layer, t.line)
     for t in ctx.saved.values():
         out[t.name] = Buffer(t.name, tuple(t.shape), "f32", "saved", t.per_layer, t.line)
     return out
@@ -440,16 +462,17 @@ def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
                     raise ctx.err(f"carry `{c}`'s next value `{nxt}` is not produced in the body", line=rep.line)
                 carries_init[c] = nxt
                 available.add(c)
-    return _Graph(bound, guarded, carries_init, optional_inputs, target)
+    return _Graph(bound, guarded, carries_init, optional_inputs, target, list(spec.graph))
 
 
-def _saved_buffers(ctx: _Ctx, b: Bound, saved, per_layer: bool) -> dict[str, TensorDecl]:
-    """The buffers node ``b``'s kernel keeps for its backward, named ``<node>_<what>`` and shaped by the
-    node's letters; each is an activation of the model (per layer inside a repeat block)."""
+def _saved_buffers(ctx: _Ctx, b: Bound, saved, per_layer: bool, prefix: str | None = None) -> dict[str, TensorDecl]:
+    """The buffers node ``b``'s kernel keeps for its backward, named ``<node>_<what>`` (``prefix``: another
+    name than the node's) and shaped by the node's letters; each is an activation of the model (per layer
+    inside a repeat block)."""
     out: dict[str, TensorDecl] = {}
     letters = {k: ex for k, (ex, _) in b.dims.items()}
     for sv in saved:
-        name = f"{b.node.name}_{sv.name}"
+        name = f"{prefix or b.node.name}_{sv.name}"
         clash = ("a tensor" if name in ctx.spec.tensors else "a config name" if name in ctx.spec.config else
                  "what another node keeps" if name in ctx.saved else None)
         reason = clash or targets.reserved_reason(name)
@@ -476,6 +499,95 @@ def _substitute(e: E.Expr, letters: dict[str, E.Expr]) -> E.Expr:
     if isinstance(e, E.Call):
         return E.Call(e.fn, tuple(_substitute(a, letters) for a in e.args))
     return e
+
+
+# ---- stage 2: fuse pairs of nodes the target has one kernel for -------------------------------------------
+
+def fuse(ctx: _Ctx, graph: _Graph, chosen: tuple[str, ...]) -> list[str]:
+    """Replace each producer/consumer pair of a chosen fusion (gpt2gen/fusion.py) by one node of the fused op,
+    where that changes nothing else: the two adjacent in one block, equally guarded (the classifier's
+    producer decides: its kernel computes the logits without targets), and for an exclusive fusion the
+    producer's output read by the consumer alone. Returns the fused nodes' names."""
+    if not chosen:
+        return []
+    readers: dict[str, int] = {}
+    for item in graph.items:
+        for n in (item.body if isinstance(item, Repeat) else [item]):
+            for x in n.inputs:
+                readers[x] = readers.get(x, 0) + 1
+    special = {ctx.spec.loss} | {t for item in graph.items if isinstance(item, Repeat)
+                                 for t in list(item.carry) + list(item.carry.values()) + list(item.next.values())}
+    done: list[str] = []
+
+    def match(a: Node, b: Node) -> Fusion | None:
+        for name in chosen:
+            f = FUSIONS[name]
+            if (a.op, b.op) != (f.producer, f.consumer) or len(a.outputs) != 1 or b.inputs[:1] != a.outputs:
+                continue
+            if f.exclusive and (readers.get(a.outputs[0]) != 1 or a.outputs[0] in special):
+                continue
+            if f.name != "classifier" and (a.name in graph.guarded) != (b.name in graph.guarded):
+                continue
+            return f
+        return None
+
+    def block(nodes: list[Node], rep: Repeat | None) -> list[Node]:
+        out: list[Node] = []
+        i = 0
+        while i < len(nodes):
+            f = match(nodes[i], nodes[i + 1]) if i + 1 < len(nodes) else None
+            if f is None:
+                out.append(nodes[i])
+                i += 1
+                continue
+            out.append(_fused_node(ctx, graph, f, nodes[i], nodes[i + 1], rep))
+            done.append(out[-1].name)
+            i += 2
+        return out
+
+    items: list = []
+    top: list[Node] = []
+    for item in graph.items:
+        if isinstance(item, Repeat):
+            items += block(top, None)
+            top = []
+            items.append(dataclasses.replace(item, body=block(item.body, item)))
+        else:
+            top.append(item)
+    graph.items = items + block(top, None)
+    return done
+
+
+def _fused_node(ctx: _Ctx, graph: _Graph, f: Fusion, a: Node, b: Node, rep: Repeat | None) -> Node:
+    """Bind the fused op to the tensors the two nodes were bound to; its saved state takes the consumer's names."""
+    pair = (graph.bound[a.name], graph.bound[b.name])
+
+    def name_of(bd: Bound, operand: str) -> str | None:
+        ops = bd.op.inputs + bd.op.outputs
+        names = bd.node.inputs + [None] * (len(bd.op.inputs) - len(bd.node.inputs)) + bd.node.outputs
+        return names[[o.name for o in ops].index(operand)]
+    tensors, carries, names = {}, {}, {}
+    for fo, which, oo in f.operands:
+        bd = pair[which]
+        tensors[fo] = bd.tensors.get(oo)
+        names[fo] = name_of(bd, oo)
+        if oo in bd.carries:
+            carries[fo] = bd.carries[oo]
+    inputs = [names[o.name] for o in f.op.inputs if tensors[o.name] is not None]
+    outputs = [names[o.name] for o in f.op.outputs]
+    node = Node(f"{a.name}+{b.name}", f.op.name, inputs, outputs, {**a.attrs, **b.attrs}, a.line)
+    attrs = {x.name for x in f.op.attrs}
+    fused = Bound(node, f.op, tensors, carries, {**pair[0].dims, **pair[1].dims},
+                  {k: v for k, v in {**pair[0].values, **pair[1].values}.items() if k in attrs})
+    for old in (a.name, b.name):                   # their saved state is the fused kernel's now
+        for name in ctx.saved_by_node.pop(old, []):
+            del ctx.saved[name]
+            ctx.notes.pop(name, None)
+    fused.saved = _saved_buffers(ctx, fused, graph.target.kernels[f.op.name].saved, rep is not None, prefix=b.name)
+    graph.bound[node.name] = fused
+    if a.name in graph.guarded:
+        graph.guarded.add(node.name)
+    return node
 
 
 def _check_carries(ctx: _Ctx, rep: Repeat, available: set[str]) -> None:
@@ -552,12 +664,12 @@ def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> l
                 continue
             seen.add(name)
             if name in used and name in ctx.scratch:
-                out.append(View(name, "scratch", _dtype(t), f"{shape_comment(t)} scratch{ctx.scratch[name]}, every layer's",
+                out.append(View(name, "scratch", ctx.dtype(t), f"{shape_comment(t)} scratch{ctx.scratch[name]}, every layer's",
                                 of=Tensor(name, t.kind)))
             elif name in used:
-                out.append(View(name, "layer", _dtype(t), shape_comment(t), of=Tensor(name, t.kind), shape=t.shape))
+                out.append(View(name, "layer", ctx.dtype(t), shape_comment(t), of=Tensor(name, t.kind), shape=t.shape))
             if t.kind == "param" and f"d_{name}" in used:
-                out.append(View(f"d_{name}", "layer", _dtype(t), shape_comment(t), of=Tensor(name, "grad"),
+                out.append(View(f"d_{name}", "layer", ctx.dtype(t), shape_comment(t), of=Tensor(name, "grad"),
                                 shape=t.shape))
     return out
 
@@ -566,7 +678,7 @@ def _carry_views(ctx: _Ctx, rep: Repeat) -> list[Stmt]:
     out: list[Stmt] = []
     for c, start in rep.carry.items():
         st, nx = ctx.spec.tensors[start], ctx.spec.tensors[rep.next[c]]
-        out.append(View(c, "carry", _dtype(nx), f"{shape_comment(st)} carry: `{start}` for layer 0, then the previous "
+        out.append(View(c, "carry", ctx.dtype(nx), f"{shape_comment(st)} carry: `{start}` for layer 0, then the previous "
                                                 f"layer's `{nx.name}`",
                         of=Tensor(nx.name, "act"), shape=nx.shape, start=_ref(st, None, False)))
     return out
@@ -586,7 +698,7 @@ def _guarded(calls: list[tuple[Invoke, bool]], optional_inputs: set[str]) -> lis
     return out
 
 
-# ---- stage 2: plan the forward's memory: what no backward reads is scratch ----------------------------------
+# ---- stage 3: plan the forward's memory: what no backward reads is scratch ----------------------------------
 
 def plan_scratch(ctx: _Ctx, graph: _Graph) -> dict[str, int]:
     """Activations that no backward reads (a residual's summands, say) need to live only until the forward
@@ -599,14 +711,14 @@ def plan_scratch(ctx: _Ctx, graph: _Graph) -> dict[str, int]:
         reads = graph.target.kernels[b.op.name].reads("backward")
         kept |= {b.tensors[o.name].name for o in b.op.inputs + b.op.outputs
                  if o.name in reads and b.tensors[o.name] is not None}
-    repeats = [item for item in spec.graph if isinstance(item, Repeat)]
+    repeats = [item for item in graph.items if isinstance(item, Repeat)]
     for rep in repeats:
         kept |= set(rep.carry.values()) | set(rep.next.values())
     candidates = {t.name for t in spec.tensors.values() if t.kind == "act" and t.name not in kept}
     events: dict[str, list[int]] = {}
     loops: list[tuple[int, int]] = []
     pos = 0
-    for item in spec.graph:
+    for item in graph.items:
         start = pos
         for n in (item.body if isinstance(item, Repeat) else [item]):
             for name in n.inputs + n.outputs:
@@ -629,11 +741,11 @@ def plan_scratch(ctx: _Ctx, graph: _Graph) -> dict[str, int]:
     return plan_intervals(items)[1]
 
 
-# ---- stage 3: the forward ------------------------------------------------------------------------------------
+# ---- stage 4: the forward ------------------------------------------------------------------------------------
 
 def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
     fwd: list[Stmt] = []
-    for item in ctx.spec.graph:
+    for item in graph.items:
         if isinstance(item, Repeat):
             calls = _guarded([(graph.invoke(n, "forward", True), n.name in graph.guarded) for n in item.body],
                              graph.optional_inputs)
@@ -641,7 +753,7 @@ def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
             fwd.append(Loop(item.count, False, body, "layers"))
             for c in item.carry:
                 nx = ctx.spec.tensors[item.next[c]]
-                fwd.append(View(c, "last_layer", _dtype(nx), f"{shape_comment(nx)} carry `{c}` after the last layer",
+                fwd.append(View(c, "last_layer", ctx.dtype(nx), f"{shape_comment(nx)} carry `{c}` after the last layer",
                                 of=Tensor(nx.name, "act"), shape=nx.shape, count=item.count))
         else:
             fwd += _guarded([(graph.invoke(item, "forward", False), item.name in graph.guarded)],
@@ -649,7 +761,7 @@ def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
     return fwd
 
 
-# ---- stage 4: derive the backward: the nodes in reverse and every use of each gradient ------------------------
+# ---- stage 5: derive the backward: the nodes in reverse and every use of each gradient ------------------------
 
 def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, list[int]], dict[str, Repeat]]:
     """The backward's steps (seed, loop bounds, nodes), each activation gradient's positions of use, and
@@ -669,7 +781,7 @@ def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, li
         steps.append(("seed", loss_t))
         note(loss_t.name, pos)
         pos += 1
-    for item in reversed(spec.graph):
+    for item in reversed(graph.items):
         if isinstance(item, Repeat):
             loop_start = pos
             steps.append(("loop_start", item, pos))
@@ -714,7 +826,7 @@ def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, li
             pos += 1
 
     # carries: d(start tensor) is the outer carry buffer after the loop
-    for item in spec.graph:
+    for item in graph.items:
         if isinstance(item, Repeat):
             for c, start in item.carry.items():
                 if start in consumed:
@@ -726,7 +838,7 @@ def derive_backward(ctx: _Ctx, graph: _Graph) -> tuple[list[tuple], dict[str, li
     return steps, events, body_local
 
 
-# ---- stage 5: plan the gradients' memory by live interval ----------------------------------------------------
+# ---- stage 6: plan the gradients' memory by live interval ----------------------------------------------------
 
 @dataclass
 class _GradPlan:
@@ -734,10 +846,11 @@ class _GradPlan:
     assignment: dict[str, int]        # key -> slot
     body_local: dict[str, Repeat]
     grad_tensor: dict[str, TensorDecl]
+    dtypes: dict[str, str]            # key -> the gradient's storage dtype (its tensor's)
 
     def view(self, key: str, var: str, comment: str | None = None) -> View:
         t = self.grad_tensor[key]
-        return View(var, "slot", _dtype(t), comment or f"{shape_comment(t)} dslot{self.assignment[key]}",
+        return View(var, "slot", self.dtypes[key], comment or f"{shape_comment(t)} dslot{self.assignment[key]}",
                     slot=self.assignment[key])
 
 
@@ -745,7 +858,7 @@ def plan_gradients(ctx: _Ctx, graph: _Graph, layout: Layout, events: dict[str, l
                    body_local: dict[str, Repeat], steps: list[tuple]) -> _GradPlan:
     """Give every activation gradient a slot of the dacts arena; gradients never alive at once share one."""
     spec = ctx.spec
-    starts = {start for item in spec.graph if isinstance(item, Repeat) for start in item.carry.values()}
+    starts = {start for item in graph.items if isinstance(item, Repeat) for start in item.carry.values()}
     # every buffer lives from its first to its last event; events inside a loop stretch outer buffers over the loop
     loops = [(s[2], next(e[2] for e in steps if e[0] == "loop_end" and e[1] is s[1])) for s in steps
              if s[0] == "loop_start"]
@@ -763,7 +876,7 @@ def plan_gradients(ctx: _Ctx, graph: _Graph, layout: Layout, events: dict[str, l
         base = key.split("@")[0]
         if base in graph.carries_init:
             return spec.tensors[graph.carries_init[base]]
-        for item in spec.graph:
+        for item in graph.items:
             if isinstance(item, Repeat) and base in item.carry:
                 return spec.tensors[item.next[base]]
         return spec.tensors[base]
@@ -771,13 +884,14 @@ def plan_gradients(ctx: _Ctx, graph: _Graph, layout: Layout, events: dict[str, l
     # gradients that need a buffer of their own (carry views and carry starts reuse the carry's buffers)
     keys = sorted((k for k in events if not k.endswith(("@body", "@next")) and k not in starts),
                   key=lambda k: (interval(k)[0], k))
-    sizes = {k: align(layout.numel_max(grad_tensor(k))) for k in keys}
+    sizes = {k: layout.grad_slot_size(grad_tensor(k), ctx.dtype(grad_tensor(k))) for k in keys}
     slots, assignment = plan_intervals([(k, sizes[k], *interval(k)) for k in keys])
     layout.set_grad_slots(slots)
-    return _GradPlan(keys, assignment, body_local, {k: grad_tensor(k) for k in events})
+    return _GradPlan(keys, assignment, body_local, {k: grad_tensor(k) for k in events},
+                     {k: ctx.dtype(grad_tensor(k)) for k in events})
 
 
-# ---- stage 6: the backward -----------------------------------------------------------------------------------
+# ---- stage 7: the backward -----------------------------------------------------------------------------------
 
 def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple], forward: list[Stmt]) -> list[Stmt]:
     tensors, bound = ctx.spec.tensors, graph.bound
@@ -797,7 +911,7 @@ def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple],
         if key not in zeroed:
             zeroed.add(key)
             out.append(Zero(Local(var), tuple(plan.grad_tensor[key].shape),
-                            f"{var} starts from zero (backward kernels accumulate)"))
+                            f"{var} starts from zero (backward kernels accumulate)", plan.dtypes[key]))
 
     def backward_of(b: Bound, in_body: bool, rep: Repeat | None, out: list[Stmt]) -> None:
         for o, name in _pairs(b):
@@ -817,7 +931,7 @@ def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple],
             t = st[1]
             zeroed.add(t.name)
             bwd.append(Seed(Local(f"d_{t.name}"), tuple(t.shape),
-                            f"d_{t.name} = 1/(B*T): the loss is the mean of `{t.name}`"))
+                            f"d_{t.name} = 1/(B*T): the loss is the mean of `{t.name}`", ctx.dtype(t)))
         elif kind == "loop_start":
             rep = st[1]
             for c in rep.carry:
@@ -831,12 +945,13 @@ def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple],
                         zero_first(name, f"d_{name}", bwd)
             body: list[Stmt] = []
             for c, nx in rep.next.items():
-                body.append(Alias(f"d_{nx}", Local(f"d_{c}"), _dtype(tensors[nx]),
+                body.append(Alias(f"d_{nx}", Local(f"d_{c}"), ctx.dtype(tensors[nx]),
                                   f"{shape_comment(tensors[nx])} this layer's output is the next layer's `{c}`: "
                                   f"its gradient so far"))
             for c in rep.carry:
                 body.append(Assign(f"d_{c}", Local(f"d_{c}_spare"), "a fresh buffer for the gradient of this layer's input"))
-                body.append(Zero(Local(f"d_{c}"), tuple(plan.grad_tensor[c].shape), f"d_{c} starts from zero"))
+                body.append(Zero(Local(f"d_{c}"), tuple(plan.grad_tensor[c].shape), f"d_{c} starts from zero",
+                                 plan.dtypes[c]))
             calls: list[Stmt] = []
             for n in reversed(rep.body):
                 backward_of(bound[n.name], True, rep, calls)
@@ -851,7 +966,7 @@ def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple],
                 body.append(Assign(f"d_{c}_spare", Local(f"d_{nx}"), "free again for the layer below"))
             bwd.append(Loop(rep.count, True, body, "layers, last to first"))
             for c, start in rep.carry.items():
-                bwd.append(Alias(f"d_{start}", Local(f"d_{c}"), _dtype(tensors[start]),
+                bwd.append(Alias(f"d_{start}", Local(f"d_{c}"), ctx.dtype(tensors[start]),
                                  f"{shape_comment(tensors[start])} gradient of `{start}`, the carry's start"))
                 zeroed.add(start)
         elif kind == "node":

@@ -22,6 +22,7 @@ from .cache import digest
 
 if TYPE_CHECKING:
     from .layout import Layout
+    from .precision import Policy
     from .spec import ModelSpec, TensorDecl
 
 # what a buffer is for; a target's precision policy gives each role a storage dtype
@@ -112,6 +113,7 @@ class Zero:
     ref: Ref
     shape: tuple[E.Expr, ...]
     what: str
+    dtype: str = "f32"
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Seed:
     ref: Ref
     shape: tuple[E.Expr, ...]
     what: str
+    dtype: str = "f32"
 
 
 @dataclass
@@ -160,7 +163,13 @@ class Program:
     ops_used: list[str]
     inputs: list["TensorDecl"]
     loss: Loss | None = None
-    notes: dict[str, str] = field(default_factory=dict)
+    precision: "Policy" = field(default_factory=lambda: _fp32())
+    fused: list[str] = field(default_factory=list)     # the fused nodes ("mlp_fc+mlp_gelu", ...)
+
+
+def _fp32():
+    from .precision import policy
+    return policy("fp32")
 
 
 def signature(program: Program) -> str:

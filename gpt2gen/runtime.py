@@ -1,7 +1,8 @@
 """The runtime: a compiled model driven from Python over arenas that Python owns.
 
-``Model`` allocates the six flat arenas (64-byte aligned numpy arrays) with the sizes the layout
-computed, exposes every tensor as a zero-copy numpy view (``params``, ``grads``, ``acts``), and calls
+``Model`` allocates the flat arenas (64-byte aligned numpy arrays of each arena's element type) with the
+sizes the layout computed, exposes every tensor as a zero-copy numpy view of its own dtype (``params``,
+``grads``, ``acts``; in mixed precision ``master`` too: bf16 views use ``ml_dtypes.bfloat16``), and calls
 the compiled forward, backward, zero-grad and AdamW update. Every input is checked here — dtype,
 shape within the build-time maxima, token ids within range — so the C code never reads out of bounds.
 
@@ -19,19 +20,26 @@ from pathlib import Path
 import numpy as np
 
 from .builder import Built, check_available_memory, compile_model, describe_available, load_extension, memory_error
-from .layout import ALIGN_FLOATS, Arena
+from .layout import ALIGN_BYTES, Arena
+from .precision import DTYPES
 from .program import signature
 
 
-def _aligned(n: int) -> np.ndarray:
-    """A zeroed float32 array of n elements whose data starts on a 64-byte boundary."""
-    raw = np.zeros(n + ALIGN_FLOATS, dtype=np.float32)
-    shift = (-raw.ctypes.data % 64) // 4
-    return raw[shift:shift + n]
+def _aligned(nbytes: int, dtype: str) -> np.ndarray:
+    """A zeroed 1-D array of ``dtype`` filling ``nbytes``, whose data starts on a 64-byte boundary."""
+    raw = np.zeros(nbytes + ALIGN_BYTES, dtype=np.uint8)
+    shift = -raw.ctypes.data % ALIGN_BYTES
+    return raw[shift:shift + nbytes].view(DTYPES[dtype].numpy)
 
 
 def _views(arena: Arena, base: np.ndarray) -> dict[str, np.ndarray]:
-    return {s.name: base[s.offset:s.offset + s.numel].reshape(s.dims) for s in arena.slots}
+    """Each tensor of ``arena`` as a view of its own dtype into ``base`` (the arena's elements)."""
+    raw = base.view(np.uint8)
+    out = {}
+    for s in arena.slots:
+        start = s.offset * base.itemsize
+        out[s.name] = raw[start:start + s.nbytes].view(DTYPES[s.dtype].numpy).reshape(s.dims)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +52,11 @@ def _mincore():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
+
+
+def _master_views(arena: Arena, base: np.ndarray) -> dict[str, np.ndarray]:
+    """The fp32 master weights: the parameters' layout in elements over an fp32 arena."""
+    return {s.name: base[s.offset:s.offset + s.numel].reshape(s.dims) for s in arena.slots}
 
 
 def _resident_bytes(a: np.ndarray) -> int:
@@ -76,26 +89,29 @@ class Model:
             raise RuntimeError(f"the extension {built.extension} does not match its model's layout; "
                                f"delete that directory and build again")
         lay = self.layout
+        self.precision = self.program.precision.name
         self._arenas = self._allocate()
         self._fresh = True      # grads, m and v as allocated: zero, and untouched (see init_weights)
         a = self._arenas
-        self._handle = self._ext.Arenas(a["params"], a["grads"], a["m"], a["v"], a["acts"], a["dacts"])
+        self._handle = self._ext.Arenas(a["params"], a["grads"], a.get("master"), a["m"], a["v"], a["acts"],
+                                        a["dacts"])
         self.params = _views(lay.params, a["params"])
         self._grads = _views(lay.params, a["grads"])
+        # mixed precision: the fp32 weights AdamW steps (the 16-bit params are their rounding)
+        self.master = _master_views(lay.params, a["master"]) if "master" in a else None
         self.acts = _views(lay.acts, a["acts"])
         self.inputs = self.program.inputs
         self.step = 0
         self._last: tuple[list, int, int] | None = None
 
     def _allocate(self) -> dict[str, np.ndarray]:
-        """The six arenas. The build refused what can never fit; numpy's zeros take memory only where they
+        """The arenas. The build refused what can never fit; numpy's zeros take memory only where they
         are written, so a refusal here (a system without overcommit) still gets the sizes, not a bare
         MemoryError."""
         lay = self.layout
-        sizes = {"params": lay.params.size, "grads": lay.params.size, "m": lay.params.size, "v": lay.params.size,
-                 "acts": lay.acts.size, "dacts": lay.dacts.size}
+        dtypes = lay.arena_dtypes()
         try:
-            return {name: _aligned(n) for name, n in sizes.items()}
+            return {name: _aligned(n, dtypes[name]) for name, n in lay.arena_bytes().items()}
         except MemoryError:
             raise memory_error(self.program, f"and allocating them failed with {describe_available()}") from None
 
@@ -130,7 +146,7 @@ class Model:
         _, B, T = self._last
         slot = self.layout.acts[self.spec.logits]
         width = slot.numel // (self.config["B"] * self.config["T"])
-        full = self._arenas["acts"][slot.offset:slot.offset + B * T * width].reshape(B, T, width)
+        full = self.acts[self.spec.logits].reshape(-1)[:B * T * width].reshape(B, T, width)
         if self.spec.logits_columns is not None:
             full = full[:, :, :int(self.spec.logits_columns.eval(self.config))]
         return full
@@ -218,11 +234,25 @@ class Model:
                          self.step, float(grad_scale))
 
     # ---- parameters --------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        """The fp32 weights by name: the master weights in mixed precision (call ``sync_params`` after
+        writing them), the parameters themselves in fp32."""
+        return self.master if self.master is not None else self.params
+
+    def sync_params(self) -> None:
+        """Mixed precision: set the 16-bit parameters to the rounding of the master weights (what the update
+        does after every step); nothing in fp32."""
+        if self.master is not None:
+            for name, w in self.master.items():
+                self.params[name][...] = w.astype(self.params[name].dtype)
+
     def init_weights(self, seed: int = 0) -> None:
-        """Initialise every parameter from its `init` in the model file, deterministically from ``seed``."""
+        """Initialise every parameter from its `init` in the model file, deterministically from ``seed``
+        (the same fp32 values in every precision; 16-bit parameters are their rounding)."""
         rng = np.random.default_rng(seed)
         for t in self.spec.of_kind("param"):
-            view = self.params[t.name]
+            view = self.weights[t.name]
             init = t.init
             if init.kind == "zeros":
                 view[...] = 0.0
@@ -233,20 +263,23 @@ class Model:
             else:
                 std = float(init.value.eval(self.config))
                 view[...] = rng.standard_normal(view.shape, dtype=np.float32) * np.float32(std)
+        self.sync_params()
         if not self._fresh:     # writing zeros over fresh ones would take their memory for nothing
             for name in ("m", "v", "grads"):
-                self._arenas[name][...] = 0.0
+                self._arenas[name][...] = 0
         self.step = 0
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self.params.items()}
+        """The fp32 weights by name (copies)."""
+        return {k: v.copy() for k, v in self.weights.items()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Copy parameters in by name, all or nothing: every entry's name, shape, dtype and values are
+        """Copy fp32 weights in by name, all or nothing: every entry's name, shape, dtype and values are
         checked (checkpoint.checked_state_dict) before any is written."""
         from .checkpoint import checked_state_dict
-        for k, v in checked_state_dict(self.params, state).items():
-            self.params[k][...] = v
+        for k, v in checked_state_dict(self.weights, state).items():
+            self.weights[k][...] = v
+        self.sync_params()
 
     def save_llmc(self, path: str | Path, dtype: str = "fp32") -> None:
         """Write the weights as an llm.c model file (fp32 or bf16)."""
@@ -259,9 +292,12 @@ class Model:
 
 
 def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | None = 0,
-          out: str | Path | None = None, verbose: bool = False, **overrides) -> Model:
-    """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros)."""
-    m = Model(compile_model(model, target, out=out, verbose=verbose, **overrides))
+          out: str | Path | None = None, verbose: bool = False, precision: str = "fp32", fuse: str | None = "all",
+          **overrides) -> Model:
+    """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros).
+    ``precision``: fp32, or bf16 (16-bit parameters, activations and gradients; fp32 master weights);
+    ``fuse``: which fusions the build uses, ``all`` (default), ``none`` or names ``a,b`` (gpt2gen/fusion.py)."""
+    m = Model(compile_model(model, target, out=out, verbose=verbose, precision=precision, fuse=fuse, **overrides))
     if seed is not None:
         m.init_weights(seed)
     return m

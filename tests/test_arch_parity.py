@@ -64,7 +64,7 @@ CASES = {
 IDS = [f"{a}-{c}" for a, c in CASES]
 
 
-def hf_and_ours(arch: str, case: str, directory):
+def hf_and_ours(arch: str, case: str, directory, fuse: str = "all"):
     """A random HF model for the case, saved to ``directory`` and imported through the YAML mapping."""
     spec = CASES[(arch, case)]
     cfg_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
@@ -81,7 +81,7 @@ def hf_and_ours(arch: str, case: str, directory):
         cfg = json.loads(path.read_text())
         del cfg["head_dim"]
         path.write_text(json.dumps(cfg))
-    ours = gpt2gen.from_hf(directory, model=f"models/{arch}.yaml", target="cpu", B=spec["B"], T=spec["T"])
+    ours = gpt2gen.from_hf(directory, model=f"models/{arch}.yaml", target="cpu", fuse=fuse, B=spec["B"], T=spec["T"])
     return hf, ours
 
 
@@ -121,9 +121,15 @@ def unpadded(got: np.ndarray, want: np.ndarray, what: str) -> np.ndarray:
     return got[:want.shape[0]]
 
 
-@pytest.mark.parametrize("arch,case", list(CASES), ids=IDS)
-def test_logits_loss_and_gradients_match_transformers(arch, case, tmp_path):
-    hf, ours = hf_and_ours(arch, case, tmp_path)
+UNFUSED = [next(k for k in CASES if k[0] == a) for a in ARCHS]     # one case of each architecture, unfused
+
+
+@pytest.mark.parametrize("arch,case,fuse", [k + ("all",) for k in CASES] + [k + ("none",) for k in UNFUSED],
+                         ids=IDS + [f"{a}-{c}-unfused" for a, c in UNFUSED])
+def test_logits_loss_and_gradients_match_transformers(arch, case, fuse, tmp_path):
+    """Fused builds (the classifier) for every case, unfused ones for one case of each architecture."""
+    hf, ours = hf_and_ours(arch, case, tmp_path, fuse)
+    assert bool(ours.program.fused) == (fuse == "all")
     cfg = hf.config
     assert (ours.config["V"], ours.config["C"], ours.config["L"]) == (cfg.vocab_size, cfg.hidden_size,
                                                                       cfg.num_hidden_layers)

@@ -288,3 +288,67 @@ def test_activations_no_backward_reads_share_one_layer_of_scratch():
         assert program.buffers[kept].role == "act" and not acts[kept].alias, kept
     code = render_program(program)["model.c"]
     assert "float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's" in code
+
+
+# ---- fusions -----------------------------------------------------------------------------------------------
+
+def test_the_fusions_replace_their_pairs_and_their_buffers():
+    """GPT-2 fused: residual + layernorm inside the layer, matmul + gelu, the classifier. The classifier writes
+    d_logits over the logits and matmul + gelu turns d_out into d_pre in place, so neither gradient has a
+    buffer; fused and unfused lay out the same activations."""
+    from gpt2gen.resources import data_root
+    spec = S.load(data_root() / "model.yaml")
+    fused = lower(spec, spec.resolve({"L": 2}))
+    plain = lower(spec, spec.resolve({"L": 2}), fuse="none")
+    assert fused.fused == ["attn_res+ln_2", "mlp_fc+mlp_gelu", "lm_head+loss"] and plain.fused == []
+    notes = " ".join(s.note for s in fused.layout.dacts.slots)
+    assert "d_logits" not in notes and "d_fch," not in notes + "," and "d_fch_gelu" in notes
+    assert "d_logits" in " ".join(s.note for s in plain.layout.dacts.slots)
+    assert fused.layout.dacts.nbytes < plain.layout.dacts.nbytes / 4
+    assert [s.name for s in fused.layout.acts.slots if not s.note] == [s.name for s in plain.layout.acts.slots
+                                                                       if not s.note]
+    code = render_program(fused)["model.c"]
+    assert "// lm_head+loss (model.yaml:" in code and "classifier_backward(" in code and "float* d_logits =" not in code
+    only = lower(spec, spec.resolve({"L": 2}), fuse="classifier")
+    assert only.fused == ["lm_head+loss"]
+
+
+def test_a_fusion_the_target_lacks_or_that_does_not_exist_is_refused(capsys):
+    from gpt2gen.cli import main
+    from gpt2gen.resources import data_root
+    spec = S.load(data_root() / "model.yaml")
+    with pytest.raises(ValueError, match=r"unknown fusion matmul_relu; the fusions are matmul_gelu, classifier, "
+                                         r"residual_layernorm \(or all, none\)"):
+        lower(spec, spec.resolve(), fuse="matmul_relu")
+    assert main(["layout", "--fuse", "matmul_relu"]) == 2
+    assert "--fuse matmul_relu: unknown fusion matmul_relu" in capsys.readouterr().err
+
+
+def test_an_intermediate_read_elsewhere_is_not_fused_away(tmp_path):
+    """matmul + gelu fuses only where the pre-activation has no other reader: once a second gelu reads it too,
+    the pair stays two nodes (and the gradients stay right)."""
+    graph = """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - repeat: L
+    carry: {x: encoded}
+    body:
+      - {name: fc, op: matmul, in: [x, w1], out: h}
+      - {name: act, op: gelu, in: [h], out: ga}
+      - {name: proj, op: matmul, in: [ga, w2], out: o}
+      - {name: mix, op: residual, in: [o, x], out: r}
+    next: {x: r}""" + TAIL.replace("FINAL", "x")
+    p = write_model(tmp_path, graph)
+    spec = S.load(p)
+    assert lower(spec, spec.resolve()).fused == ["fc+act", "head+loss"]
+    text = p.read_text().replace("{name: mix, op: residual, in: [o, x], out: r}",
+                                 "{name: mix, op: residual, in: [o, x], out: r}\n      "
+                                 "- {name: again, op: gelu, in: [h], out: ga2}")
+    p.write_text(text)
+    spec = S.load(p)
+    program = lower(spec, spec.resolve())
+    assert "fc+act" not in program.fused
+    model = gpt2gen.build(p, seed=0)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 23, (2, 5)).astype(np.int32)
+    directional_check(model, idx, rng.integers(0, 23, (2, 5)).astype(np.int32), rng)

@@ -48,10 +48,13 @@ def compare_step(model, idx, targets, grad_rel=1e-4):
         assert_close(f"grad {name}", model.grads[name], want, rtol=1e-3, atol=scaled_atol(want, grad_rel))
 
 
+@pytest.mark.parametrize("fuse", ["all", "none"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_pytorch(name):
+def test_matches_pytorch(name, fuse):
+    """Fused (residual + layernorm, matmul + gelu, the classifier) and unfused builds alike."""
     cfg = CONFIGS[name]
-    model = gpt2gen.build("model.yaml", **cfg)
+    model = gpt2gen.build("model.yaml", fuse=fuse, **cfg)
+    assert bool(model.program.fused) == (fuse == "all")
     idx, targets = batch(model, cfg["B"], cfg["T"])
     compare_step(model, idx, targets)
 
@@ -64,7 +67,8 @@ def test_smaller_batch_needs_no_rebuild():
         compare_step(model, idx, targets)
 
 
-def test_training_steps_match_pytorch_adamw():
+@pytest.mark.parametrize("fuse", ["all", "none"])
+def test_training_steps_match_pytorch_adamw(fuse):
     """10 AdamW steps against PyTorch's AdamW run in float64 (the exact trajectory, to fp32's eyes).
 
     Losses: rtol 1e-4. Gradients at every step: within 1e-4 x the tensor's largest |gradient| of the exact
@@ -74,7 +78,7 @@ def test_training_steps_match_pytorch_adamw():
     which differs with the summation order of whichever CPU kernels run.
     """
     cfg = CONFIGS["odd"]
-    model = gpt2gen.build("model.yaml", **cfg)
+    model = gpt2gen.build("model.yaml", fuse=fuse, **cfg)
     idx, targets = batch(model, cfg["B"], cfg["T"], seed=3)
     p = {k: t.detach().double().requires_grad_() for k, t in params_to_torch(model.params).items()}
     decay = {t.name: t.decay for t in model.spec.of_kind("param")}

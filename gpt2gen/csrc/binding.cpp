@@ -2,8 +2,9 @@
 //
 // It knows nothing about any model: it calls the functions of gpt2gen_abi.h, which the generated
 // model.o supplies at link time. So it is compiled once per compiler and Python, and a model edit
-// only recompiles the generated C and relinks. Arenas are numpy arrays owned by Python; every call
-// checks their sizes and dtypes and releases the GIL while the model computes.
+// only recompiles the generated C and relinks. Arenas are numpy arrays owned by Python, of whatever
+// element type the model's precision stores (the runtime makes them); the binding checks that each is
+// contiguous, writeable and large enough in bytes, and releases the GIL while the model computes.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -15,34 +16,42 @@
 
 namespace py = pybind11;
 
-using FloatArray = py::array_t<float, py::array::c_style>;
 using IntArray = py::array_t<int, py::array::c_style>;
 
 namespace {
 
-float* arena_ptr(FloatArray& a, size_t need, const char* what) {
-    if (a.ndim() != 1 || static_cast<size_t>(a.size()) < need) {
-        throw std::invalid_argument(std::string("arena '") + what + "' must be a 1-D float32 array of at least " +
-                                    std::to_string(need) + " elements");
+void* arena_ptr(py::array& a, size_t need, const char* what) {
+    if (!(a.flags() & py::array::c_style) || a.ndim() != 1 || static_cast<size_t>(a.nbytes()) < need) {
+        throw std::invalid_argument(std::string("arena '") + what + "' must be a contiguous 1-D array of at least " +
+                                    std::to_string(need) + " bytes");
     }
     if (!a.writeable()) throw std::invalid_argument(std::string("arena '") + what + "' is read-only");
     return a.mutable_data();
 }
 
-// Holds the six arenas (and references to their arrays, so they outlive every call).
+// Holds the arenas (and references to their arrays, so they outlive every call). master is None where the
+// model has no master weights (fp32).
 struct Arenas {
-    FloatArray params, grads, m, v, acts, dacts;
+    py::array params, grads, m, v, acts, dacts;
+    py::object master;
     gg_arenas raw{};
 
-    Arenas(FloatArray p, FloatArray g, FloatArray m_, FloatArray v_, FloatArray a, FloatArray da)
-        : params(p), grads(g), m(m_), v(v_), acts(a), dacts(da) {
-        size_t np = gg_arena_floats(0), na = gg_arena_floats(1), nd = gg_arena_floats(2);
+    Arenas(py::array p, py::array g, py::object master_, py::array m_, py::array v_, py::array a, py::array da)
+        : params(p), grads(g), m(m_), v(v_), acts(a), dacts(da), master(master_) {
+        size_t np = gg_arena_bytes(GG_ARENA_PARAMS), nm = gg_arena_bytes(GG_ARENA_MOMENTS);
         raw.params = arena_ptr(params, np, "params");
         raw.grads = arena_ptr(grads, np, "grads");
-        raw.m = arena_ptr(m, np, "m");
-        raw.v = arena_ptr(v, np, "v");
-        raw.acts = arena_ptr(acts, na, "acts");
-        raw.dacts = arena_ptr(dacts, nd, "dacts");
+        raw.m = arena_ptr(m, nm, "m");
+        raw.v = arena_ptr(v, nm, "v");
+        raw.acts = arena_ptr(acts, gg_arena_bytes(GG_ARENA_ACTS), "acts");
+        raw.dacts = arena_ptr(dacts, gg_arena_bytes(GG_ARENA_DACTS), "dacts");
+        size_t nmaster = gg_arena_bytes(GG_ARENA_MASTER);
+        if (nmaster == 0 && !master.is_none()) throw std::invalid_argument("this model has no master weights");
+        if (nmaster != 0) {
+            if (master.is_none()) throw std::invalid_argument("arena 'master' is missing");
+            py::array arr = py::cast<py::array>(master);
+            raw.master = arena_ptr(arr, nmaster, "master");
+        }
     }
 };
 
@@ -70,11 +79,11 @@ std::vector<const int*> input_ptrs(const py::list& inputs, std::vector<IntArray>
 PYBIND11_MODULE(_gpt2gen_model, mod) {
     mod.doc() = "A gpt2gen model compiled from generated sources (see gpt2gen.runtime.Model).";
     mod.def("signature", []() { return std::string(gg_signature()); });
-    mod.def("arena_floats", [](int which) { return gg_arena_floats(which); });
+    mod.def("arena_bytes", [](int which) { return gg_arena_bytes(which); });
     mod.def("num_inputs", []() { return gg_num_inputs(); });
 
     py::class_<Arenas>(mod, "Arenas", py::module_local())
-        .def(py::init<FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray>());
+        .def(py::init<py::array, py::array, py::object, py::array, py::array, py::array, py::array>());
 
     mod.def("forward", [](Arenas& ar, const py::list& inputs, int B, int T) {
         std::vector<IntArray> keep;

@@ -1,8 +1,10 @@
 // gpt2gen_abi.h — the C interface between a generated model (model.c / model.cu) and the binding.
 //
-// A generated model defines these functions over six flat float arenas that the caller owns:
-// params, grads, m, v (one layout), acts and dacts (activation gradients). Sizes come from
-// gg_arena_floats(); gg_signature() names the layout so the runtime can refuse a mismatch.
+// A generated model defines these functions over flat arenas that the caller owns: params and grads
+// (one layout, the precision's storage type), m and v (AdamW's moments, fp32, the same layout in
+// elements), master (fp32 master weights, in mixed precision only; NULL otherwise), acts and dacts
+// (activations and their gradients). Sizes come from gg_arena_bytes(); gg_signature() names the layout
+// so the runtime can refuse a mismatch.
 #ifndef GPT2GEN_ABI_H
 #define GPT2GEN_ABI_H
 
@@ -13,23 +15,28 @@ extern "C" {
 #endif
 
 typedef struct {
-    float* params;
-    float* grads;
-    float* m;       // AdamW first moment
-    float* v;       // AdamW second moment
-    float* acts;
-    float* dacts;
+    void* params;
+    void* grads;
+    void* master;   // fp32 master weights (mixed precision), or NULL
+    void* m;        // AdamW first moment, fp32
+    void* v;        // AdamW second moment, fp32
+    void* acts;
+    void* dacts;
 } gg_arenas;
+
+enum { GG_F32 = 0, GG_BF16 = 1, GG_F16 = 2, GG_I32 = 3 };   // a tensor's storage dtype
+enum { GG_ARENA_PARAMS = 0, GG_ARENA_ACTS = 1, GG_ARENA_DACTS = 2, GG_ARENA_MOMENTS = 3, GG_ARENA_MASTER = 4 };
 
 typedef struct {
     const char* name;
-    size_t offset;  // floats from the arena's start
+    size_t offset;  // elements of the arena's own type from its start
     size_t numel;
     int decay;      // parameters: 1 if AdamW weight decay applies
+    int dtype;      // GG_F32, GG_BF16, ...
 } gg_tensor_entry;
 
 const char* gg_signature(void);
-size_t gg_arena_floats(int which);   // 0 = params (grads, m, v alike), 1 = acts, 2 = dacts
+size_t gg_arena_bytes(int which);    // GG_ARENA_*: params (grads alike), acts, dacts, moments (m, v alike), master
 int gg_num_inputs(void);
 
 // Runs the forward pass for a (B,T) batch, B <= B_MAX, T <= T_MAX. inputs[i] may be NULL only for

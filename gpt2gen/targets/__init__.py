@@ -58,6 +58,7 @@ class Kernel:
     forward: KernelCall
     backward: KernelCall
     saved: tuple[Saved, ...] = ()
+    needs: tuple[str, ...] = ()      # templates whose kernels this one calls (included before it)
 
     def reads(self, phase: str) -> set[str]:
         """The operands (and ``d_<operand>`` gradients) the kernel of ``phase`` is given."""

@@ -39,6 +39,14 @@ C_LIBRARY: dict[str, frozenset[str]] = {
     "string.h": frozenset("""size_t NULL memcpy memmove strcpy strncpy strcat strncat memcmp strcmp strcoll strncmp
         strxfrm memchr strchr strcspn strpbrk strrchr strspn strstr strtok strtok_r memset strerror
         strlen""".split()),
+    # (bf16 storage's gg_bf16 is a uint16_t: util.c.j2)
+    "stdint.h": frozenset([f"{u}int{k}{n}_t" for u in ("", "u") for k in ("", "_least", "_fast") for n in (8, 16, 32, 64)]
+                          + [f"{u}INT{k}{n}_{m}" for k in ("", "_LEAST", "_FAST") for n in (8, 16, 32, 64)
+                             for u, m in (("", "MIN"), ("", "MAX"), ("U", "MAX"))]
+                          + [f"{u}INT{n}_C" for u in ("", "U") for n in (8, 16, 32, 64, "MAX")]
+                          + """intptr_t uintptr_t intmax_t uintmax_t INTPTR_MIN INTPTR_MAX UINTPTR_MAX INTMAX_MIN
+        INTMAX_MAX UINTMAX_MAX PTRDIFF_MIN PTRDIFF_MAX SIG_ATOMIC_MIN SIG_ATOMIC_MAX SIZE_MAX WCHAR_MIN WCHAR_MAX
+        WINT_MIN WINT_MAX""".split()),
 }
 
 # Names the C target writes into the C itself (the batch maxima that size the arenas).

@@ -16,14 +16,16 @@ from .. import __version__
 from .. import expr as E
 from .. import program as P
 from ..cache import temp_path, write_if_changed
+from ..precision import DTYPES
 from ..resources import csrc_dir, model_label, templates_dir
 from . import CompileJob, Kernel, KernelCall, Saved, Target
 
 
-def _k(template: str, forward: str, backward: str, saved: dict[str, tuple[str, str]] | None = None) -> Kernel:
-    """``saved``: name -> (shape pattern, what it is)."""
+def _k(template: str, forward: str, backward: str, saved: dict[str, tuple[str, str]] | None = None,
+       needs: tuple[str, ...] = ()) -> Kernel:
+    """``saved``: name -> (shape pattern, what it is); ``needs``: templates whose kernels these call."""
     return Kernel(template, KernelCall.parse(forward), KernelCall.parse(backward),
-                  tuple(Saved(n, tuple(p.split(",")), doc) for n, (p, doc) in (saved or {}).items()))
+                  tuple(Saved(n, tuple(p.split(",")), doc) for n, (p, doc) in (saved or {}).items()), needs)
 
 
 # Each op's kernels on this target: arguments name the op's operands (``d_x``: x's gradient, NULL where
@@ -75,6 +77,22 @@ KERNELS: dict[str, Kernel] = {
     "geglu": _k("glu.c.j2",
                 "geglu_forward(out, gate, up, numel(out))",
                 "geglu_backward(d_gate, d_up, d_out, gate, up, numel(out))"),
+    # ---- fused ops (gpt2gen/fusion.py) ------------------------------------------------------------------
+    "matmul_gelu": _k("fused.c.j2",
+                      "matmul_gelu_forward(pre, out, inp, weight, bias, B * T, C, OC)",
+                      "matmul_gelu_backward(d_inp, d_weight, d_bias, d_out, pre, inp, weight, B * T, C, OC)",
+                      needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
+    "classifier": _k("fused.c.j2",
+                     "classifier_forward(logits, losses, lse, inp, weight, targets, bias, B * T, C, OC, V)",
+                     "classifier_backward(d_inp, d_weight, d_bias, logits, d_losses, inp, weight, lse, targets, "
+                     "B * T, C, OC, V)",
+                     {"lse": ("B,T", "row log-sum-exp; no probabilities are stored")},
+                     needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
+    "residual_layernorm": _k("fused.c.j2",
+                             "residual_layernorm_forward(r, out, mean, rstd, a, b, weight, bias, B * T, C, eps)",
+                             "residual_layernorm_backward(d_a, d_b, d_weight, d_bias, d_r, d_out, r, weight, mean, "
+                             "rstd, B * T, C)", _ROW_STATS,
+                             needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
 }
 
 @dataclass(frozen=True)
@@ -101,6 +119,7 @@ STORAGE = {"fp32": Storage("fp32", "float"), "bf16": Storage("bf16", "gg_bf16")}
 HELPERS = ("util.c.j2",)            # kernel templates every model includes before its ops
 OPTIMIZER = "optim/adamw.c.j2"
 ARENA_MEMBER = {"param": "p", "act": "a", "grad": "g"}     # the struct pointer each arena's tensors hang off
+ZERO = {"f32": "gg_zero", "bf16": "gg_zero16"}              # util.c.j2's zeroing of a buffer of each dtype
 
 
 # ---- C expressions ---------------------------------------------------------------------------------------
@@ -177,10 +196,10 @@ def c_ref(r: P.Ref) -> str:
 class CpuTarget(Target):
     name = "cpu"
     folder = "c"
-    precisions = ("fp32",)
-    fusions = ()
+    precisions = ("fp32", "bf16")
+    fusions = ("matmul_gelu", "classifier", "residual_layernorm")
     kernels = KERNELS
-    type_names = {"f32": "float", "i32": "int"}
+    type_names = {"f32": "float", "bf16": "gg_bf16", "i32": "int"}
     main_template = "model.c.j2"
     source_name = "model.c"
 
@@ -210,9 +229,10 @@ class CpuTarget(Target):
             names[k] = str(v) if isinstance(v, int) else repr(float(v)) + "f"
         return dict(kind="call", fn=kc.fn, args=[c_arg(a, names) for a in kc.args], node=s.node, line=s.line, op=s.op)
 
-    def view_init(self, s: P.View) -> str:
+    def view_init(self, s: P.View, dacts_dtype: str = "f32") -> str:
         if s.kind == "slot":
-            return f"da + DSLOT_{s.slot}"
+            at = f"da + DSLOT_{s.slot}"
+            return at if s.dtype == dacts_dtype else f"({self.type_names[s.dtype]}*)({at})"
         if s.kind == "scratch":
             return c_ref(s.of)
         stride = c_product([_at_maxima(d) for d in s.shape])
@@ -224,28 +244,30 @@ class CpuTarget(Target):
             return f"{c_ref(s.of)} + (size_t)({c_expr(s.count)} - 1) * {stride}"
         raise ValueError(f"unknown view kind {s.kind!r}")
 
-    def statement(self, s: P.Stmt) -> dict:
+    def statement(self, s: P.Stmt, dacts_dtype: str = "f32") -> dict:
+        """One statement as the template's dict of C text (``dacts_dtype``: the activation-gradient arena's
+        element type, which slot views of another dtype are cast from)."""
         if isinstance(s, P.Invoke):
             return self.call(s)
         if isinstance(s, P.View):
-            return dict(kind="decl", ctype=self.type_names[s.dtype] + "*", name=s.var, init=self.view_init(s),
-                        comment=s.comment)
+            return dict(kind="decl", ctype=self.type_names[s.dtype] + "*", name=s.var,
+                        init=self.view_init(s, dacts_dtype), comment=s.comment)
         if isinstance(s, P.Alias):
             return dict(kind="decl", ctype=self.type_names[s.dtype] + "*", name=s.var, init=s.of.name,
                         comment=s.comment)
         if isinstance(s, P.Assign):
             return dict(kind="assign", name=s.var, value=s.value.name, comment=s.comment)
         if isinstance(s, P.Zero):
-            return dict(kind="zero", ptr=c_ref(s.ref), numel=c_product(s.shape), what=s.what)
+            return dict(kind="zero", fn=ZERO[s.dtype], ptr=c_ref(s.ref), numel=c_product(s.shape), what=s.what)
         if isinstance(s, P.Seed):
             n = c_product(s.shape)
             return dict(kind="fill", ptr=c_ref(s.ref), numel=n, value=f"1.0f / (float)({n})", what=s.what)
         if isinstance(s, P.Guard):
             return dict(kind="guard", cond=" && ".join(s.inputs), comment=s.comment,
-                        body=[self.statement(x) for x in s.body])
+                        body=[self.statement(x, dacts_dtype) for x in s.body])
         if isinstance(s, P.Loop):
             return dict(kind="loop", count=c_expr(s.count), reverse=s.reverse, comment=s.comment,
-                        body=[self.statement(x) for x in s.body])
+                        body=[self.statement(x, dacts_dtype) for x in s.body])
         raise TypeError(f"no C for statement {s!r}")
 
     # ---- files ------------------------------------------------------------------------------------------
@@ -253,13 +275,16 @@ class CpuTarget(Target):
     def kernel_sections(self, op_names: list[str], precision: str = "fp32") -> list[str]:
         """The kernel sections for these ops (helpers first, optimizer last), their float tensors stored in
         ``precision`` (STORAGE)."""
+        if precision not in STORAGE:
+            raise ValueError(f"no CPU kernels store tensors in `{precision}`; they have {', '.join(STORAGE)}")
         st = STORAGE[precision]
         env = self.environment()
         names = list(HELPERS)
         for name in op_names:
-            t = "ops/" + self.kernels[name].template
-            if t not in names:
-                names.append(t)
+            kernel = self.kernels[name]
+            for t in ["ops/" + n for n in kernel.needs] + ["ops/" + kernel.template]:
+                if t not in names:
+                    names.append(t)
         names.append(OPTIMIZER)
         return [env.get_template(n).render(op=None, st=st).strip("\n") + "\n" for n in names]
 
@@ -285,8 +310,15 @@ class CpuTarget(Target):
             config.append(dict(decl=decl, expr=shown))
         config.append(dict(decl=f"enum {{ B_MAX = {program.config['B']} }};", expr="batch B: the largest run-time B"))
         config.append(dict(decl=f"enum {{ T_MAX = {program.config['T']} }};", expr="batch T: the largest run-time T"))
-        params, width = _table(layout.params.slots)
-        acts, _ = _table(layout.acts.slots)
+        params, width = self._table(layout.params)
+        acts, _ = self._table(layout.acts)
+        width = max(width, _)
+        params, _ = self._table(layout.params, width)
+        acts, _ = self._table(layout.acts, width)
+        st = layout.params.dtype
+        pol = program.precision
+        arenas = {a.name: dict(ctype=self.type_names[a.dtype], size=a.size) for a in layout.arenas()}
+        arenas["params"]["shared"] = "grads" + (", master (fp32)" if pol.master else "") + ", m and v (fp32)"
         inputs = [dict(name=t.name, shape="(" + ",".join(str(d) for d in t.shape) + ")", optional=t.optional)
                   for t in program.inputs]
         loss = None
@@ -296,17 +328,30 @@ class CpuTarget(Target):
         ctx = dict(
             model=dict(name=spec.name, file=label or model_label(spec.path), version=__version__),
             config=config,
-            kernels=self.kernel_sections(program.ops_used),   # no model name collides with theirs: c_names
+            kernels=self.kernel_sections(program.ops_used, pol.name),   # no model name collides with theirs: c_names
             params=params, acts=acts, name_width=width,
             dslots=[dict(offset=s.offset, numel=s.numel, note=s.note) for s in layout.dacts.slots],
-            sizes=dict(params=layout.params.size, acts=layout.acts.size, dacts=layout.dacts.size),
+            arenas=arenas, master=pol.master, precision=pol.name,
+            zero_grad=f"{ZERO[st]}(({self.type_names[st]}*)ar->grads, PARAMS_SIZE)",
             inputs=inputs,
-            forward=[self.statement(s) for s in program.forward],
-            backward=[self.statement(s) for s in program.backward],
+            forward=[self.statement(s, layout.dacts.dtype) for s in program.forward],
+            backward=[self.statement(s, layout.dacts.dtype) for s in program.backward],
             loss=loss,
             signature=P.signature(program),
         )
         return {self.source_name: self.environment().get_template(self.main_template).render(**ctx)}
+
+    def _table(self, arena, width: int = 0) -> tuple[list[dict], int]:
+        """The rows of an arena's tensor table and struct: C type, offset, and how a field points into the arena."""
+        width = max([len(s.name) for s in arena.slots] + [4, width])
+        rows = []
+        for i, s in enumerate(arena.slots):
+            table = "PARAM_TABLE" if arena.name == "params" else "ACT_TABLE"
+            at = f"base + {table}[{i}].offset"
+            rows.append(dict(name=s.name, shape=s.shape, offset=s.offset, numel=s.numel, decay=s.decay,
+                             pad=width - len(s.name), ctype=self.type_names[s.dtype], code=DTYPES[s.dtype].code,
+                             point=at if s.dtype == arena.dtype else f"({self.type_names[s.dtype]}*)({at})"))
+        return rows, width
 
     # ---- compiling --------------------------------------------------------------------------------------
 
@@ -337,10 +382,6 @@ class CpuTarget(Target):
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
 
 
-def _table(slots) -> tuple[list[dict], int]:
-    width = max([len(s.name) for s in slots] + [4])
-    return [dict(name=s.name, shape=s.shape, offset=s.offset, numel=s.numel, decay=s.decay,
-                 pad=width - len(s.name)) for s in slots], width
 
 
 CPU = CpuTarget()

@@ -5,8 +5,9 @@
 // run `gpt2gen build --target cpu`.
 //
 // What it is: the forward pass, the backward pass (derived from the op library) and AdamW, as plain
-// loops over named slices of six arenas (params, grads, m, v, acts, dacts) that the caller allocates.
-// What it leaves out: mixed precision, dropout, and any allocation of its own.
+// loops over named slices of the arenas (params, grads, m, v, acts, dacts) that the caller
+// allocates. Precision: fp32.
+// What it leaves out: dropout, and any allocation of its own.
 //
 // Shapes: B = batch and T = sequence length, chosen at run time up to B_MAX and T_MAX; the other
 // letters are the model's config (below). Backward kernels accumulate (+=) into every gradient they
@@ -708,24 +709,6 @@ GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumula
 }
 
 // ----------------------------------------------------------------------------
-// residual: out = a + b                                          (templates/c/ops/residual.c.j2)
-
-GG_KERNEL void residual_forward(float* out, const float* a, const float* b, size_t n) {  // all (n)
-    #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        out[i] = a[i] + b[i];
-    }
-}
-
-GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, size_t n) {  // all (n)
-    #pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        if (d_a) d_a[i] += d_out[i];
-        if (d_b) d_b[i] += d_out[i];
-    }
-}
-
-// ----------------------------------------------------------------------------
 // gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
 
 GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
@@ -784,6 +767,176 @@ GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) ac
 }
 
 // ----------------------------------------------------------------------------
+// fused ops: matmul + gelu, the classifier (matmul + softmax + cross-entropy), residual + layernorm
+// (templates/c/ops/fused.c.j2)
+
+GG_KERNEL void matmul_gelu_forward(float* pre,           // (N,OC) saved: the pre-activation
+                                   float* out,           // (N,OC) gelu(pre)
+                                   const float* inp,     // (N,C)
+                                   const float* weight,  // (OC,C)
+                                   const float* bias,    // (OC) or NULL
+                                   int N, int C, int OC) {
+    matmul_forward(pre, inp, weight, bias, N, C, OC);
+    gelu_forward(out, pre, (size_t)N * OC);
+}
+
+// d_out becomes the pre-activation's gradient in place (it is read by nothing after this), then the
+// matmul's backward runs from it: no buffer for d_pre.
+GG_KERNEL void matmul_gelu_backward(float* d_inp,          // (N,C) accumulated
+                                    float* d_weight,       // (OC,C) accumulated
+                                    float* d_bias,         // (OC) accumulated, or NULL
+                                    float* d_out,          // (N,OC) overwritten with d_pre
+                                    const float* pre,      // (N,OC)
+                                    const float* inp,      // (N,C)
+                                    const float* weight,   // (OC,C)
+                                    int N, int C, int OC) {
+    size_t n = (size_t)N * OC;
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        d_out[i] = d_out[i] * gg_gelu_tanh_grad(pre[i]);
+    }
+    matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, N, C, OC);
+}
+
+// The loss head. Forward: the logits, then (given targets) each row's loss and log-sum-exp. Backward:
+// (softmax - onehot(target)) * d_losses written over the logits (padding columns get 0), then the
+// matmul's backward from there: neither a d_logits buffer nor probabilities exist.
+GG_KERNEL void classifier_forward(float* logits,         // (N,OC)
+                                  float* losses,           // (N)
+                                  float* lse,              // (N) saved: log-sum-exp of each row
+                                  const float* inp,     // (N,C)
+                                  const float* weight,  // (OC,C)
+                                  const int* targets,      // (N) or NULL: logits only
+                                  const float* bias,    // (OC) or NULL
+                                  int N, int C, int OC, int V) {
+    matmul_forward(logits, inp, weight, bias, N, C, OC);
+    if (targets) softmax_crossentropy_forward(losses, lse, logits, targets, N, V, OC);
+}
+
+GG_KERNEL void classifier_backward(float* d_inp,          // (N,C) accumulated
+                                   float* d_weight,       // (OC,C) accumulated
+                                   float* d_bias,         // (OC) accumulated, or NULL
+                                   float* logits,         // (N,OC) in: the logits; out: their gradient
+                                   const float* d_losses,   // (N)
+                                   const float* inp,      // (N,C)
+                                   const float* weight,   // (OC,C)
+                                   const float* lse,        // (N)
+                                   const int* targets,      // (N)
+                                   int N, int C, int OC, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float* x = logits + (size_t)r * OC;
+        const float g = d_losses[r], L = lse[r];
+        const int t = targets[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) {
+            float p = gg_expf(x[i] - L) * g;
+            x[i] = i == t ? p - g : p;
+        }
+        for (int i = V; i < OC; i++) x[i] = 0.0f;
+    }
+    matmul_backward(d_inp, d_weight, d_bias, logits, inp, weight, N, C, OC);
+}
+
+// r = a + b and its layernorm, one pass over each row (the row's r is still in cache for the norm).
+GG_KERNEL void residual_layernorm_forward(float* r,            // (N,C) the sum
+                                          float* out,          // (N,C)
+                                          float* mean,         // (N) saved
+                                          float* rstd,         // (N) saved
+                                          const float* a,      // (N,C)
+                                          const float* b,      // (N,C)
+                                          const float* weight, // (C)
+                                          const float* bias,   // (C)
+                                          int N, int C, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int row = 0; row < N; row++) {
+        size_t at = (size_t)row * C;
+        float* x = r + at;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) x[c] = a[at + c] + b[at + c];
+        float m = 0.0f;
+        #pragma omp simd reduction(+:m)
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= C;
+        float var = 0.0f;
+        #pragma omp simd reduction(+:var)
+        for (int c = 0; c < C; c++) {
+            float d = x[c] - m;
+            var += d * d;
+        }
+        var /= C;
+        float s = 1.0f / sqrtf(var + eps);
+        float* o = out + at;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) {
+            o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        }
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// One pass per row: r's whole gradient (from its other readers, d_r, plus the norm's input gradient)
+// goes to both summands at once; d_weight and d_bias come from the layernorm's channel pass.
+GG_KERNEL void residual_layernorm_backward(float* d_a,          // (N,C) accumulated
+                                           float* d_b,          // (N,C) accumulated
+                                           float* d_weight,     // (C) accumulated
+                                           float* d_bias,       // (C) accumulated
+                                           const float* d_r,    // (N,C) r's gradient from its other readers
+                                           const float* d_out,  // (N,C)
+                                           const float* r,      // (N,C)
+                                           const float* weight, // (C)
+                                           const float* mean,   // (N)
+                                           const float* rstd,   // (N)
+                                           int N, int C) {
+    #pragma omp parallel for schedule(static)
+    for (int row = 0; row < N; row++) {
+        size_t at = (size_t)row * C;
+        const float* x = r + at;
+        const float* g = d_out + at;
+        float m = mean[row], s = rstd[row];
+        float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
+        #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
+        for (int c = 0; c < C; c++) {
+            float xhat = (x[c] - m) * s;
+            float gw = weight[c] * g[c];
+            gw_mean += gw;
+            gw_xhat_mean += gw * xhat;
+        }
+        gw_mean /= C;
+        gw_xhat_mean /= C;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) {
+            float xhat = (x[c] - m) * s;
+            float gw = weight[c] * g[c];
+            // as the two ops round it: r's gradient is stored, then added to each summand's
+            float total = d_r[at + c] + (gw - gw_mean - xhat * gw_xhat_mean) * s;
+            if (d_a) d_a[at + c] += total;
+            if (d_b) d_b[at + c] += total;
+        }
+    }
+    layernorm_backward(NULL, d_weight, d_bias, d_out, r, weight, mean, rstd, N, C);
+}
+
+// ----------------------------------------------------------------------------
+// residual: out = a + b                                          (templates/c/ops/residual.c.j2)
+
+GG_KERNEL void residual_forward(float* out, const float* a, const float* b, size_t n) {  // all (n)
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, size_t n) {  // all (n)
+    #pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        if (d_a) d_a[i] += d_out[i];
+        if (d_b) d_b[i] += d_out[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
 // AdamW: m, v moments; p -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * p)  (templates/c/optim/adamw.c.j2)
 
 GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // all (n)
@@ -804,74 +957,73 @@ GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // al
 
 
 // ----------------------------------------------------------------------------
-// parameters arena: grads, m and v share this layout. Offsets and sizes in floats, 64-byte aligned.
+// parameters arena (float): grads, m and v (fp32) share this layout. Offsets and sizes in
+// elements of the arena's type, every offset 64-byte aligned.
 
 typedef struct {
-    float* wte;       // (Vp, C)
-    float* wpe;       // (maxT, C)
-    float* ln1w;      // (L, C)
-    float* ln1b;      // (L, C)
-    float* qkvw;      // (L, 3*C, C)
-    float* qkvb;      // (L, 3*C)
-    float* attprojw;  // (L, C, C)
-    float* attprojb;  // (L, C)
-    float* ln2w;      // (L, C)
-    float* ln2b;      // (L, C)
-    float* fcw;       // (L, FF, C)
-    float* fcb;       // (L, FF)
-    float* fcprojw;   // (L, C, FF)
-    float* fcprojb;   // (L, C)
-    float* lnfw;      // (C)
-    float* lnfb;      // (C)
+    float* wte;        // (Vp, C)
+    float* wpe;        // (maxT, C)
+    float* ln1w;       // (L, C)
+    float* ln1b;       // (L, C)
+    float* qkvw;       // (L, 3*C, C)
+    float* qkvb;       // (L, 3*C)
+    float* attprojw;   // (L, C, C)
+    float* attprojb;   // (L, C)
+    float* ln2w;       // (L, C)
+    float* ln2b;       // (L, C)
+    float* fcw;        // (L, FF, C)
+    float* fcb;        // (L, FF)
+    float* fcprojw;    // (L, C, FF)
+    float* fcprojb;    // (L, C)
+    float* lnfw;       // (C)
+    float* lnfb;       // (C)
 } Params;
 
 static const gg_tensor_entry PARAM_TABLE[16] = {
-    // name      offset        numel     decay
-    {"wte",                 0,     38633472, 1},
-    {"wpe",          38633472,       786432, 1},
-    {"ln1w",         39419904,         9216, 0},
-    {"ln1b",         39429120,         9216, 0},
-    {"qkvw",         39438336,     21233664, 1},
-    {"qkvb",         60672000,        27648, 0},
-    {"attprojw",     60699648,      7077888, 1},
-    {"attprojb",     67777536,         9216, 0},
-    {"ln2w",         67786752,         9216, 0},
-    {"ln2b",         67795968,         9216, 0},
-    {"fcw",          67805184,     28311552, 1},
-    {"fcb",          96116736,        36864, 0},
-    {"fcprojw",      96153600,     28311552, 1},
-    {"fcprojb",     124465152,         9216, 0},
-    {"lnfw",        124474368,          768, 0},
-    {"lnfb",        124475136,          768, 0},
+    // name       offset        numel     decay  dtype
+    {"wte",                  0,     38633472, 1, 0},
+    {"wpe",           38633472,       786432, 1, 0},
+    {"ln1w",          39419904,         9216, 0, 0},
+    {"ln1b",          39429120,         9216, 0, 0},
+    {"qkvw",          39438336,     21233664, 1, 0},
+    {"qkvb",          60672000,        27648, 0, 0},
+    {"attprojw",      60699648,      7077888, 1, 0},
+    {"attprojb",      67777536,         9216, 0, 0},
+    {"ln2w",          67786752,         9216, 0, 0},
+    {"ln2b",          67795968,         9216, 0, 0},
+    {"fcw",           67805184,     28311552, 1, 0},
+    {"fcb",           96116736,        36864, 0, 0},
+    {"fcprojw",       96153600,     28311552, 1, 0},
+    {"fcprojb",      124465152,         9216, 0, 0},
+    {"lnfw",         124474368,          768, 0, 0},
+    {"lnfb",         124475136,          768, 0, 0},
 };
 
-static const size_t PARAMS_FLOATS = 124475904;
+static const size_t PARAMS_SIZE = 124475904;  // elements
 
-static void point_params(Params* p, float* base) {
-    float** fields[16] = {
-        &p->wte,
-        &p->wpe,
-        &p->ln1w,
-        &p->ln1b,
-        &p->qkvw,
-        &p->qkvb,
-        &p->attprojw,
-        &p->attprojb,
-        &p->ln2w,
-        &p->ln2b,
-        &p->fcw,
-        &p->fcb,
-        &p->fcprojw,
-        &p->fcprojb,
-        &p->lnfw,
-        &p->lnfb,
-    };
-    for (int i = 0; i < 16; i++) *fields[i] = base + PARAM_TABLE[i].offset;
+static void point_params(Params* p, void* arena) {
+    float* base = (float*)arena;
+    p->wte = base + PARAM_TABLE[0].offset;
+    p->wpe = base + PARAM_TABLE[1].offset;
+    p->ln1w = base + PARAM_TABLE[2].offset;
+    p->ln1b = base + PARAM_TABLE[3].offset;
+    p->qkvw = base + PARAM_TABLE[4].offset;
+    p->qkvb = base + PARAM_TABLE[5].offset;
+    p->attprojw = base + PARAM_TABLE[6].offset;
+    p->attprojb = base + PARAM_TABLE[7].offset;
+    p->ln2w = base + PARAM_TABLE[8].offset;
+    p->ln2b = base + PARAM_TABLE[9].offset;
+    p->fcw = base + PARAM_TABLE[10].offset;
+    p->fcb = base + PARAM_TABLE[11].offset;
+    p->fcprojw = base + PARAM_TABLE[12].offset;
+    p->fcprojb = base + PARAM_TABLE[13].offset;
+    p->lnfw = base + PARAM_TABLE[14].offset;
+    p->lnfb = base + PARAM_TABLE[15].offset;
 }
 
 // ----------------------------------------------------------------------------
-// activations arena, sized for B_MAX x T_MAX; a (B,T,...) tensor with a smaller run-time B or T uses
-// the first B*T*... floats of its slot.
+// activations arena (float), sized for B_MAX x T_MAX; a (B,T,...) tensor with a smaller run-time B
+// or T uses the first B*T*... elements of its slot.
 
 typedef struct {
     float* encoded;    // (B, T, C)
@@ -889,10 +1041,10 @@ typedef struct {
     float* ln_1_mean;  // (L, B, T)
     float* ln_1_rstd;  // (L, B, T)
     float* attn_lse;   // (L, B, NH, T)
-    float* ln_2_mean;  // (L, B, T)
-    float* ln_2_rstd;  // (L, B, T)
     float* ln_f_mean;  // (B, T)
     float* ln_f_rstd;  // (B, T)
+    float* ln_2_mean;  // (L, B, T)
+    float* ln_2_rstd;  // (L, B, T)
     float* loss_lse;   // (B, T)
     float* scratch0;   // (196608)
     float* attproj;    // (B, T, C)
@@ -900,72 +1052,70 @@ typedef struct {
 } Acts;
 
 static const gg_tensor_entry ACT_TABLE[23] = {
-    {"encoded",              0,       196608, 0},
-    {"ln1",             196608,      2359296, 0},
-    {"qkv",            2555904,      7077888, 0},
-    {"atty",           9633792,      2359296, 0},
-    {"residual2",     11993088,      2359296, 0},
-    {"ln2",           14352384,      2359296, 0},
-    {"fch",           16711680,      9437184, 0},
-    {"fch_gelu",      26148864,      9437184, 0},
-    {"residual3",     35586048,      2359296, 0},
-    {"lnf",           37945344,       196608, 0},
-    {"logits",        38141952,     12877824, 0},
-    {"losses",        51019776,          256, 0},
-    {"ln_1_mean",     51020032,         3072, 0},
-    {"ln_1_rstd",     51023104,         3072, 0},
-    {"attn_lse",      51026176,        36864, 0},
-    {"ln_2_mean",     51063040,         3072, 0},
-    {"ln_2_rstd",     51066112,         3072, 0},
-    {"ln_f_mean",     51069184,          256, 0},
-    {"ln_f_rstd",     51069440,          256, 0},
-    {"loss_lse",      51069696,          256, 0},
-    {"scratch0",      51069952,       196608, 0},
-    {"attproj",       51069952,       196608, 0},
-    {"fcproj",        51069952,       196608, 0},
+    {"encoded",              0,       196608, 0, 0},
+    {"ln1",             196608,      2359296, 0, 0},
+    {"qkv",            2555904,      7077888, 0, 0},
+    {"atty",           9633792,      2359296, 0, 0},
+    {"residual2",     11993088,      2359296, 0, 0},
+    {"ln2",           14352384,      2359296, 0, 0},
+    {"fch",           16711680,      9437184, 0, 0},
+    {"fch_gelu",      26148864,      9437184, 0, 0},
+    {"residual3",     35586048,      2359296, 0, 0},
+    {"lnf",           37945344,       196608, 0, 0},
+    {"logits",        38141952,     12877824, 0, 0},
+    {"losses",        51019776,          256, 0, 0},
+    {"ln_1_mean",     51020032,         3072, 0, 0},
+    {"ln_1_rstd",     51023104,         3072, 0, 0},
+    {"attn_lse",      51026176,        36864, 0, 0},
+    {"ln_f_mean",     51063040,          256, 0, 0},
+    {"ln_f_rstd",     51063296,          256, 0, 0},
+    {"ln_2_mean",     51063552,         3072, 0, 0},
+    {"ln_2_rstd",     51066624,         3072, 0, 0},
+    {"loss_lse",      51069696,          256, 0, 0},
+    {"scratch0",      51069952,       196608, 0, 0},
+    {"attproj",       51069952,       196608, 0, 0},
+    {"fcproj",        51069952,       196608, 0, 0},
 };
 
-static const size_t ACTS_FLOATS = 51266560;
+static const size_t ACTS_SIZE = 51266560;  // elements
 
-static void point_acts(Acts* a, float* base) {
-    float** fields[23] = {
-        &a->encoded,
-        &a->ln1,
-        &a->qkv,
-        &a->atty,
-        &a->residual2,
-        &a->ln2,
-        &a->fch,
-        &a->fch_gelu,
-        &a->residual3,
-        &a->lnf,
-        &a->logits,
-        &a->losses,
-        &a->ln_1_mean,
-        &a->ln_1_rstd,
-        &a->attn_lse,
-        &a->ln_2_mean,
-        &a->ln_2_rstd,
-        &a->ln_f_mean,
-        &a->ln_f_rstd,
-        &a->loss_lse,
-        &a->scratch0,
-        &a->attproj,
-        &a->fcproj,
-    };
-    for (int i = 0; i < 23; i++) *fields[i] = base + ACT_TABLE[i].offset;
+static void point_acts(Acts* a, void* arena) {
+    float* base = (float*)arena;
+    a->encoded = base + ACT_TABLE[0].offset;
+    a->ln1 = base + ACT_TABLE[1].offset;
+    a->qkv = base + ACT_TABLE[2].offset;
+    a->atty = base + ACT_TABLE[3].offset;
+    a->residual2 = base + ACT_TABLE[4].offset;
+    a->ln2 = base + ACT_TABLE[5].offset;
+    a->fch = base + ACT_TABLE[6].offset;
+    a->fch_gelu = base + ACT_TABLE[7].offset;
+    a->residual3 = base + ACT_TABLE[8].offset;
+    a->lnf = base + ACT_TABLE[9].offset;
+    a->logits = base + ACT_TABLE[10].offset;
+    a->losses = base + ACT_TABLE[11].offset;
+    a->ln_1_mean = base + ACT_TABLE[12].offset;
+    a->ln_1_rstd = base + ACT_TABLE[13].offset;
+    a->attn_lse = base + ACT_TABLE[14].offset;
+    a->ln_f_mean = base + ACT_TABLE[15].offset;
+    a->ln_f_rstd = base + ACT_TABLE[16].offset;
+    a->ln_2_mean = base + ACT_TABLE[17].offset;
+    a->ln_2_rstd = base + ACT_TABLE[18].offset;
+    a->loss_lse = base + ACT_TABLE[19].offset;
+    a->scratch0 = base + ACT_TABLE[20].offset;
+    a->attproj = base + ACT_TABLE[21].offset;
+    a->fcproj = base + ACT_TABLE[22].offset;
 }
 
 // ----------------------------------------------------------------------------
-// activation-gradient arena: slots planned by live interval, so gradients that are never alive at
-// the same time share memory, and every layer reuses the same slots.
+// activation-gradient arena (float): slots planned by live interval, so gradients that are never
+// alive at the same time share memory, and every layer reuses the same slots.
 
-static const size_t DSLOT_0 = 0;  // 196608 floats: d_losses, d_lnf, d_x spare
-static const size_t DSLOT_1 = 196608;  // 12877824 floats: d_logits, d_x
-static const size_t DSLOT_2 = 13074432;  // 786432 floats: d_fcproj, d_fch, d_attproj, d_qkv
-static const size_t DSLOT_3 = 13860864;  // 196608 floats: d_residual2, d_atty, d_ln1
-static const size_t DSLOT_4 = 14057472;  // 786432 floats: d_fch_gelu, d_ln2
-static const size_t DACTS_FLOATS = 14843904;
+static const size_t DSLOT_0 = 0;  // 196608 elements: d_losses, d_x
+static const size_t DSLOT_1 = 196608;  // 196608 elements: d_lnf, d_x spare
+static const size_t DSLOT_2 = 393216;  // 196608 elements: d_fcproj, d_ln2, d_atty, d_ln1
+static const size_t DSLOT_3 = 589824;  // 196608 elements: d_residual2
+static const size_t DSLOT_4 = 786432;  // 786432 elements: d_fch_gelu, d_attproj, d_qkv
+static const size_t DACTS_SIZE = 1572864;  // elements
 
 // ----------------------------------------------------------------------------
 // forward
@@ -995,9 +1145,9 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* attprojb = p->attprojb + (size_t)l * (size_t)C;  // (C)
         float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
-        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2b = p->ln2b + (size_t)l * (size_t)C;  // (C)
+        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln_2_mean = a->ln_2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
@@ -1017,14 +1167,10 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         attention_forward(atty, attn_lse, qkv, B, T, C, NH);
         // attn_proj (model.yaml:67): matmul
         matmul_forward(attproj, atty, attprojw, attprojb, B * T, C, C);
-        // attn_res (model.yaml:68): residual
-        residual_forward(residual2, x, attproj, (size_t)B * T * C);
-        // ln_2 (model.yaml:69): layernorm
-        layernorm_forward(ln2, ln_2_mean, ln_2_rstd, residual2, ln2w, ln2b, B * T, C, 1e-05f);
-        // mlp_fc (model.yaml:70): matmul
-        matmul_forward(fch, ln2, fcw, fcb, B * T, C, FF);
-        // mlp_gelu (model.yaml:71): gelu
-        gelu_forward(fch_gelu, fch, (size_t)B * T * FF);
+        // attn_res+ln_2 (model.yaml:68): residual_layernorm
+        residual_layernorm_forward(residual2, ln2, ln_2_mean, ln_2_rstd, x, attproj, ln2w, ln2b, B * T, C, 1e-05f);
+        // mlp_fc+mlp_gelu (model.yaml:70): matmul_gelu
+        matmul_gelu_forward(fch, fch_gelu, ln2, fcw, fcb, B * T, C, FF);
         // mlp_proj (model.yaml:72): matmul
         matmul_forward(fcproj, fch_gelu, fcprojw, fcprojb, B * T, FF, C);
         // mlp_res (model.yaml:73): residual
@@ -1033,12 +1179,8 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
     // ln_f (model.yaml:75): layernorm
     layernorm_forward(a->lnf, a->ln_f_mean, a->ln_f_rstd, x, p->lnfw, p->lnfb, B * T, C, 1e-05f);
-    // lm_head (model.yaml:76): matmul
-    matmul_forward(a->logits, a->lnf, p->wte, NULL, B * T, C, Vp);
-    if (targets) {  // only when the optional inputs are given
-        // loss (model.yaml:77): softmax_crossentropy
-        softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
-    }
+    // lm_head+loss (model.yaml:76): classifier
+    classifier_forward(a->logits, a->losses, a->loss_lse, a->lnf, p->wte, targets, NULL, B * T, C, Vp, V);
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
 }
 
@@ -1048,7 +1190,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     Params params, grads, *p = &params, *g = &grads;
     Acts acts, *a = &acts;
-    float* da = ar->dacts;
+    float* da = (float*)ar->dacts;
     point_params(p, ar->params);
     point_params(g, ar->grads);
     point_acts(a, ar->acts);
@@ -1057,17 +1199,13 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
     float* d_losses = da + DSLOT_0;  // (B,T) dslot0
-    float* d_logits = da + DSLOT_1;  // (B,T,Vp) dslot1
-    float* d_lnf = da + DSLOT_0;  // (B,T,C) dslot0
-    float* d_x = da + DSLOT_1;  // (B,T,C) dslot1
-    float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
+    float* d_lnf = da + DSLOT_1;  // (B,T,C) dslot1
+    float* d_x = da + DSLOT_0;  // (B,T,C) dslot0
+    float* d_x_spare = da + DSLOT_1;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
-    gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (model.yaml:77): softmax_crossentropy
-    softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (model.yaml:76): matmul
-    matmul_backward(d_lnf, g->wte, NULL, d_logits, a->lnf, p->wte, B * T, C, Vp);
+    // lm_head+loss (model.yaml:76): classifier
+    classifier_backward(d_lnf, g->wte, NULL, a->logits, d_losses, a->lnf, p->wte, a->loss_lse, targets, B * T, C, Vp, V);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
     // ln_f (model.yaml:75): layernorm
     layernorm_backward(d_x, g->lnfw, g->lnfb, d_lnf, x, p->lnfw, a->ln_f_mean, a->ln_f_rstd, B * T, C);
@@ -1091,10 +1229,10 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojw = g->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* d_attprojb = g->attprojb + (size_t)l * (size_t)C;  // (C)
-        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* d_ln2w = g->ln2w + (size_t)l * (size_t)C;  // (C)
         float* d_ln2b = g->ln2b + (size_t)l * (size_t)C;  // (C)
+        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln_2_mean = a->ln_2_mean + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
@@ -1109,12 +1247,11 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* d_fcproj = da + DSLOT_2;  // (B,T,C) dslot2
         float* d_residual2 = da + DSLOT_3;  // (B,T,C) dslot3
         float* d_fch_gelu = da + DSLOT_4;  // (B,T,FF) dslot4
-        float* d_fch = da + DSLOT_2;  // (B,T,FF) dslot2
-        float* d_ln2 = da + DSLOT_4;  // (B,T,C) dslot4
-        float* d_attproj = da + DSLOT_2;  // (B,T,C) dslot2
-        float* d_atty = da + DSLOT_3;  // (B,T,C) dslot3
-        float* d_qkv = da + DSLOT_2;  // (B,T,3*C) dslot2
-        float* d_ln1 = da + DSLOT_3;  // (B,T,C) dslot3
+        float* d_ln2 = da + DSLOT_2;  // (B,T,C) dslot2
+        float* d_attproj = da + DSLOT_4;  // (B,T,C) dslot4
+        float* d_atty = da + DSLOT_2;  // (B,T,C) dslot2
+        float* d_qkv = da + DSLOT_4;  // (B,T,3*C) dslot4
+        float* d_ln1 = da + DSLOT_2;  // (B,T,C) dslot2
         gg_zero(d_residual2, (size_t)B * T * C);  // d_residual2 starts from zero (backward kernels accumulate)
         gg_zero(d_fcproj, (size_t)B * T * C);  // d_fcproj starts from zero (backward kernels accumulate)
         // mlp_res (model.yaml:73): residual
@@ -1122,17 +1259,12 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         gg_zero(d_fch_gelu, (size_t)B * T * FF);  // d_fch_gelu starts from zero (backward kernels accumulate)
         // mlp_proj (model.yaml:72): matmul
         matmul_backward(d_fch_gelu, d_fcprojw, d_fcprojb, d_fcproj, fch_gelu, fcprojw, B * T, FF, C);
-        gg_zero(d_fch, (size_t)B * T * FF);  // d_fch starts from zero (backward kernels accumulate)
-        // mlp_gelu (model.yaml:71): gelu
-        gelu_backward(d_fch, d_fch_gelu, fch, (size_t)B * T * FF);
         gg_zero(d_ln2, (size_t)B * T * C);  // d_ln2 starts from zero (backward kernels accumulate)
-        // mlp_fc (model.yaml:70): matmul
-        matmul_backward(d_ln2, d_fcw, d_fcb, d_fch, ln2, fcw, B * T, C, FF);
-        // ln_2 (model.yaml:69): layernorm
-        layernorm_backward(d_residual2, d_ln2w, d_ln2b, d_ln2, residual2, ln2w, ln_2_mean, ln_2_rstd, B * T, C);
+        // mlp_fc+mlp_gelu (model.yaml:70): matmul_gelu
+        matmul_gelu_backward(d_ln2, d_fcw, d_fcb, d_fch_gelu, fch, ln2, fcw, B * T, C, FF);
         gg_zero(d_attproj, (size_t)B * T * C);  // d_attproj starts from zero (backward kernels accumulate)
-        // attn_res (model.yaml:68): residual
-        residual_backward(d_x, d_attproj, d_residual2, (size_t)B * T * C);
+        // attn_res+ln_2 (model.yaml:68): residual_layernorm
+        residual_layernorm_backward(d_x, d_attproj, d_ln2w, d_ln2b, d_residual2, d_ln2, residual2, ln2w, ln_2_mean, ln_2_rstd, B * T, C);
         gg_zero(d_atty, (size_t)B * T * C);  // d_atty starts from zero (backward kernels accumulate)
         // attn_proj (model.yaml:67): matmul
         matmul_backward(d_atty, d_attprojw, d_attprojb, d_attproj, atty, attprojw, B * T, C, C);
@@ -1155,7 +1287,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 // gradients and the optimizer
 
 void gg_zero_grad(const gg_arenas* ar) {
-    gg_zero(ar->grads, PARAMS_FLOATS);
+    gg_zero((float*)ar->grads, PARAMS_SIZE);
 }
 
 void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
@@ -1164,21 +1296,24 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
     float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
     for (int i = 0; i < 16; i++) {
         const gg_tensor_entry* t = &PARAM_TABLE[i];
-        adamw_update(ar->params + t->offset, ar->grads + t->offset, ar->m + t->offset, ar->v + t->offset, t->numel,
-                     lr, beta1, beta2, eps, t->decay ? weight_decay : 0.0f, grad_scale, bc1, bc2);
+        adamw_update((float*)ar->params + t->offset, (const float*)ar->grads + t->offset, (float*)ar->m + t->offset,
+                     (float*)ar->v + t->offset, t->numel, lr, beta1, beta2, eps, t->decay ? weight_decay : 0.0f,
+                     grad_scale, bc1, bc2);
     }
 }
 
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "fdb3fbf5d091cfd4aedb"; }
+const char* gg_signature(void) { return "dddd53d61d97d07b419a"; }
 
-size_t gg_arena_floats(int which) {
+size_t gg_arena_bytes(int which) {
     switch (which) {
-        case 0: return PARAMS_FLOATS;
-        case 1: return ACTS_FLOATS;
-        case 2: return DACTS_FLOATS;
+        case GG_ARENA_PARAMS: return PARAMS_SIZE * sizeof(float);  // grads alike
+        case GG_ARENA_ACTS: return ACTS_SIZE * sizeof(float);
+        case GG_ARENA_DACTS: return DACTS_SIZE * sizeof(float);
+        case GG_ARENA_MOMENTS: return PARAMS_SIZE * sizeof(float);  // m and v alike
+        case GG_ARENA_MASTER: return 0;  // fp32 master weights: none, the parameters are fp32
         default: return 0;
     }
 }

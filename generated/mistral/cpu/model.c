@@ -5,8 +5,9 @@
 // run `gpt2gen build --target cpu`.
 //
 // What it is: the forward pass, the backward pass (derived from the op library) and AdamW, as plain
-// loops over named slices of six arenas (params, grads, m, v, acts, dacts) that the caller allocates.
-// What it leaves out: mixed precision, dropout, and any allocation of its own.
+// loops over named slices of the arenas (params, grads, m, v, acts, dacts) that the caller
+// allocates. Precision: fp32.
+// What it leaves out: dropout, and any allocation of its own.
 //
 // Shapes: B = batch and T = sequence length, chosen at run time up to B_MAX and T_MAX; the other
 // letters are the model's config (below). Backward kernels accumulate (+=) into every gradient they
@@ -789,6 +790,24 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
 }
 
 // ----------------------------------------------------------------------------
+// gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
+
+GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        out[i] = gg_gelu_tanh(inp[i]);
+    }
+}
+
+GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp, size_t n) {  // all (n)
+    if (!d_inp) return;
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        d_inp[i] += d_out[i] * gg_gelu_tanh_grad(inp[i]);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
 
 GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
@@ -829,6 +848,247 @@ GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) ac
 }
 
 // ----------------------------------------------------------------------------
+// layernorm: out = (inp - mean) * rstd * weight + bias, per row of C   (templates/c/ops/layernorm.c.j2)
+
+GG_KERNEL void layernorm_forward(float* out,          // (N,C)
+                                 float* mean,         // (N) saved for backward
+                                 float* rstd,         // (N) saved for backward: 1 / sqrt(var + eps)
+                                 const float* inp,    // (N,C)
+                                 const float* weight, // (C)
+                                 const float* bias,   // (C)
+                                 int N, int C, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const float* x = inp + (size_t)r * C;
+        float m = 0.0f;
+        #pragma omp simd reduction(+:m)
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= C;
+        float var = 0.0f;
+        #pragma omp simd reduction(+:var)
+        for (int c = 0; c < C; c++) {
+            float d = x[c] - m;
+            var += d * d;
+        }
+        var /= C;
+        float s = 1.0f / sqrtf(var + eps);
+        float* o = out + (size_t)r * C;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) {
+            o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        }
+        mean[r] = m;
+        rstd[r] = s;
+    }
+}
+
+// d_inp needs only its own row; d_weight and d_bias sum over rows, so a second pass splits the
+// channels between threads (no races, and the same sums whatever the thread count).
+GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
+                                  float* d_weight,     // (C) accumulated
+                                  float* d_bias,       // (C) accumulated
+                                  const float* d_out,  // (N,C)
+                                  const float* inp,    // (N,C)
+                                  const float* weight, // (C)
+                                  const float* mean,   // (N)
+                                  const float* rstd,   // (N)
+                                  int N, int C) {
+    if (d_inp) {
+        #pragma omp parallel for schedule(static)
+        for (int r = 0; r < N; r++) {
+            const float* x = inp + (size_t)r * C;
+            const float* g = d_out + (size_t)r * C;
+            float m = mean[r], s = rstd[r];
+            // the two reductions of the layernorm gradient: mean(w*g) and mean(w*g * xhat)
+            float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
+            #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
+            for (int c = 0; c < C; c++) {
+                float xhat = (x[c] - m) * s;
+                float gw = weight[c] * g[c];
+                gw_mean += gw;
+                gw_xhat_mean += gw * xhat;
+            }
+            gw_mean /= C;
+            gw_xhat_mean /= C;
+            float* dx = d_inp + (size_t)r * C;
+            #pragma omp simd
+            for (int c = 0; c < C; c++) {
+                float xhat = (x[c] - m) * s;
+                float gw = weight[c] * g[c];
+                dx[c] += (gw - gw_mean - xhat * gw_xhat_mean) * s;
+            }
+        }
+    }
+    if (d_weight || d_bias) {
+        #pragma omp parallel for schedule(static)
+        for (int c0 = 0; c0 < C; c0 += 16) {
+            int c1 = c0 + 16 < C ? c0 + 16 : C;
+            for (int r = 0; r < N; r++) {
+                const float* x = inp + (size_t)r * C;
+                const float* g = d_out + (size_t)r * C;
+                float m = mean[r], s = rstd[r];
+                for (int c = c0; c < c1; c++) {
+                    if (d_weight) d_weight[c] += (x[c] - m) * s * g[c];
+                    if (d_bias) d_bias[c] += g[c];
+                }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// fused ops: matmul + gelu, the classifier (matmul + softmax + cross-entropy), residual + layernorm
+// (templates/c/ops/fused.c.j2)
+
+GG_KERNEL void matmul_gelu_forward(float* pre,           // (N,OC) saved: the pre-activation
+                                   float* out,           // (N,OC) gelu(pre)
+                                   const float* inp,     // (N,C)
+                                   const float* weight,  // (OC,C)
+                                   const float* bias,    // (OC) or NULL
+                                   int N, int C, int OC) {
+    matmul_forward(pre, inp, weight, bias, N, C, OC);
+    gelu_forward(out, pre, (size_t)N * OC);
+}
+
+// d_out becomes the pre-activation's gradient in place (it is read by nothing after this), then the
+// matmul's backward runs from it: no buffer for d_pre.
+GG_KERNEL void matmul_gelu_backward(float* d_inp,          // (N,C) accumulated
+                                    float* d_weight,       // (OC,C) accumulated
+                                    float* d_bias,         // (OC) accumulated, or NULL
+                                    float* d_out,          // (N,OC) overwritten with d_pre
+                                    const float* pre,      // (N,OC)
+                                    const float* inp,      // (N,C)
+                                    const float* weight,   // (OC,C)
+                                    int N, int C, int OC) {
+    size_t n = (size_t)N * OC;
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        d_out[i] = d_out[i] * gg_gelu_tanh_grad(pre[i]);
+    }
+    matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, N, C, OC);
+}
+
+// The loss head. Forward: the logits, then (given targets) each row's loss and log-sum-exp. Backward:
+// (softmax - onehot(target)) * d_losses written over the logits (padding columns get 0), then the
+// matmul's backward from there: neither a d_logits buffer nor probabilities exist.
+GG_KERNEL void classifier_forward(float* logits,         // (N,OC)
+                                  float* losses,           // (N)
+                                  float* lse,              // (N) saved: log-sum-exp of each row
+                                  const float* inp,     // (N,C)
+                                  const float* weight,  // (OC,C)
+                                  const int* targets,      // (N) or NULL: logits only
+                                  const float* bias,    // (OC) or NULL
+                                  int N, int C, int OC, int V) {
+    matmul_forward(logits, inp, weight, bias, N, C, OC);
+    if (targets) softmax_crossentropy_forward(losses, lse, logits, targets, N, V, OC);
+}
+
+GG_KERNEL void classifier_backward(float* d_inp,          // (N,C) accumulated
+                                   float* d_weight,       // (OC,C) accumulated
+                                   float* d_bias,         // (OC) accumulated, or NULL
+                                   float* logits,         // (N,OC) in: the logits; out: their gradient
+                                   const float* d_losses,   // (N)
+                                   const float* inp,      // (N,C)
+                                   const float* weight,   // (OC,C)
+                                   const float* lse,        // (N)
+                                   const int* targets,      // (N)
+                                   int N, int C, int OC, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float* x = logits + (size_t)r * OC;
+        const float g = d_losses[r], L = lse[r];
+        const int t = targets[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) {
+            float p = gg_expf(x[i] - L) * g;
+            x[i] = i == t ? p - g : p;
+        }
+        for (int i = V; i < OC; i++) x[i] = 0.0f;
+    }
+    matmul_backward(d_inp, d_weight, d_bias, logits, inp, weight, N, C, OC);
+}
+
+// r = a + b and its layernorm, one pass over each row (the row's r is still in cache for the norm).
+GG_KERNEL void residual_layernorm_forward(float* r,            // (N,C) the sum
+                                          float* out,          // (N,C)
+                                          float* mean,         // (N) saved
+                                          float* rstd,         // (N) saved
+                                          const float* a,      // (N,C)
+                                          const float* b,      // (N,C)
+                                          const float* weight, // (C)
+                                          const float* bias,   // (C)
+                                          int N, int C, float eps) {
+    #pragma omp parallel for schedule(static)
+    for (int row = 0; row < N; row++) {
+        size_t at = (size_t)row * C;
+        float* x = r + at;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) x[c] = a[at + c] + b[at + c];
+        float m = 0.0f;
+        #pragma omp simd reduction(+:m)
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= C;
+        float var = 0.0f;
+        #pragma omp simd reduction(+:var)
+        for (int c = 0; c < C; c++) {
+            float d = x[c] - m;
+            var += d * d;
+        }
+        var /= C;
+        float s = 1.0f / sqrtf(var + eps);
+        float* o = out + at;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) {
+            o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        }
+        mean[row] = m;
+        rstd[row] = s;
+    }
+}
+
+// One pass per row: r's whole gradient (from its other readers, d_r, plus the norm's input gradient)
+// goes to both summands at once; d_weight and d_bias come from the layernorm's channel pass.
+GG_KERNEL void residual_layernorm_backward(float* d_a,          // (N,C) accumulated
+                                           float* d_b,          // (N,C) accumulated
+                                           float* d_weight,     // (C) accumulated
+                                           float* d_bias,       // (C) accumulated
+                                           const float* d_r,    // (N,C) r's gradient from its other readers
+                                           const float* d_out,  // (N,C)
+                                           const float* r,      // (N,C)
+                                           const float* weight, // (C)
+                                           const float* mean,   // (N)
+                                           const float* rstd,   // (N)
+                                           int N, int C) {
+    #pragma omp parallel for schedule(static)
+    for (int row = 0; row < N; row++) {
+        size_t at = (size_t)row * C;
+        const float* x = r + at;
+        const float* g = d_out + at;
+        float m = mean[row], s = rstd[row];
+        float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
+        #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
+        for (int c = 0; c < C; c++) {
+            float xhat = (x[c] - m) * s;
+            float gw = weight[c] * g[c];
+            gw_mean += gw;
+            gw_xhat_mean += gw * xhat;
+        }
+        gw_mean /= C;
+        gw_xhat_mean /= C;
+        #pragma omp simd
+        for (int c = 0; c < C; c++) {
+            float xhat = (x[c] - m) * s;
+            float gw = weight[c] * g[c];
+            // as the two ops round it: r's gradient is stored, then added to each summand's
+            float total = d_r[at + c] + (gw - gw_mean - xhat * gw_xhat_mean) * s;
+            if (d_a) d_a[at + c] += total;
+            if (d_b) d_b[at + c] += total;
+        }
+    }
+    layernorm_backward(NULL, d_weight, d_bias, d_out, r, weight, mean, rstd, N, C);
+}
+
+// ----------------------------------------------------------------------------
 // AdamW: m, v moments; p -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * p)  (templates/c/optim/adamw.c.j2)
 
 GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // all (n)
@@ -849,62 +1109,61 @@ GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // al
 
 
 // ----------------------------------------------------------------------------
-// parameters arena: grads, m and v share this layout. Offsets and sizes in floats, 64-byte aligned.
+// parameters arena (float): grads, m and v (fp32) share this layout. Offsets and sizes in
+// elements of the arena's type, every offset 64-byte aligned.
 
 typedef struct {
-    float* wte;       // (Vp, C)
-    float* ln1w;      // (L, C)
-    float* qw;        // (L, NH*HD, C)
-    float* kw;        // (L, NKV*HD, C)
-    float* vw;        // (L, NKV*HD, C)
-    float* attprojw;  // (L, C, NH*HD)
-    float* ln2w;      // (L, C)
-    float* gatew;     // (L, FF, C)
-    float* upw;       // (L, FF, C)
-    float* downw;     // (L, C, FF)
-    float* lnfw;      // (C)
-    float* lmheadw;   // (Vp, C)
+    float* wte;        // (Vp, C)
+    float* ln1w;       // (L, C)
+    float* qw;         // (L, NH*HD, C)
+    float* kw;         // (L, NKV*HD, C)
+    float* vw;         // (L, NKV*HD, C)
+    float* attprojw;   // (L, C, NH*HD)
+    float* ln2w;       // (L, C)
+    float* gatew;      // (L, FF, C)
+    float* upw;        // (L, FF, C)
+    float* downw;      // (L, C, FF)
+    float* lnfw;       // (C)
+    float* lmheadw;    // (Vp, C)
 } Params;
 
 static const gg_tensor_entry PARAM_TABLE[12] = {
-    // name      offset        numel     decay
-    {"wte",                 0,    131072000, 1},
-    {"ln1w",        131072000,       131072, 0},
-    {"qw",          131203072,    536870912, 1},
-    {"kw",          668073984,    134217728, 1},
-    {"vw",          802291712,    134217728, 1},
-    {"attprojw",    936509440,    536870912, 1},
-    {"ln2w",       1473380352,       131072, 0},
-    {"gatew",      1473511424,   1879048192, 1},
-    {"upw",        3352559616,   1879048192, 1},
-    {"downw",      5231607808,   1879048192, 1},
-    {"lnfw",       7110656000,         4096, 0},
-    {"lmheadw",    7110660096,    131072000, 1},
+    // name       offset        numel     decay  dtype
+    {"wte",                  0,    131072000, 1, 0},
+    {"ln1w",         131072000,       131072, 0, 0},
+    {"qw",           131203072,    536870912, 1, 0},
+    {"kw",           668073984,    134217728, 1, 0},
+    {"vw",           802291712,    134217728, 1, 0},
+    {"attprojw",     936509440,    536870912, 1, 0},
+    {"ln2w",        1473380352,       131072, 0, 0},
+    {"gatew",       1473511424,   1879048192, 1, 0},
+    {"upw",         3352559616,   1879048192, 1, 0},
+    {"downw",       5231607808,   1879048192, 1, 0},
+    {"lnfw",        7110656000,         4096, 0, 0},
+    {"lmheadw",     7110660096,    131072000, 1, 0},
 };
 
-static const size_t PARAMS_FLOATS = 7241732096;
+static const size_t PARAMS_SIZE = 7241732096;  // elements
 
-static void point_params(Params* p, float* base) {
-    float** fields[12] = {
-        &p->wte,
-        &p->ln1w,
-        &p->qw,
-        &p->kw,
-        &p->vw,
-        &p->attprojw,
-        &p->ln2w,
-        &p->gatew,
-        &p->upw,
-        &p->downw,
-        &p->lnfw,
-        &p->lmheadw,
-    };
-    for (int i = 0; i < 12; i++) *fields[i] = base + PARAM_TABLE[i].offset;
+static void point_params(Params* p, void* arena) {
+    float* base = (float*)arena;
+    p->wte = base + PARAM_TABLE[0].offset;
+    p->ln1w = base + PARAM_TABLE[1].offset;
+    p->qw = base + PARAM_TABLE[2].offset;
+    p->kw = base + PARAM_TABLE[3].offset;
+    p->vw = base + PARAM_TABLE[4].offset;
+    p->attprojw = base + PARAM_TABLE[5].offset;
+    p->ln2w = base + PARAM_TABLE[6].offset;
+    p->gatew = base + PARAM_TABLE[7].offset;
+    p->upw = base + PARAM_TABLE[8].offset;
+    p->downw = base + PARAM_TABLE[9].offset;
+    p->lnfw = base + PARAM_TABLE[10].offset;
+    p->lmheadw = base + PARAM_TABLE[11].offset;
 }
 
 // ----------------------------------------------------------------------------
-// activations arena, sized for B_MAX x T_MAX; a (B,T,...) tensor with a smaller run-time B or T uses
-// the first B*T*... floats of its slot.
+// activations arena (float), sized for B_MAX x T_MAX; a (B,T,...) tensor with a smaller run-time B
+// or T uses the first B*T*... elements of its slot.
 
 typedef struct {
     float* encoded;    // (B, T, C)
@@ -936,79 +1195,77 @@ typedef struct {
 } Acts;
 
 static const gg_tensor_entry ACT_TABLE[26] = {
-    {"encoded",              0,      1048576, 0},
-    {"ln1",            1048576,     33554432, 0},
-    {"vh",            34603008,      8388608, 0},
-    {"q_rot",         42991616,     33554432, 0},
-    {"k_rot",         76546048,      8388608, 0},
-    {"atty",          84934656,     33554432, 0},
-    {"residual2",    118489088,     33554432, 0},
-    {"ln2",          152043520,     33554432, 0},
-    {"gate",         185597952,    117440512, 0},
-    {"up",           303038464,    117440512, 0},
-    {"swi",          420478976,    117440512, 0},
-    {"residual3",    537919488,     33554432, 0},
-    {"lnf",          571473920,      1048576, 0},
-    {"logits",       572522496,      8192000, 0},
-    {"losses",       580714496,          256, 0},
-    {"ln_1_rstd",    580714752,         8192, 0},
-    {"attn_lse",     580722944,       262144, 0},
-    {"ln_2_rstd",    580985088,         8192, 0},
-    {"ln_f_rstd",    580993280,          256, 0},
-    {"loss_lse",     580993536,          256, 0},
-    {"scratch0",     580993792,      1048576, 0},
-    {"scratch1",     582042368,       262144, 0},
-    {"qh",           580993792,      1048576, 0},
-    {"kh",           582042368,       262144, 0},
-    {"attproj",      580993792,      1048576, 0},
-    {"down",         580993792,      1048576, 0},
+    {"encoded",              0,      1048576, 0, 0},
+    {"ln1",            1048576,     33554432, 0, 0},
+    {"vh",            34603008,      8388608, 0, 0},
+    {"q_rot",         42991616,     33554432, 0, 0},
+    {"k_rot",         76546048,      8388608, 0, 0},
+    {"atty",          84934656,     33554432, 0, 0},
+    {"residual2",    118489088,     33554432, 0, 0},
+    {"ln2",          152043520,     33554432, 0, 0},
+    {"gate",         185597952,    117440512, 0, 0},
+    {"up",           303038464,    117440512, 0, 0},
+    {"swi",          420478976,    117440512, 0, 0},
+    {"residual3",    537919488,     33554432, 0, 0},
+    {"lnf",          571473920,      1048576, 0, 0},
+    {"logits",       572522496,      8192000, 0, 0},
+    {"losses",       580714496,          256, 0, 0},
+    {"ln_1_rstd",    580714752,         8192, 0, 0},
+    {"attn_lse",     580722944,       262144, 0, 0},
+    {"ln_2_rstd",    580985088,         8192, 0, 0},
+    {"ln_f_rstd",    580993280,          256, 0, 0},
+    {"loss_lse",     580993536,          256, 0, 0},
+    {"scratch0",     580993792,      1048576, 0, 0},
+    {"scratch1",     582042368,       262144, 0, 0},
+    {"qh",           580993792,      1048576, 0, 0},
+    {"kh",           582042368,       262144, 0, 0},
+    {"attproj",      580993792,      1048576, 0, 0},
+    {"down",         580993792,      1048576, 0, 0},
 };
 
-static const size_t ACTS_FLOATS = 582304512;
+static const size_t ACTS_SIZE = 582304512;  // elements
 
-static void point_acts(Acts* a, float* base) {
-    float** fields[26] = {
-        &a->encoded,
-        &a->ln1,
-        &a->vh,
-        &a->q_rot,
-        &a->k_rot,
-        &a->atty,
-        &a->residual2,
-        &a->ln2,
-        &a->gate,
-        &a->up,
-        &a->swi,
-        &a->residual3,
-        &a->lnf,
-        &a->logits,
-        &a->losses,
-        &a->ln_1_rstd,
-        &a->attn_lse,
-        &a->ln_2_rstd,
-        &a->ln_f_rstd,
-        &a->loss_lse,
-        &a->scratch0,
-        &a->scratch1,
-        &a->qh,
-        &a->kh,
-        &a->attproj,
-        &a->down,
-    };
-    for (int i = 0; i < 26; i++) *fields[i] = base + ACT_TABLE[i].offset;
+static void point_acts(Acts* a, void* arena) {
+    float* base = (float*)arena;
+    a->encoded = base + ACT_TABLE[0].offset;
+    a->ln1 = base + ACT_TABLE[1].offset;
+    a->vh = base + ACT_TABLE[2].offset;
+    a->q_rot = base + ACT_TABLE[3].offset;
+    a->k_rot = base + ACT_TABLE[4].offset;
+    a->atty = base + ACT_TABLE[5].offset;
+    a->residual2 = base + ACT_TABLE[6].offset;
+    a->ln2 = base + ACT_TABLE[7].offset;
+    a->gate = base + ACT_TABLE[8].offset;
+    a->up = base + ACT_TABLE[9].offset;
+    a->swi = base + ACT_TABLE[10].offset;
+    a->residual3 = base + ACT_TABLE[11].offset;
+    a->lnf = base + ACT_TABLE[12].offset;
+    a->logits = base + ACT_TABLE[13].offset;
+    a->losses = base + ACT_TABLE[14].offset;
+    a->ln_1_rstd = base + ACT_TABLE[15].offset;
+    a->attn_lse = base + ACT_TABLE[16].offset;
+    a->ln_2_rstd = base + ACT_TABLE[17].offset;
+    a->ln_f_rstd = base + ACT_TABLE[18].offset;
+    a->loss_lse = base + ACT_TABLE[19].offset;
+    a->scratch0 = base + ACT_TABLE[20].offset;
+    a->scratch1 = base + ACT_TABLE[21].offset;
+    a->qh = base + ACT_TABLE[22].offset;
+    a->kh = base + ACT_TABLE[23].offset;
+    a->attproj = base + ACT_TABLE[24].offset;
+    a->down = base + ACT_TABLE[25].offset;
 }
 
 // ----------------------------------------------------------------------------
-// activation-gradient arena: slots planned by live interval, so gradients that are never alive at
-// the same time share memory, and every layer reuses the same slots.
+// activation-gradient arena (float): slots planned by live interval, so gradients that are never
+// alive at the same time share memory, and every layer reuses the same slots.
 
-static const size_t DSLOT_0 = 0;  // 1048576 floats: d_losses, d_lnf, d_x spare
-static const size_t DSLOT_1 = 1048576;  // 8192000 floats: d_logits, d_x
-static const size_t DSLOT_2 = 9240576;  // 3670016 floats: d_down, d_gate, d_attproj, d_k_rot, d_qh
-static const size_t DSLOT_3 = 12910592;  // 1048576 floats: d_residual2, d_atty, d_kh
-static const size_t DSLOT_4 = 13959168;  // 3670016 floats: d_swi, d_ln2, d_q_rot, d_ln1
-static const size_t DSLOT_5 = 17629184;  // 3670016 floats: d_up, d_vh
-static const size_t DACTS_FLOATS = 21299200;
+static const size_t DSLOT_0 = 0;  // 1048576 elements: d_losses, d_x
+static const size_t DSLOT_1 = 1048576;  // 1048576 elements: d_lnf, d_x spare
+static const size_t DSLOT_2 = 2097152;  // 3670016 elements: d_down, d_gate, d_attproj, d_k_rot, d_qh
+static const size_t DSLOT_3 = 5767168;  // 1048576 elements: d_residual2, d_atty, d_kh
+static const size_t DSLOT_4 = 6815744;  // 3670016 elements: d_swi, d_ln2, d_q_rot, d_ln1
+static const size_t DSLOT_5 = 10485760;  // 3670016 elements: d_up, d_vh
+static const size_t DACTS_SIZE = 14155776;  // elements
 
 // ----------------------------------------------------------------------------
 // forward
@@ -1086,12 +1343,8 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
     // ln_f (models/mistral.yaml:88): rmsnorm
     rmsnorm_forward(a->lnf, a->ln_f_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
-    // lm_head (models/mistral.yaml:89): matmul
-    matmul_forward(a->logits, a->lnf, p->lmheadw, NULL, B * T, C, Vp);
-    if (targets) {  // only when the optional inputs are given
-        // loss (models/mistral.yaml:90): softmax_crossentropy
-        softmax_crossentropy_forward(a->losses, a->loss_lse, a->logits, targets, B * T, V, Vp);
-    }
+    // lm_head+loss (models/mistral.yaml:89): classifier
+    classifier_forward(a->logits, a->losses, a->loss_lse, a->lnf, p->lmheadw, targets, NULL, B * T, C, Vp, V);
     return targets ? gg_mean(a->losses, (size_t)B * T) : -1.0f;
 }
 
@@ -1101,7 +1354,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     Params params, grads, *p = &params, *g = &grads;
     Acts acts, *a = &acts;
-    float* da = ar->dacts;
+    float* da = (float*)ar->dacts;
     point_params(p, ar->params);
     point_params(g, ar->grads);
     point_acts(a, ar->acts);
@@ -1110,17 +1363,13 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 
     float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
     float* d_losses = da + DSLOT_0;  // (B,T) dslot0
-    float* d_logits = da + DSLOT_1;  // (B,T,Vp) dslot1
-    float* d_lnf = da + DSLOT_0;  // (B,T,C) dslot0
-    float* d_x = da + DSLOT_1;  // (B,T,C) dslot1
-    float* d_x_spare = da + DSLOT_0;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
+    float* d_lnf = da + DSLOT_1;  // (B,T,C) dslot1
+    float* d_x = da + DSLOT_0;  // (B,T,C) dslot0
+    float* d_x_spare = da + DSLOT_1;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
     gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
-    gg_zero(d_logits, (size_t)B * T * Vp);  // d_logits starts from zero (backward kernels accumulate)
-    // loss (models/mistral.yaml:90): softmax_crossentropy
-    softmax_crossentropy_backward(d_logits, d_losses, a->logits, a->loss_lse, targets, B * T, V, Vp);
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
-    // lm_head (models/mistral.yaml:89): matmul
-    matmul_backward(d_lnf, g->lmheadw, NULL, d_logits, a->lnf, p->lmheadw, B * T, C, Vp);
+    // lm_head+loss (models/mistral.yaml:89): classifier
+    classifier_backward(d_lnf, g->lmheadw, NULL, a->logits, d_losses, a->lnf, p->lmheadw, a->loss_lse, targets, B * T, C, Vp, V);
     gg_zero(d_x, (size_t)B * T * C);  // d_x starts from zero (backward kernels accumulate)
     // ln_f (models/mistral.yaml:88): rmsnorm
     rmsnorm_backward(d_x, g->lnfw, d_lnf, x, p->lnfw, a->ln_f_rstd, B * T, C, 0.0f);
@@ -1229,7 +1478,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 // gradients and the optimizer
 
 void gg_zero_grad(const gg_arenas* ar) {
-    gg_zero(ar->grads, PARAMS_FLOATS);
+    gg_zero((float*)ar->grads, PARAMS_SIZE);
 }
 
 void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
@@ -1238,21 +1487,24 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
     float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
     for (int i = 0; i < 12; i++) {
         const gg_tensor_entry* t = &PARAM_TABLE[i];
-        adamw_update(ar->params + t->offset, ar->grads + t->offset, ar->m + t->offset, ar->v + t->offset, t->numel,
-                     lr, beta1, beta2, eps, t->decay ? weight_decay : 0.0f, grad_scale, bc1, bc2);
+        adamw_update((float*)ar->params + t->offset, (const float*)ar->grads + t->offset, (float*)ar->m + t->offset,
+                     (float*)ar->v + t->offset, t->numel, lr, beta1, beta2, eps, t->decay ? weight_decay : 0.0f,
+                     grad_scale, bc1, bc2);
     }
 }
 
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "9ae5e869c952961a810b"; }
+const char* gg_signature(void) { return "310febedfe8c2620544d"; }
 
-size_t gg_arena_floats(int which) {
+size_t gg_arena_bytes(int which) {
     switch (which) {
-        case 0: return PARAMS_FLOATS;
-        case 1: return ACTS_FLOATS;
-        case 2: return DACTS_FLOATS;
+        case GG_ARENA_PARAMS: return PARAMS_SIZE * sizeof(float);  // grads alike
+        case GG_ARENA_ACTS: return ACTS_SIZE * sizeof(float);
+        case GG_ARENA_DACTS: return DACTS_SIZE * sizeof(float);
+        case GG_ARENA_MOMENTS: return PARAMS_SIZE * sizeof(float);  // m and v alike
+        case GG_ARENA_MASTER: return 0;  // fp32 master weights: none, the parameters are fp32
         default: return 0;
     }
 }
