@@ -495,7 +495,8 @@ def check_available_memory(program: Program, held: int = 0) -> None:
 # ---- models ---------------------------------------------------------------------------------------------
 
 def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str | None = None,
-             precision: str = "fp32", fuse: str | None = "all", **overrides) -> tuple[Program, dict[str, str]]:
+             precision: str = "fp32", fuse: str | None = "all", loss_scaling: bool | None = None,
+             **overrides) -> tuple[Program, dict[str, str]]:
     """Load, lower and render a model; returns the program and {file name: source}. ``precision``: fp32 or
     bf16 (the target says which it has); ``fuse``: ``all``, ``none`` or fusion names ``a,b`` (gpt2gen/fusion.py)."""
     path = find_model(model)
@@ -510,15 +511,16 @@ def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str |
         _fusion.choose(fuse, tgt.fusions, target)
     except ValueError as e:
         raise BuildError(f"--fuse {fuse}: {e}") from None
-    program = _lower.lower(spec, config, target, precision, fuse)
+    program = _lower.lower(spec, config, target, precision, fuse, loss_scaling)
     return program, _render.render_program(program, target, label)
 
 
 def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: str | Path | None = None,
-                  verbose: bool = False, precision: str = "fp32", fuse: str | None = "all", **overrides) -> Built:
+                  verbose: bool = False, precision: str = "fp32", fuse: str | None = "all",
+                  loss_scaling: bool | None = None, **overrides) -> Built:
     """Generate and compile a model (or find it in the cache). ``out`` also receives a copy of the sources."""
     tgt = _target(target)
-    program, sources = generate(model, target, precision=precision, fuse=fuse, **overrides)
+    program, sources = generate(model, target, precision=precision, fuse=fuse, loss_scaling=loss_scaling, **overrides)
     check_memory(program)
     if out is not None:
         _render.write_sources(sources, Path(out))

@@ -248,10 +248,11 @@ def load_llmc(model, path: str | os.PathLike) -> dict[str, int]:
 
 
 def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.PathLike = "model.yaml",
-              **overrides):
+              *, precision: str = "fp32", fuse: str | None = "all", **overrides):
     """Build a GPT-2 from an llm.c model file's header and load its weights; returns the Model.
 
     ``overrides`` may add build options (e.g. ``B=4, T=64``); they cannot change the file's shape.
+    ``precision`` and ``fuse`` are build options (gpt2gen.build).
     """
     from . import build
 
@@ -269,7 +270,8 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
     if vp is not None and vp != hdr["Vp"]:
         raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
                               f"pads V={hdr['V']} to Vp={vp}")
-    m = build(model=model, target=target, seed=None, **{**overrides, **shape})   # weights come from the file
+    m = build(model=model, target=target, seed=None, precision=precision, fuse=fuse,   # weights: the file's
+              **{**overrides, **shape})
     load_llmc(m, path)
     return m
 
@@ -804,8 +806,11 @@ def _sync(model) -> None:
 
 def _model_identity(model) -> dict[str, Any]:
     spec = getattr(model, "spec", None)
-    return {"name": getattr(spec, "name", None), "path": str(getattr(spec, "path", "")) or None,
-            "precision": getattr(model, "precision", "fp32")}
+    out = {"name": getattr(spec, "name", None), "path": str(getattr(spec, "path", "")) or None,
+           "precision": getattr(model, "precision", "fp32")}
+    if getattr(model, "loss_scaling", False):
+        out["loss_scale"] = model.loss_scale_state
+    return out
 
 
 def _state_arenas(model) -> dict[str, np.ndarray]:
@@ -980,6 +985,8 @@ def load_state(path: str | os.PathLike, model) -> dict[str, Any]:
         target[k][...] = arrays[k]
     if hasattr(model, "sync_params"):
         model.sync_params()
+    if getattr(model, "loss_scaling", False) and "loss_scale" in meta["model"]:
+        model.loss_scale_state = meta["model"]["loss_scale"]
     return meta
 
 

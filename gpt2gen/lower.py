@@ -307,11 +307,12 @@ class _Graph:
 
 
 def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", precision: str = "fp32",
-          fuse: str | None = "all") -> Program:
+          fuse: str | None = "all", loss_scaling: bool | None = None) -> Program:
     """The program of one training step of ``spec`` at ``config`` for ``target`` (whose kernels say what
     each op's forward and backward read) in ``precision`` (each buffer's storage dtype), with the fusions
     ``fuse`` names (``all``, ``none`` or ``a,b``): forward, derived backward, layout. A precision or fusion
-    the target lacks is a ValueError naming the ones it has."""
+    the target lacks is a ValueError naming the ones it has. ``loss_scaling``: dynamic loss scaling in the
+    derived step (default: where the precision needs it, fp16)."""
     tgt = targets.get(target)
     tgt.check_precision(precision)
     chosen = choose_fusions(fuse, tgt.fusions, tgt.name)
@@ -340,7 +341,8 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", 
     if spec.loss:
         loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
     return Program(spec, config, layout, _buffers(ctx), forward, backward, used, spec.of_kind("input"), loss,
-                   precision=ctx.policy, fused=fused)
+                   precision=ctx.policy, fused=fused,
+                   loss_scaling=ctx.policy.loss_scaling if loss_scaling is None else bool(loss_scaling))
 
 
 def _buffers(ctx: _Ctx) -> dict[str, Buffer]:

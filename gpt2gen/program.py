@@ -118,7 +118,8 @@ class Zero:
 
 @dataclass
 class Seed:
-    """The backward's start: ``ref`` = 1 / numel(shape), since the loss is the mean of the tensor."""
+    """The backward's start: ``ref`` = loss_scale / numel(shape), since the loss is the mean of the tensor
+    (the run-time loss scale is 1 without dynamic loss scaling)."""
     ref: Ref
     shape: tuple[E.Expr, ...]
     what: str
@@ -165,6 +166,7 @@ class Program:
     loss: Loss | None = None
     precision: "Policy" = field(default_factory=lambda: _fp32())
     fused: list[str] = field(default_factory=list)     # the fused nodes ("mlp_fc+mlp_gelu", ...)
+    loss_scaling: bool = False     # dynamic: the seed takes a scale, the update skips non-finite steps
 
 
 def _fp32():

@@ -22,7 +22,13 @@ import numpy as np
 from .builder import Built, check_available_memory, compile_model, describe_available, load_extension, memory_error
 from .layout import ALIGN_BYTES, Arena
 from .precision import DTYPES
-from .program import signature
+from .program import Invoke, signature, walk
+
+
+# dynamic loss scaling (fp16's small range): powers of two, so scaling and unscaling are exact
+LOSS_SCALE_INIT = 2.0 ** 16
+LOSS_SCALE_MIN, LOSS_SCALE_MAX = 1.0, 2.0 ** 24
+LOSS_SCALE_GROWTH = 2000
 
 
 def _aligned(nbytes: int, dtype: str) -> np.ndarray:
@@ -103,6 +109,14 @@ class Model:
         self.inputs = self.program.inputs
         self.step = 0
         self._last: tuple[list, int, int] | None = None
+        self._spent = False     # backward overwrote the last forward's logits (the fused classifier)
+        # dynamic loss scaling (built with it): the backward's gradients are loss_scale times the true ones
+        self.loss_scaling = self.program.loss_scaling
+        self.loss_scale = LOSS_SCALE_INIT if self.loss_scaling else 1.0
+        self.loss_scale_growth = LOSS_SCALE_GROWTH       # good steps before the scale doubles again
+        self._good_steps = 0
+        self._overwrites_logits = any(isinstance(st, Invoke) and st.op == "classifier"
+                                      for st, _ in walk(self.program.backward))
 
     def _allocate(self) -> dict[str, np.ndarray]:
         """The arenas. The build refused what can never fit; numpy's zeros take memory only where they
@@ -143,6 +157,9 @@ class Model:
             raise AttributeError(f"{self.spec.path} names no `outputs.logits`")
         if self._last is None:
             raise RuntimeError("no forward pass has run yet: call model.forward(idx) first")
+        if self._spent:
+            raise RuntimeError("backward wrote the logits' gradient over the logits (the fused classifier): read "
+                               "model.logits before backward, or build with fuse='none'")
         _, B, T = self._last
         slot = self.layout.acts[self.spec.logits]
         width = slot.numel // (self.config["B"] * self.config["T"])
@@ -205,6 +222,7 @@ class Model:
         arrays, B, T = self._check_inputs(given)
         loss = self._ext.forward(self._handle, arrays, B, T)
         self._last = (arrays, B, T)
+        self._spent = False
         if any(a is None for a in arrays) or self.spec.loss is None:
             return None
         return float(loss)
@@ -216,22 +234,51 @@ class Model:
         arrays, B, T = self._last
         if any(a is None for a in arrays):
             raise RuntimeError("backward needs the last forward to have had targets")
+        if self._spent:
+            raise RuntimeError("backward already ran for this forward and, with the fused classifier, wrote the "
+                               "logits' gradient over the logits: run forward again first (or build with fuse='none')")
         self._fresh = False
-        self._ext.backward(self._handle, arrays, B, T)
+        self._ext.backward(self._handle, arrays, B, T, float(self.loss_scale))
+        self._spent = self._overwrites_logits
 
     def zero_grad(self) -> None:
         self._fresh = False
         self._ext.zero_grad(self._handle)
 
     def update(self, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 0.0, step: int | None = None, grad_scale: float = 1.0) -> None:
-        """One AdamW step (bias-corrected by ``step``, counted from 1; by default the model's own counter)."""
-        self.step = self.step + 1 if step is None else int(step)
-        if self.step < 1:
-            raise ValueError(f"step must be >= 1, got {self.step}")
+               weight_decay: float = 0.0, step: int | None = None, grad_scale: float = 1.0) -> bool:
+        """One AdamW step (bias-corrected by ``step``, counted from 1; by default the model's own counter) on
+        ``grad_scale`` times the gradients. Returns whether it was taken: with dynamic loss scaling a step
+        whose gradients overflowed is skipped (nothing changes, the step count stays), the scale halves, and
+        it doubles again after ``loss_scale_growth`` good steps in a row."""
+        step = self.step + 1 if step is None else int(step)
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
         self._fresh = False
-        self._ext.update(self._handle, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                         self.step, float(grad_scale))
+        taken = self._ext.update(self._handle, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                                 step, float(grad_scale) / self.loss_scale)
+        if not self.loss_scaling:
+            self.step = step
+            return True
+        if not taken:
+            self.loss_scale = max(self.loss_scale / 2, LOSS_SCALE_MIN)
+            self._good_steps = 0
+            return False
+        self.step = step
+        self._good_steps += 1
+        if self._good_steps >= self.loss_scale_growth:
+            self.loss_scale = min(self.loss_scale * 2, LOSS_SCALE_MAX)
+            self._good_steps = 0
+        return True
+
+    @property
+    def loss_scale_state(self) -> dict[str, float | int]:
+        """What resuming needs of the loss scaler (a training state stores it)."""
+        return {"scale": self.loss_scale, "good_steps": self._good_steps}
+
+    @loss_scale_state.setter
+    def loss_scale_state(self, state: dict) -> None:
+        self.loss_scale, self._good_steps = float(state["scale"]), int(state["good_steps"])
 
     # ---- parameters --------------------------------------------------------------------------------------------
     @property
@@ -293,11 +340,13 @@ class Model:
 
 def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | None = 0,
           out: str | Path | None = None, verbose: bool = False, precision: str = "fp32", fuse: str | None = "all",
-          **overrides) -> Model:
+          loss_scaling: bool | None = None, **overrides) -> Model:
     """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros).
     ``precision``: fp32, or bf16 (16-bit parameters, activations and gradients; fp32 master weights);
-    ``fuse``: which fusions the build uses, ``all`` (default), ``none`` or names ``a,b`` (gpt2gen/fusion.py)."""
-    m = Model(compile_model(model, target, out=out, verbose=verbose, precision=precision, fuse=fuse, **overrides))
+    ``fuse``: which fusions the build uses, ``all`` (default), ``none`` or names ``a,b`` (gpt2gen/fusion.py);
+    ``loss_scaling``: dynamic loss scaling (default: where the precision needs it, fp16)."""
+    m = Model(compile_model(model, target, out=out, verbose=verbose, precision=precision, fuse=fuse,
+                            loss_scaling=loss_scaling, **overrides))
     if seed is not None:
         m.init_weights(seed)
     return m

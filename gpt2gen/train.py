@@ -179,6 +179,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="model.yaml", help="model file")
     g.add_argument("--target", default="cpu", help="code generation target")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="storage of parameters, activations and gradients: fp32, or bf16 with fp32 master "
+                        "weights and moments (default: %(default)s; a resumed run keeps its own)")
+    g.add_argument("--fuse", default="all", metavar="all|none|A,B",
+                   help="fuse node pairs into one kernel (gpt2gen/fusion.py): all (default), none, or names")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
                    help="shape overrides: demo = " + ", ".join(f"{k}={v}" for k, v in
                                                                PRESETS["demo"].items())
@@ -377,15 +382,19 @@ def _build_model(args, say, resume_meta):
         cfg = dict(resume_meta["config"])
         say(f"model: {args.model} with the resumed run's config "
             + " ".join(f"{k}={cfg[k]}" for k in ("L", "NH", "C", "maxT") if k in cfg))
-        return build(model=args.model, target=args.target, seed=None, **cfg)   # the state file has the weights
+        precision = (resume_meta.get("model") or {}).get("precision", "fp32")   # the run's own
+        return build(model=args.model, target=args.target, seed=None, precision=precision, fuse=args.fuse,
+                     **cfg)   # the state file has the weights
     overrides = dict(args.overrides)
     if args.init_from:
         src = Path(args.init_from)
         if src.is_dir():
             say(f"model: importing HuggingFace weights from {src}")
-            return ckpt.from_hf(src, model=args.model, target=args.target, **batch, **overrides)
+            return ckpt.from_hf(src, model=args.model, target=args.target, precision=args.precision,
+                                fuse=args.fuse, **batch, **overrides)
         say(f"model: loading llm.c weights from {src}")
-        return ckpt.from_llmc(src, target=args.target, model=args.model, **batch, **overrides)
+        return ckpt.from_llmc(src, target=args.target, model=args.model, precision=args.precision,
+                              fuse=args.fuse, **batch, **overrides)
     cfg = {**PRESETS[args.preset], **overrides, **batch}
     if "V" not in overrides:
         # the token files hold GPT-2 token ids and samples are decoded with GPT-2's tokenizer: a model file
@@ -405,7 +414,8 @@ def _build_model(args, say, resume_meta):
                 if "pad_token_id" in [k.strip() for k in key.split("|")] and sym not in overrides:
                     cfg[sym] = -1
                     say(f"model: {sym}=-1 (no padding token in GPT-2's vocabulary)")
-    return build(model=args.model, target=args.target, seed=args.seed, **cfg)
+    return build(model=args.model, target=args.target, seed=args.seed, precision=args.precision, fuse=args.fuse,
+                 **cfg)
 
 
 def _check_args(args, from_state: set[str] = frozenset()) -> int:

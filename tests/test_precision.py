@@ -180,3 +180,68 @@ def test_layout_prints_each_tensors_dtype_and_the_totals_by_arena(capsys):
     out = capsys.readouterr().out
     assert "params arena, bf16" in out and "  ln_1_mean    f32 " in out and "  ln1          bf16 " in out
     assert "precision bf16; by arena: params bf16" in out and "master f32" in out and "acts by role:" in out
+
+
+def test_the_fused_classifier_says_when_the_logits_are_gone():
+    """Backward writes d_logits over the logits: reading them afterwards, or a second backward of the same
+    forward, is refused with what to do; a new forward makes both right again."""
+    m = gpt2gen.build("model.yaml", seed=0, **CFG)
+    idx, targets = batch(np.random.default_rng(4))
+    m.forward(idx, targets)
+    before = m.logits.copy()
+    m.zero_grad()
+    m.backward()
+    with pytest.raises(RuntimeError, match="read model.logits before backward, or build with fuse='none'"):
+        m.logits
+    with pytest.raises(RuntimeError, match="backward already ran for this forward"):
+        m.backward()
+    m.forward(idx, targets)
+    assert np.array_equal(m.logits, before)
+    plain = gpt2gen.build("model.yaml", seed=0, fuse="none", **CFG)
+    plain.forward(idx, targets)
+    plain.backward()
+    assert np.array_equal(plain.logits, before)
+
+
+# ---- dynamic loss scaling ----------------------------------------------------------------------------------
+
+def test_dynamic_loss_scaling_skips_overflowed_steps_and_changes_nothing_else(tmp_path):
+    """The derived step with loss scaling (fp16's; proved here on fp32 and bf16 builds, which the CPU has): the
+    backward seeds loss_scale / (B*T), the update unscales, so a run with a power-of-two scale equals one
+    without, bit for bit (scaling by 2^k is exact away from overflow and subnormals). A scale that makes a
+    gradient overflow skips the step -- weights, moments and the step count untouched -- and halves the
+    scale; after `loss_scale_growth` good steps it doubles again. A state stores the scaler."""
+    from gpt2gen import checkpoint as ck
+    idx, targets = batch(np.random.default_rng(6))
+
+    def run(m, n):
+        out = []
+        for _ in range(n):
+            out.append(m.forward(idx, targets))
+            m.zero_grad()
+            m.backward()
+            out.append(m.update(lr=1e-3, weight_decay=0.1))
+        return out
+    for prec in ("fp32", "bf16"):
+        plain = gpt2gen.build("model.yaml", precision=prec, seed=2, **CFG)
+        scaled = gpt2gen.build("model.yaml", precision=prec, seed=2, loss_scaling=True, **CFG)
+        assert scaled.loss_scaling and scaled.loss_scale == 2.0 ** 16 and not plain.loss_scaling
+        assert run(plain, 3) == run(scaled, 3)
+        for name in plain.params:
+            assert np.array_equal(plain.weights[name], scaled.weights[name]), (prec, name)
+        before = {k: v.copy() for k, v in scaled.arenas.items() if k in ("params", "m", "v", "master")}
+        scaled.forward(idx, targets)
+        scaled.zero_grad()
+        scaled.backward()
+        scaled.grads["lnfw"][5] = np.inf                   # as an overflow in fp16 would leave it
+        assert scaled.update(lr=1e-3, weight_decay=0.1) is False
+        assert scaled.step == 3 and scaled.loss_scale == 2.0 ** 15
+        for k, v in before.items():
+            assert np.array_equal(scaled.arenas[k], v), (prec, k)
+    scaled.loss_scale_growth = 2
+    run(scaled, 2)
+    assert scaled.loss_scale == 2.0 ** 16 and scaled.step == 5
+    ck.save_state(tmp_path / "s.safetensors", scaled, step=scaled.step)
+    again = gpt2gen.build("model.yaml", precision="bf16", seed=0, loss_scaling=True, **CFG)
+    ck.load_state(tmp_path / "s.safetensors", again)
+    assert again.loss_scale_state == scaled.loss_scale_state

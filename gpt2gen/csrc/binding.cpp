@@ -91,11 +91,11 @@ PYBIND11_MODULE(_gpt2gen_model, mod) {
         py::gil_scoped_release nogil;
         return gg_forward(&ar.raw, ptrs.data(), B, T);
     });
-    mod.def("backward", [](Arenas& ar, const py::list& inputs, int B, int T) {
+    mod.def("backward", [](Arenas& ar, const py::list& inputs, int B, int T, float loss_scale) {
         std::vector<IntArray> keep;
         auto ptrs = input_ptrs(inputs, keep, B, T);
         py::gil_scoped_release nogil;
-        gg_backward(&ar.raw, ptrs.data(), B, T);
+        gg_backward(&ar.raw, ptrs.data(), B, T, loss_scale);
     });
     mod.def("zero_grad", [](Arenas& ar) {
         py::gil_scoped_release nogil;
@@ -104,6 +104,6 @@ PYBIND11_MODULE(_gpt2gen_model, mod) {
     mod.def("update", [](Arenas& ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                          float grad_scale) {
         py::gil_scoped_release nogil;
-        gg_update(&ar.raw, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+        return gg_update(&ar.raw, lr, beta1, beta2, eps, weight_decay, step, grad_scale) != 0;
     });
 }

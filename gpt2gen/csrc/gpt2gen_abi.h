@@ -42,11 +42,14 @@ int gg_num_inputs(void);
 // Runs the forward pass for a (B,T) batch, B <= B_MAX, T <= T_MAX. inputs[i] may be NULL only for
 // optional inputs; nodes that need a missing input are skipped. Returns the mean loss, or -1.
 float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T);
-// Backward of the last forward (same inputs, B, T); accumulates into the parameter gradients.
-void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T);
+// Backward of the last forward (same inputs, B, T); accumulates into the parameter gradients the
+// gradient of loss_scale x the mean loss (1 without loss scaling).
+void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, float loss_scale);
 void gg_zero_grad(const gg_arenas* ar);
-void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps,
-               float weight_decay, int step, float grad_scale);
+// One AdamW step on grad_scale x the gradients. Returns 1 if taken; a model built with dynamic loss
+// scaling returns 0, touching nothing, when any gradient is inf or nan.
+int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps,
+              float weight_decay, int step, float grad_scale);
 
 #ifdef __cplusplus
 }

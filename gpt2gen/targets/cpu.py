@@ -261,7 +261,7 @@ class CpuTarget(Target):
             return dict(kind="zero", fn=ZERO[s.dtype], ptr=c_ref(s.ref), numel=c_product(s.shape), what=s.what)
         if isinstance(s, P.Seed):
             n = c_product(s.shape)
-            return dict(kind="fill", ptr=c_ref(s.ref), numel=n, value=f"1.0f / (float)({n})", what=s.what)
+            return dict(kind="fill", ptr=c_ref(s.ref), numel=n, value=f"loss_scale / (float)({n})", what=s.what)
         if isinstance(s, P.Guard):
             return dict(kind="guard", cond=" && ".join(s.inputs), comment=s.comment,
                         body=[self.statement(x, dacts_dtype) for x in s.body])
@@ -331,7 +331,7 @@ class CpuTarget(Target):
             kernels=self.kernel_sections(program.ops_used, pol.name),   # no model name collides with theirs: c_names
             params=params, acts=acts, name_width=width,
             dslots=[dict(offset=s.offset, numel=s.numel, note=s.note) for s in layout.dacts.slots],
-            arenas=arenas, master=pol.master, precision=pol.name,
+            arenas=arenas, master=pol.master, precision=pol.name, loss_scaling=program.loss_scaling,
             zero_grad=f"{ZERO[st]}(({self.type_names[st]}*)ar->grads, PARAMS_SIZE)",
             inputs=inputs,
             forward=[self.statement(s, layout.dacts.dtype) for s in program.forward],

@@ -1347,7 +1347,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 // ----------------------------------------------------------------------------
 // backward: the forward nodes in reverse, each op's backward from the op library
 
-void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
+void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, float loss_scale) {
     Params params, grads, *p = &params, *g = &grads;
     Acts acts, *a = &acts;
     float* da = (float*)ar->dacts;
@@ -1362,7 +1362,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
     float* d_lnf = da + DSLOT_1;  // (B,T,C) dslot1
     float* d_x = da + DSLOT_0;  // (B,T,C) dslot0
     float* d_x_spare = da + DSLOT_1;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
-    gg_fill(d_losses, (size_t)B * T, 1.0f / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
+    gg_fill(d_losses, (size_t)B * T, loss_scale / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head+loss (models/gemma.yaml:87): classifier
     classifier_backward(d_lnf, g->wte, NULL, a->logits, d_losses, a->lnf, p->wte, a->loss_lse, targets, B * T, C, Vp, V);
@@ -1475,10 +1475,9 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 
 void gg_zero_grad(const gg_arenas* ar) {
     gg_zero((float*)ar->grads, PARAMS_SIZE);
-}
-
-void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
-               float grad_scale) {
+}// Returns 1 when the step was taken (always, without loss scaling).
+int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
+              float grad_scale) {
     float bc1 = (float)(1.0 - pow((double)beta1, (double)step));  // bias corrections
     float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
     for (int i = 0; i < 11; i++) {
@@ -1487,6 +1486,7 @@ void gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float ep
                      (float*)ar->v + t->offset, t->numel, lr, beta1, beta2, eps, t->decay ? weight_decay : 0.0f,
                      grad_scale, bc1, bc2);
     }
+    return 1;
 }
 
 // ----------------------------------------------------------------------------
