@@ -273,7 +273,8 @@ def run_bench(args: argparse.Namespace, say=print) -> dict[str, Any]:
     T = args.seq_len or int(defaults["T"])
     program, _ = generate(model_path, "cpu", **{**overrides, "B": B, "T": T})
     work = step_work(program, B, T)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    from .threads import threads_from_env
+    threads = args.threads or threads_from_env() or len(os.sched_getaffinity(0))   # --threads, $GPT2GEN_THREADS
     kinds = [k for k in KINDS if not (k == "compile" and args.no_compile)]
     torch_traits(program.spec, program.config)   # a file with no PyTorch module: refused before any process
     cfg = program.config
@@ -366,7 +367,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=BOUNDS["rounds"], default=5, help="turns of every contender (default: %(default)s)")
     p.add_argument("--warmup", type=BOUNDS["warmup"], default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--threads", type=BOUNDS["threads"], default=None,
-                   help="threads for every contender (default: all cores)")
+                   help="threads for every contender (default: $GPT2GEN_THREADS, else all cores)")
     p.add_argument("--seed", type=BOUNDS["seed"], default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--fused-adamw", action="store_true", help="PyTorch uses AdamW(fused=True)")

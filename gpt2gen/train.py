@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import distributed
 from .checks import Bounded, Output, UsageError, check_bounds, check_outputs, error_parts
 from .cli import parse_override, run_command
 from .data import DEFAULT_DATA_DIR, DataLoader, prepro_tinyshakespeare, read_header, tinyshakespeare_outputs
@@ -244,9 +245,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the final weights as an llm.c model file")
     g.add_argument("--export-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="precision of --export-llmc")
-    g.add_argument("--log", default=None, help="JSONL log file (default: log/RUN.jsonl)")
+    g.add_argument("--export-hf", metavar="DIR", default=None,
+                   help="write the final weights as a HuggingFace directory (config.json + model.safetensors, "
+                        "through the model file's huggingface mapping)")
+    g.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=None,
+                   help="save the final weights as a training state in the checkpoint directory, for "
+                        "`gpt2gen sample/eval/export --checkpoint` (default: on when training on the default "
+                        "data, as the demo does, or whenever states are saved)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="train nothing: evaluate the weights of --resume or --init-from on --val-data "
+                        "(--val-steps batches of -b x -t) and print loss and perplexity")
+    from .threads import add_threads_argument
+    add_threads_argument(g)
+    g.add_argument("--log", "--log-file", default=None,
+                   help="JSONL log file (default: log/RUN.jsonl); under torchrun spell it --log-file, since "
+                        "torchrun reads --log as an abbreviation of its own --log-dir")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (print a line per validation instead)")
+    distributed.add_arguments(p)
     for action in p._actions:   # the plain int/float parsers above become range-checked ones
         if action.dest in BOUNDS:
             action.type = BOUNDS[action.dest]
@@ -321,6 +337,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """The handler of ``gpt2gen train``; errors are reported by :func:`gpt2gen.cli.run_command`."""
+    from .threads import apply_threads
+    apply_threads(getattr(args, "threads", None))
+    if getattr(args, "eval_only", False):
+        from .evaluate import trainer_eval_only
+        trainer_eval_only(args)
+        return 0
     train(args)
     return 0
 
@@ -418,15 +440,18 @@ def _build_model(args, say, resume_meta):
                  **cfg)
 
 
-def _check_args(args, from_state: set[str] = frozenset()) -> int:
+def _check_args(args, from_state: set[str] = frozenset(), world: int = 1) -> int:
     """Validate the settings (those a resumed state supplied too, against the same ranges); returns the
-    number of micro-batches per step."""
+    number of micro-batches per step (of each of ``world`` data-parallel processes: --total-batch-size
+    counts the tokens of all of them)."""
     check_bounds(args, BOUNDS, lambda name: " (the value saved in the resumed run's state)" if name in from_state
                  else "")
-    bt = args.batch_size * args.seq_len
+    bt = args.batch_size * args.seq_len * world
     total = args.total_batch_size or bt
     if total % bt:
-        raise UsageError(f"--total-batch-size {total} is not a multiple of B*T = {args.batch_size}*{args.seq_len} "
+        what = f"B*T = {args.batch_size}*{args.seq_len}" if world == 1 else \
+            f"processes*B*T = {world}*{args.batch_size}*{args.seq_len}"
+        raise UsageError(f"--total-batch-size {total} is not a multiple of {what} "
                          f"= {bt}", hint=f"use a multiple of {bt}, e.g. {bt * max(1, round(total / bt))}")
     return total // bt
 
@@ -469,6 +494,9 @@ def _check_run_outputs(args, log_path: Path, ckpt_dir: Path | None, resume_path:
     outputs = [Output("--log", log_path, "append", "a JSONL training log", b"{", "train.jsonl")]
     if ckpt_dir is not None:
         outputs.append(Output("--checkpoint-dir", ckpt_dir, "dir", "training states"))
+    if getattr(args, "export_hf", None):
+        from .export import check_export_dir
+        check_export_dir(Path(args.export_hf), "--export-hf")
     if args.export_llmc:
         outputs.append(Output("--export-llmc", Path(args.export_llmc), "file", "an llm.c model file",
                               np.array([ckpt.LLMC_MAGIC], dtype="<i4").tobytes(), "model.bin"))
@@ -578,16 +606,27 @@ def _describe_finished(resume: str, start: int, steps: int) -> str:
 
 
 def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
-    """Run training as described by ``args`` (from :func:`build_parser`)."""
+    """Run training as described by ``args`` (from :func:`build_parser`); under torchrun, as one rank of a
+    data-parallel run (gpt2gen.distributed)."""
+    dp = distributed.setup(args)
+    try:
+        return _train(args, dp, quiet=quiet)
+    finally:
+        dp.close()
+
+
+def _train(args: argparse.Namespace, dp, *, quiet: bool = False) -> TrainResult:
     from tqdm import tqdm
 
     from .tokenizer import get_tokenizer
 
     t_start = time.time()
+    quiet = quiet or not dp.is_main   # only rank 0 of a data-parallel run reports
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: tqdm.write(" ".join(map(str, a))))
 
     def warn(msg: str) -> None:
-        tqdm.write(f"warning: {msg}", file=sys.stderr)
+        if dp.is_main:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
 
     args = argparse.Namespace(**vars(args))   # resumed settings are filled in below: leave the caller's alone
     resume_path, resume_meta = _find_state(Path(args.resume), warn) if args.resume else (None, None)
@@ -596,16 +635,22 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
     if resume_meta is not None:
         from_state = _apply_saved_settings(args, prev.get("hparams", {}), warn)
         _check_resume_options(args, resume_meta)
-    grad_accum = _check_args(args, from_state)
-    run_name = args.run_name or prev.get("run_name") or time.strftime("train-%Y%m%d-%H%M%S")
+        dp.check_resume(resume_path, prev)
+    grad_accum = _check_args(args, from_state, dp.world)
+    run_name = dp.from_main(args.run_name or prev.get("run_name") or time.strftime("train-%Y%m%d-%H%M%S"))
     log_path = Path(args.log) if args.log else (Path(prev["log"]) if prev.get("log")
                                                 else Path("log") / f"{run_name}.jsonl")
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else (
         Path(prev["checkpoint_dir"]) if prev.get("checkpoint_dir") else Path("out") / run_name)
     # a resumed run keeps saving states (it came from one), so a Ctrl-C in it saves too
     save_states = args.checkpoint_every > 0 or args.checkpoint_dir is not None or resume_path is not None
+    save_final = getattr(args, "save_final", None)
+    if save_final is None:   # the demo keeps its weights, for `gpt2gen sample --checkpoint out`
+        save_final = Path(args.train_data) == DEFAULT_TRAIN
+    save_states = save_states or bool(save_final)
+    export_any = bool(args.export_llmc or getattr(args, "export_hf", None))
     # --export-llmc may fall back to saving a state in ckpt_dir (a full disk at the end), so it is checked then too
-    _check_run_outputs(args, log_path, ckpt_dir if save_states or args.stop_after or args.export_llmc else None,
+    _check_run_outputs(args, log_path, ckpt_dir if save_states or args.stop_after or export_any else None,
                        resume_path)
     from .cache import remove_stale_temporaries   # a state half-written by a killed run: GBs for 124M
     for stale in remove_stale_temporaries(ckpt_dir, legacy_glob="state_*.safetensors"):
@@ -613,9 +658,10 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
 
     # data
     train_path = Path(args.train_data)
-    if _prepares_tinyshakespeare(args):
+    if _prepares_tinyshakespeare(args) and dp.local_rank == 0:   # once per machine; the others wait
         say("training data not found; preparing tiny Shakespeare ...")
         prepro_tinyshakespeare(DEFAULT_DATA_DIR, quiet=quiet)
+    dp.barrier("waiting for the training data to be prepared")
     for data_file in (train_path, args.val_data):   # a bad token file is found before the model is compiled
         if data_file:
             read_header(data_file)
@@ -624,11 +670,11 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
     if isinstance(model, Model):       # training writes all six arenas: refuse now what cannot fit
         check_training_memory(model)
     V = int(model.config["V"])
-    loader = DataLoader(train_path, args.batch_size, args.seq_len, shuffle=args.shuffle,
-                        seed=args.seed, vocab_size=V)
+    loader = dp.loader(train_path, args.batch_size, args.seq_len, shuffle=args.shuffle,
+                       seed=args.seed, vocab_size=V)   # data-parallel: this rank's rows of each global batch
     val_loader = None
     if args.val_data:
-        val_loader = DataLoader(args.val_data, args.batch_size, args.seq_len, vocab_size=V)
+        val_loader = dp.loader(args.val_data, args.batch_size, args.seq_len, vocab_size=V)
     rng = np.random.default_rng(args.seed)
     start = 0
     if resume_path is not None:
@@ -640,39 +686,60 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if "hparams" not in prev and prev.get("steps") not in (None, args.steps):
             warn(f"the resumed run was planned for {prev['steps']} steps, this one for "
                  f"{args.steps}: the learning-rate schedule changes")
+    dp.prepare(model, args)   # data-parallel: the same weights everywhere; ZeRO-1 keeps this rank's moments
+    dp.checkpoint_dir = ckpt_dir if save_states else None
     if args.export_llmc:   # fail now, not after training, when the weights cannot be exported
         try:
             ckpt.check_llmc_compatible(model)
         except ckpt.CheckpointError as e:
             raise ckpt.CheckpointError(f"--export-llmc: this model cannot be written as an llm.c "
                                        f"model file: {e}") from None
+    if getattr(args, "export_hf", None):   # likewise a model file whose weights have no HuggingFace names
+        from .export import check_hf_exportable
+        try:
+            check_hf_exportable(model)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"--export-hf: this model cannot be written as a HuggingFace "
+                                       f"checkpoint: {e}") from None
     result = TrainResult(model=model, step=start, log_path=log_path)
     ctrl_c = _CtrlC(
         f"interrupt: finishing the current step, then saving the state in {ckpt_dir} and stopping (Ctrl-C "
         f"again to stop sooner: the state saved is still exact)" if save_states else
         "interrupt: finishing the current step, then stopping; this run saves no training state (Ctrl-C "
-        "again to stop at once)", lambda msg: tqdm.write(msg, file=sys.stderr))
+        "again to stop at once)", lambda msg: tqdm.write(msg, file=sys.stderr) if dp.is_main else None)
     # the newest state this run wrote, or the one it resumed from (it holds the weights at `start`)
     saved: dict[str, Any] = {"step": None, "post_done": None, "path": None}
     if resume_path is not None:
         saved.update(step=start, post_done=not prev.get("post_step_pending"), path=resume_path)
 
     def export() -> None:
-        """Write --export-llmc; if that fails, the message names the state file holding the trained weights."""
+        """Write --export-llmc and --export-hf; if one fails, the message names the state file holding the
+        trained weights."""
+        if args.export_llmc:
+            export_one("--export-llmc", args.export_llmc, f"the llm.c model file {args.export_llmc}",
+                       lambda: ckpt.save_llmc(model, args.export_llmc, args.export_dtype),
+                       f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
+        if getattr(args, "export_hf", None):
+            from .export import save_hf
+            export_one("--export-hf", args.export_hf, f"the HuggingFace directory {args.export_hf}",
+                       lambda: save_hf(model, args.export_hf),
+                       f"exported HuggingFace checkpoint {args.export_hf} (config.json + model.safetensors)")
+
+    def export_one(option: str, dest: str, what: str, write, done: str) -> None:
         try:
-            with ctrl_c.writing(f"the llm.c model file {args.export_llmc}"):
-                ckpt.save_llmc(model, args.export_llmc, args.export_dtype)
+            with ctrl_c.writing(what):
+                write()
         except OSError as e:
             text, hint = error_parts(e)
             kept, why_not = keep_trained_weights()
             if kept is not None:
-                later = f"export them later with --resume {kept} --export-llmc PATH"
+                later = f"export them later with --resume {kept} {option} PATH"
                 text += f"; the trained weights are kept in {kept}"
                 hint = f"{hint}; then {later}" if hint else later
             else:
                 text += f"; saving the trained weights as a training state failed too: {why_not}"
-            raise UsageError(f"--export-llmc {args.export_llmc}: could not write it: {text}", hint=hint) from None
-        say(f"exported llm.c model file {args.export_llmc} ({args.export_dtype})")
+            raise UsageError(f"{option} {dest}: could not write it: {text}", hint=hint) from None
+        say(done)
 
     def keep_trained_weights() -> tuple[Path | None, str | None]:
         """After a failed export: the state file holding the trained weights -- the one saved or resumed
@@ -681,23 +748,28 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if saved["step"] == result.step:
             return saved["path"], None
         try:
-            return save(result.step, prune=False), None
-        except OSError as e:
+            return save(result.step, prune=False, alone=True), None
+        except (OSError, distributed.DistributedError) as e:
             return None, error_parts(e)[0]
 
     def save(step: int, data_state: dict | None = None, rng_state: dict | None = None,
-             post_done: bool = True, prune: bool = True) -> Path:
+             post_done: bool = True, prune: bool = True, alone: bool = False) -> Path:
         """Save the state at ``step``: the model's arenas as they are now, with the given (default:
         current) loader and sampler states. ``post_done=False``: the step's update is applied but
         its validation/sample/checkpoint are not, and a resume does them first. ``prune``: keep only
-        the newest --keep-checkpoints states."""
+        the newest --keep-checkpoints states. Data-parallel: every rank calls it (with ZeRO-1 they send
+        their moments to rank 0), rank 0 writes; ``alone``: rank 0 without the others (ranks not in step)."""
         path = ckpt_dir / f"state_{step:06d}.safetensors"
+        state_model = dp.consolidate(model, alone=alone)
+        if state_model is None:   # another rank of a data-parallel run: rank 0 writes
+            saved.update(step=step, post_done=post_done, path=path)
+            return path
         extra = {"run_name": run_name, "log": str(log_path), "checkpoint_dir": str(ckpt_dir),
-                 "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}}
+                 "steps": args.steps, "hparams": {k: getattr(args, k) for k in HPARAMS}, **dp.state_extra()}
         if not post_done:
             extra["post_step_pending"] = True
         with ctrl_c.writing(f"the training state {path}"):
-            ckpt.save_state(path, model, step=step,
+            ckpt.save_state(path, state_model, step=step,
                             data={"train": data_state if data_state is not None else loader.state_dict()},
                             rng={"sample": rng_state if rng_state is not None else rng.bit_generator.state},
                             extra=extra)
@@ -711,7 +783,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
 
     if resume_path is not None and start >= args.steps and not prev.get("post_step_pending"):
         log = JsonlLog(None)
-        if args.export_llmc:
+        if export_any and dp.is_main:
             export()
         say(_describe_finished(args.resume, start, args.steps))
         return result
@@ -722,23 +794,28 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         + f"); data: {len(loader.tokens):,} training tokens; B={args.batch_size} T={args.seq_len} "
         f"grad_accum={grad_accum}")
 
-    tok = get_tokenizer() if args.sample_tokens > 0 else None
+    tok = get_tokenizer() if args.sample_tokens > 0 and dp.is_main else None
     prompt = [tok.eot] + (tok.encode(args.prompt) if tok and args.prompt else []) if tok else []
-    log = JsonlLog(log_path)
+    log = JsonlLog(log_path if dp.is_main else None)
     log.write(type="config", run=run_name, start_step=start, argv=sys.argv[1:],
               args={k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                     for k, v in vars(args).items() if k != "func" and not k.startswith("_")},
               config={k: (int(v) if float(v).is_integer() else float(v))
                       for k, v in model.config.items()}, n_params=n_params,
               grad_accum=grad_accum)
-    tokens_per_step = grad_accum * args.batch_size * args.seq_len
+    if dp.world > 1 or dp.zero:
+        info = dp.summary()   # a collective: every rank
+        say(f"distributed: {dp.describe()}")
+        if info:
+            log.write(type="distributed", **info)
+    tokens_per_step = grad_accum * args.batch_size * args.seq_len * dp.world
     stop = min(args.steps, args.stop_after) if args.stop_after > 0 else args.steps
 
     def run_val(step: int) -> None:
         if val_loader is None:
             return
         t0 = time.time()
-        vl = evaluate(model, val_loader, args.val_steps)
+        vl = dp.mean(evaluate(model, val_loader, args.val_steps))   # data-parallel: each rank's share
         result.val_losses.append((step, vl))
         log.write(type="val", step=step, loss=vl, ms=round(1e3 * (time.time() - t0), 1))
         say(f"step {step:5d} | val loss {vl:.4f}"
@@ -767,18 +844,22 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         if checkpoint and args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step != stop:
             save(step)
 
-    def save_on_stop() -> str:
+    def save_on_stop(alone: bool = False) -> str:
         """After Ctrl-C or a diverged loss: save the last state known to be consistent -- `snap` after the
         last completed step or, once a step's update has been applied, `pending`, that step with its
-        post-step work marked as still to do. Returns what became of it, for the user."""
+        post-step work marked as still to do. Returns what became of it, for the user. ``alone``: the
+        ranks of a data-parallel run stopped at different points, so rank 0 saves without them (if it can)."""
         if not save_states:
             return "no training state was saved (pass --checkpoint-dir or --checkpoint-every to make runs resumable)"
+        if alone and not dp.can_save_alone:
+            return (f"no new state was saved: the ranks stopped at different points and with --zero 1 the "
+                    f"optimizer state is spread over them; the newest state in {ckpt_dir} is intact")
         state, post_done = (pending, False) if pending is not None and pending["step"] > start else (snap, True)
         if state["step"] <= start:
             return f"no step completed, so no new state was saved (the run is still at step {start})"
         # a state of this step saved with its post-step work done (a checkpoint) is as good or better
         if saved["step"] != state["step"] or (post_done and not saved["post_done"]):
-            save(state["step"], state["data"], state["rng"], post_done=post_done)
+            save(state["step"], state["data"], state["rng"], post_done=post_done, alone=alone)
         return f"the state at step {state['step']} is saved in {ckpt_dir}"
 
     bar = tqdm(total=stop, initial=start, disable=quiet or not args.progress, unit="step",
@@ -797,7 +878,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
                 pending = None
                 snap = {"step": start, "data": loader.state_dict(), "rng": rng.bit_generator.state}
             for step in range(start + 1, stop + 1):
-                if ctrl_c.requested:
+                if dp.should_stop(ctrl_c.requested):   # data-parallel: if any rank was interrupted
                     raise ctrl_c.stop_now()
                 t0 = time.perf_counter()
                 lr = lr_at(step, lr=args.lr, warmup=args.warmup_steps, steps=args.steps,
@@ -809,19 +890,20 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
                     loss += float(model.forward(x, y))
                     model.backward()
                 loss /= grad_accum
-                norm = grad_norm(model.arenas["grads"]) / grad_accum
+                # data-parallel: gradients summed over the ranks; the mean loss and the global norm
+                loss, norm = dp.reduce_gradients(model, loss, grad_accum)
                 if not (math.isfinite(loss) and math.isfinite(norm)):   # before the update spreads it
                     raise FloatingPointError(f"training diverged: the loss became {loss} (gradient norm "
                                              f"{norm}) at step {step}")
-                scale = 1.0 / grad_accum
+                scale = 1.0 / (grad_accum * dp.world)
                 if args.grad_clip > 0 and norm > args.grad_clip:
                     scale *= args.grad_clip / norm
                 data_after = loader.state_dict()
                 # the update and the record that it was applied are one: a Ctrl-C between them would save
                 # this step's weights with the previous step's loader and RNG state
                 with ctrl_c.protected(f"applying the update of step {step}"):
-                    model.update(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
-                                 grad_scale=scale)
+                    dp.update(model, lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
+                              grad_scale=scale)
                     pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
                 dt = time.perf_counter() - t0
                 result.train_losses.append((step, loss))
@@ -837,7 +919,9 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         except (KeyboardInterrupt, FloatingPointError) as stopped:
             ctrl_c.stopping = True
             bar.close()
-            kept = save_on_stop()
+            # the ranks of a data-parallel run are in step unless a second Ctrl-C stopped each where it was
+            kept = save_on_stop(alone=dp.world > 1 and isinstance(stopped, KeyboardInterrupt)
+                                and not dp.stop_agreed)
             log.close()
             if isinstance(stopped, FloatingPointError):
                 raise FloatingPointError(f"{stopped}; {kept}\n  hint: resume with a lower --lr (or more "
@@ -848,7 +932,7 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
         bar.close()
         if (save_states and result.step > start) or args.stop_after:
             save(result.step)
-        if args.export_llmc:
+        if export_any and dp.is_main:
             export()
     finally:
         ctrl_c.restore()
@@ -862,6 +946,10 @@ def train(args: argparse.Namespace, *, quiet: bool = False) -> TrainResult:
     if result.val_losses:
         summary += f"; val loss {result.val_losses[-1][1]:.3f}"
     say(summary + f"; log: {log_path}")
+    if saved["path"] is not None and saved["step"] == result.step and result.step > start:
+        say(f"final weights: {saved['path']}\n  try: gpt2gen sample --checkpoint {saved['path']} --prompt 'ROMEO:'"
+            if Path(args.train_data) == DEFAULT_TRAIN else
+            f"final weights: {saved['path']} (gpt2gen sample / eval / export --checkpoint PATH)")
     return result
 
 
