@@ -340,19 +340,33 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", 
     loss = None
     if spec.loss:
         loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
-    return Program(spec, config, layout, _buffers(ctx), forward, backward, used, spec.of_kind("input"), loss,
+    return Program(spec, config, layout, _buffers(ctx, layout), forward, backward, used, spec.of_kind("input"), loss,
                    precision=ctx.policy, fused=fused,
                    loss_scaling=ctx.policy.loss_scaling if loss_scaling is None else bool(loss_scaling))
 
 
-def _buffers(ctx: _Ctx) -> dict[str, Buffer]:
-    """The model's tensors with their roles, and what the ops keep for their backward (``saved``)."""
+def _buffers(ctx: _Ctx, layout: Layout) -> dict[str, Buffer]:
+    """Every buffer of the program with its role and dtype: the model's tensors, what the ops keep for their
+    backward (``saved``), each parameter's gradient, master weight (mixed precision) and AdamW moments
+    (``grad:wte``, ``master:wte``, ``m:wte``, ``v:wte``), and the activation-gradient slots."""
     out = {}
+    pol = ctx.policy
     for t in ctx.spec.tensors.values():
         role = {"input": "input", "param": "param"}.get(t.kind, "scratch" if t.name in ctx.scratch else "act")
         out[t.name] = Buffer(t.name, tuple(t.shape), ctx.dtype(t), role, t.per_layer, t.line)
+        if t.kind == "param":
+            out[f"grad:{t.name}"] = Buffer(f"grad:{t.name}", tuple(t.shape), pol.dtype("grad"), "grad", t.per_layer,
+                                           t.line)
+            if pol.master:
+                out[f"master:{t.name}"] = Buffer(f"master:{t.name}", tuple(t.shape), "f32", "master", t.per_layer,
+                                                 t.line)
+            for moment in ("m", "v"):
+                out[f"{moment}:{t.name}"] = Buffer(f"{moment}:{t.name}", tuple(t.shape), "f32", "moment",
+                                                   t.per_layer, t.line)
     for t in ctx.saved.values():
         out[t.name] = Buffer(t.name, tuple(t.shape), "f32", "saved", t.per_layer, t.line)
+    for slot in layout.dacts.slots:
+        out[slot.name] = Buffer(slot.name, (E.Num(slot.numel),), slot.dtype, "act_grad")
     return out
 
 

@@ -22,6 +22,7 @@ import gpt2gen
 from gpt2gen import precision as PR
 from gpt2gen.builder import BuildError, generate
 from gpt2gen.cli import main
+from gpt2gen.program import ROLES
 
 CFG = dict(L=2, C=64, NH=4, B=2, T=16, V=96, Vp=128, maxT=32)
 ULP = 2.0 ** -8          # bf16 keeps 8 significant bits: a rounding moves a value by at most 2^-9 relative
@@ -245,3 +246,14 @@ def test_dynamic_loss_scaling_skips_overflowed_steps_and_changes_nothing_else(tm
     again = gpt2gen.build("model.yaml", precision="bf16", seed=0, loss_scaling=True, **CFG)
     ck.load_state(tmp_path / "s.safetensors", again)
     assert again.loss_scale_state == scaled.loss_scale_state
+
+
+def test_the_program_lists_every_buffer_with_its_role_and_dtype():
+    program, _ = generate("model.yaml", precision="bf16", **CFG)
+    b = program.buffers
+    assert (b["wte"].role, b["wte"].dtype) == ("param", "bf16")
+    assert (b["grad:wte"].role, b["grad:wte"].dtype) == ("grad", "bf16")
+    assert (b["master:wte"].role, b["master:wte"].dtype) == ("master", "f32")
+    assert (b["m:qkvw"].role, b["v:qkvw"].dtype, b["v:qkvw"].per_layer) == ("moment", "f32", True)
+    assert (b["ln1"].role, b["ln_1_mean"].role, b["attproj"].role, b["idx"].role) == ("act", "saved", "scratch", "input")
+    assert b["dslot0"].role == "act_grad" and {x.role for x in b.values()} == set(ROLES)
