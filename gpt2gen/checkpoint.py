@@ -505,8 +505,8 @@ def _hf_values(hf_cfg: dict[str, Any], cfg_path: Path, spec, mapping,
             out[sym] = (key, int(value) if isinstance(defaults.get(sym), int) else value)
     if problems:
         raise CheckpointError(f"{cfg_path}: " + "; ".join(problems)
-                              + f"\n  hint: fix config.json, or pass the value as an override (from_hf(..., "
-                                f"SYMBOL=value), --set SYMBOL=value)")
+                              + "\n  hint: fix config.json, or pass the value as an override (from_hf(..., "
+                                "SYMBOL=value), --set SYMBOL=value)")
     return out
 
 

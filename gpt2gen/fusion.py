@@ -11,10 +11,12 @@ binding, the derived backward and the memory plans treat it as any op). What it 
   forward writes the logits and the loss, the backward writes the logits' gradient over the logits (no
   ``d_logits`` buffer, no probabilities), then runs the matmul's backward from there;
 - ``residual_layernorm``: ``r = a + b; out = layernorm(r)`` in one pass over each row, and one pass
-  back: the norm's input gradient and ``r``'s gradient from its other readers go to ``a`` and ``b`` at once.
+  back over the rows: the norm's input gradient and ``r``'s gradient from its other readers go to ``a``
+  and ``b`` at once (the norm's weight gradients take the layernorm's own channel pass). Pairs across the
+  layer boundary (the last residual of a layer and the next layer's first norm) are not fused yet.
 
-The pass (``gpt2gen.lower.fuse``) applies a fusion only where it changes nothing else: both nodes in the
-same block, and for an ``exclusive`` fusion the producer's output read by nobody but the consumer.
+The pass (``gpt2gen.lower.fuse_pairs``) applies a fusion only where it changes nothing else: the two nodes
+adjacent in one block, and for an ``exclusive`` fusion the producer's output read by nobody but the consumer.
 Which fusions a build uses is an option (``--fuse all|none|a,b``); a target lists those it has kernels for.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Fusion:
     op: OpDef                      # the fused op
     exclusive: bool                # the producer's output may have no other reader
     operands: tuple[tuple[str, int, str], ...]   # fused operand <- (0: producer / 1: consumer, its operand)
+    producer_guards: bool = False  # the kernel runs without the consumer's optional inputs: the fused node is
+                                   # guarded as the producer (the classifier: logits without targets)
 
 
 FUSIONS: dict[str, Fusion] = {f.name: f for f in [
@@ -49,7 +53,7 @@ FUSIONS: dict[str, Fusion] = {f.name: f for f in [
         attrs=[Attr("vocab", "int", binds="V")],
         checks=[("V <= OC", "the vocabulary cannot exceed the logits' width")]), exclusive=True,
         operands=(("inp", 0, "inp"), ("weight", 0, "weight"), ("targets", 1, "targets"), ("bias", 0, "bias"),
-                  ("logits", 0, "out"), ("losses", 1, "losses"))),
+                  ("logits", 0, "out"), ("losses", 1, "losses")), producer_guards=True),
     Fusion("residual_layernorm", "residual", "layernorm", _op(
         "residual_layernorm", "r = a + b; out = (r - mean) * rstd * weight + bias over the last dimension",
         [I("a", "B,T,C"), I("b", "B,T,C"), I("weight", "C"), I("bias", "C")],

@@ -18,7 +18,6 @@ from .precision import DTYPES, Policy, policy as _policy
 from .spec import ModelSpec, TensorDecl
 
 ALIGN_BYTES = 64
-ALIGN_FLOATS = ALIGN_BYTES // 4
 
 
 def align(n: int, itemsize: int = 4) -> int:
@@ -144,10 +143,10 @@ class Layout:
         offsets = {}
         for i in sorted(sizes):
             users = [t.name for t, _, _ in shared if scratch[t.name] == i]
-            offsets[i] = acts.add(f"scratch{i}", f"({sizes[i]})", (sizes[i],), note="shared by " + ", ".join(users),
+            offsets[i] = acts.add(f"gg_scratch{i}", f"({sizes[i]})", (sizes[i],), note="shared by " + ", ".join(users),
                                   role="scratch").offset
         for t, shape, dims in shared:
-            acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in scratch{scratch[t.name]}: no backward reads it",
+            acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in gg_scratch{scratch[t.name]}: no backward reads it",
                        dtypes.get(t.name, acts.dtype))
         return cls(config, n_layers, params, acts, Arena("dacts", dtype=precision.storage), numel_max, precision)
 

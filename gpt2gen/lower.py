@@ -3,12 +3,15 @@
 The stages, each a function of its own:
 
 1. ``bind_graph``: every graph node finds its op and binds the op's dimension letters against the
-   model's tensor shapes (reporting the node, its line and both shapes when they disagree);
-2. ``emit_forward``: the forward, one ``Invoke`` per node, with per-layer views inside the layer loop;
-3. ``derive_backward``: the nodes in reverse, and where each activation gradient is used;
-4. ``plan_gradients``: every activation gradient gets a slot in the dacts arena by live interval, so
+   model's tensor shapes (reporting the node, its line and both shapes when they disagree); what the
+   target's kernel keeps for the backward gets a buffer named after the node;
+2. ``fuse_pairs``: adjacent node pairs the target has one kernel for become one node (gpt2gen/fusion.py);
+3. ``plan_scratch``: activations no backward reads share scratch slots by live interval;
+4. ``emit_forward``: the forward, one ``Invoke`` per node, with per-layer views inside the layer loop;
+5. ``derive_backward``: the nodes in reverse, and where each activation gradient is used;
+6. ``plan_gradients``: every activation gradient gets a slot in the dacts arena by live interval, so
    gradients whose lifetimes do not overlap share memory and a layer's slots serve every layer;
-5. ``emit_backward``: each op's backward invocation; since every backward kernel accumulates, a
+7. ``emit_backward``: each op's backward invocation; since every backward kernel accumulates, a
    gradient buffer is zeroed right before its first use.
 
 Output: a ``gpt2gen.program.Program``. Nothing here is any target's language: a target
@@ -323,7 +326,7 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", 
         raise ctx.err(f"batch T = {config['T']} exceeds maxT = {config['maxT']}", line=spec.config_lines.get("T"),
                       hint="lower T (e.g. an override T=...) or raise maxT")
     graph = bind_graph(ctx, tgt)
-    fused = globals()["fuse"](ctx, graph, chosen)
+    fused = fuse_pairs(ctx, graph, chosen)
     ctx.scratch = plan_scratch(ctx, graph)
     dtypes = {t.name: ctx.dtype(t) for t in list(spec.tensors.values()) + list(ctx.saved.values())}
     layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values, saved=ctx.saved, notes=ctx.notes,
@@ -366,7 +369,7 @@ def _buffers(ctx: _Ctx, layout: Layout) -> dict[str, Buffer]:
     for t in ctx.saved.values():
         out[t.name] = Buffer(t.name, tuple(t.shape), "f32", "saved", t.per_layer, t.line)
     for slot in layout.dacts.slots:
-        out[slot.name] = Buffer(slot.name, (E.Num(slot.numel),), slot.dtype, "act_grad")
+        out[f"dacts:{slot.name}"] = Buffer(f"dacts:{slot.name}", (E.Num(slot.numel),), slot.dtype, "act_grad")
     return out
 
 
@@ -417,6 +420,7 @@ def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
     conditional: set[str] = set()             # tensors that exist only when an optional input is given
     guarded: set[str] = set()
     optional_inputs = {t.name for t in spec.of_kind("input") if t.optional}
+    block_of: dict[str, Repeat] = {}          # per-layer activation -> the repeat block that writes it
 
     def resolve_in(rep: Repeat | None):
         def resolve(name: str, node: Node) -> tuple[TensorDecl, str | None]:
@@ -436,6 +440,13 @@ def bind_graph(ctx: _Ctx, target: Target) -> _Graph:
             if t.per_layer and rep is None:
                 raise ctx.err(f"per-layer tensor `{name}` used outside a repeat block", node,
                               hint="read it inside the repeat body, or carry it out with `carry`/`next`")
+            if t.kind == "act" and t.per_layer and rep is not None:
+                owner = block_of.setdefault(name, rep) if name in node.outputs else block_of.get(name, rep)
+                if owner is not rep:
+                    raise ctx.err(f"per-layer activation `{name}` is written in the repeat block at line {owner.line} "
+                                  f"and read in another one", node,
+                                  hint="a block reads its own per-layer activations; pass values between blocks "
+                                       "through a carry")
             if t.kind == "act" and not t.per_layer and rep is not None and name in node.outputs:
                 raise ctx.err(f"`{name}` is written inside a repeat block but is not per_layer, so each layer would "
                               f"overwrite it", node, hint=f"add `per_layer: true` to `{name}` (line {t.line})")
@@ -519,11 +530,11 @@ def _substitute(e: E.Expr, letters: dict[str, E.Expr]) -> E.Expr:
 
 # ---- stage 2: fuse pairs of nodes the target has one kernel for -------------------------------------------
 
-def fuse(ctx: _Ctx, graph: _Graph, chosen: tuple[str, ...]) -> list[str]:
+def fuse_pairs(ctx: _Ctx, graph: _Graph, chosen: tuple[str, ...]) -> list[str]:
     """Replace each producer/consumer pair of a chosen fusion (gpt2gen/fusion.py) by one node of the fused op,
-    where that changes nothing else: the two adjacent in one block, equally guarded (the classifier's
-    producer decides: its kernel computes the logits without targets), and for an exclusive fusion the
-    producer's output read by the consumer alone. Returns the fused nodes' names."""
+    where that changes nothing else: the two adjacent in one block, equally guarded (or, for a fusion whose
+    kernel runs without the consumer's optional inputs, guarded as the producer), and for an exclusive
+    fusion the producer's output read by the consumer alone. Returns the fused nodes' names."""
     if not chosen:
         return []
     readers: dict[str, int] = {}
@@ -542,7 +553,7 @@ def fuse(ctx: _Ctx, graph: _Graph, chosen: tuple[str, ...]) -> list[str]:
                 continue
             if f.exclusive and (readers.get(a.outputs[0]) != 1 or a.outputs[0] in special):
                 continue
-            if f.name != "classifier" and (a.name in graph.guarded) != (b.name in graph.guarded):
+            if not f.producer_guards and (a.name in graph.guarded) != (b.name in graph.guarded):
                 continue
             return f
         return None
@@ -595,10 +606,17 @@ def _fused_node(ctx: _Ctx, graph: _Graph, f: Fusion, a: Node, b: Node, rep: Repe
     attrs = {x.name for x in f.op.attrs}
     fused = Bound(node, f.op, tensors, carries, {**pair[0].dims, **pair[1].dims},
                   {k: v for k, v in {**pair[0].values, **pair[1].values}.items() if k in attrs})
+    env = {k: v for k, (_, v) in fused.dims.items()} | {"B": ctx.config["B"], "T": ctx.config["T"]}
+    for rel, meaning in f.op.checks:               # the pair's own checks held; the fused op's must too
+        failed = _failed_check(rel, env, {k: ex.text() for k, (ex, _) in fused.dims.items()})
+        if failed:
+            raise ctx.err(f"`{f.op.name}` (fusing '{a.name}' and '{b.name}') requires {failed[0]}: {meaning}", a,
+                          hint="build with --fuse none, or fix the shapes")
     for old in (a.name, b.name):                   # their saved state is the fused kernel's now
         for name in ctx.saved_by_node.pop(old, []):
             del ctx.saved[name]
             ctx.notes.pop(name, None)
+        del graph.bound[old]
     fused.saved = _saved_buffers(ctx, fused, graph.target.kernels[f.op.name].saved, rep is not None, prefix=b.name)
     graph.bound[node.name] = fused
     if a.name in graph.guarded:
@@ -680,7 +698,7 @@ def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> l
                 continue
             seen.add(name)
             if name in used and name in ctx.scratch:
-                out.append(View(name, "scratch", ctx.dtype(t), f"{shape_comment(t)} scratch{ctx.scratch[name]}, every layer's",
+                out.append(View(name, "scratch", ctx.dtype(t), f"{shape_comment(t)} gg_scratch{ctx.scratch[name]}, every layer's",
                                 of=Tensor(name, t.kind)))
             elif name in used:
                 out.append(View(name, "layer", ctx.dtype(t), shape_comment(t), of=Tensor(name, t.kind), shape=t.shape))
@@ -947,7 +965,8 @@ def emit_backward(ctx: _Ctx, graph: _Graph, plan: _GradPlan, steps: list[tuple],
             t = st[1]
             zeroed.add(t.name)
             bwd.append(Seed(Local(f"d_{t.name}"), tuple(t.shape),
-                            f"d_{t.name} = 1/(B*T): the loss is the mean of `{t.name}`", ctx.dtype(t)))
+                            f"d_{t.name} = loss_scale/(B*T): the loss is the mean of `{t.name}` (scale 1 "
+                            f"without loss scaling)", ctx.dtype(t)))
         elif kind == "loop_start":
             rep = st[1]
             for c in rep.carry:

@@ -180,9 +180,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="model.yaml", help="model file")
     g.add_argument("--target", default="cpu", help="code generation target")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="storage of parameters, activations and gradients: fp32, or bf16 with fp32 master "
-                        "weights and moments (default: %(default)s; a resumed run keeps its own)")
+    g.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="storage of parameters, activations and gradients: fp32 (default), or bf16 with fp32 "
+                        "master weights and moments (a resumed run keeps its own)")
     g.add_argument("--fuse", default="all", metavar="all|none|A,B",
                    help="fuse node pairs into one kernel (gpt2gen/fusion.py): all (default), none, or names")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
@@ -405,6 +405,9 @@ def _build_model(args, say, resume_meta):
         say(f"model: {args.model} with the resumed run's config "
             + " ".join(f"{k}={cfg[k]}" for k in ("L", "NH", "C", "maxT") if k in cfg))
         precision = (resume_meta.get("model") or {}).get("precision", "fp32")   # the run's own
+        if args.precision not in (None, precision):
+            raise UsageError(f"--precision {args.precision}: the run being resumed trains in {precision}",
+                             hint=f"drop --precision, or give --precision {precision}")
         return build(model=args.model, target=args.target, seed=None, precision=precision, fuse=args.fuse,
                      **cfg)   # the state file has the weights
     overrides = dict(args.overrides)
@@ -412,10 +415,10 @@ def _build_model(args, say, resume_meta):
         src = Path(args.init_from)
         if src.is_dir():
             say(f"model: importing HuggingFace weights from {src}")
-            return ckpt.from_hf(src, model=args.model, target=args.target, precision=args.precision,
+            return ckpt.from_hf(src, model=args.model, target=args.target, precision=args.precision or "fp32",
                                 fuse=args.fuse, **batch, **overrides)
         say(f"model: loading llm.c weights from {src}")
-        return ckpt.from_llmc(src, target=args.target, model=args.model, precision=args.precision,
+        return ckpt.from_llmc(src, target=args.target, model=args.model, precision=args.precision or "fp32",
                               fuse=args.fuse, **batch, **overrides)
     cfg = {**PRESETS[args.preset], **overrides, **batch}
     if "V" not in overrides:
@@ -436,8 +439,8 @@ def _build_model(args, say, resume_meta):
                 if "pad_token_id" in [k.strip() for k in key.split("|")] and sym not in overrides:
                     cfg[sym] = -1
                     say(f"model: {sym}=-1 (no padding token in GPT-2's vocabulary)")
-    return build(model=args.model, target=args.target, seed=args.seed, precision=args.precision, fuse=args.fuse,
-                 **cfg)
+    return build(model=args.model, target=args.target, seed=args.seed, precision=args.precision or "fp32",
+                 fuse=args.fuse, **cfg)
 
 
 def _check_args(args, from_state: set[str] = frozenset(), world: int = 1) -> int:

@@ -287,7 +287,7 @@ def test_activations_no_backward_reads_share_one_layer_of_scratch():
     for kept in ("ln1", "qkv", "atty", "residual2", "fch", "fch_gelu", "residual3", "logits", "losses"):
         assert program.buffers[kept].role == "act" and not acts[kept].alias, kept
     code = render_program(program)["model.c"]
-    assert "float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's" in code
+    assert "float* attproj = a->attproj;  // (B,T,C) gg_scratch0, every layer's" in code
 
 
 # ---- fusions -----------------------------------------------------------------------------------------------
@@ -352,3 +352,24 @@ graph:
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 23, (2, 5)).astype(np.int32)
     directional_check(model, idx, rng.integers(0, 23, (2, 5)).astype(np.int32), rng)
+
+
+def test_a_per_layer_activation_of_one_block_read_in_another_is_refused(tmp_path):
+    graph = """
+graph:
+  - {name: embed, op: embedding, in: [idx, wte, wpe], out: encoded}
+  - repeat: L
+    carry: {x: encoded}""" + LAYER.format(s="", x="x", skip="x") + """    next: {x: r}
+  - {name: copy, op: residual, in: [x, x], out: extra}
+  - repeat: L
+    carry: {y: extra}
+    body:
+      - {name: fc2, op: matmul, in: [y, w1], out: h2}
+      - {name: act2, op: gelu, in: [h], out: ga2}
+      - {name: proj2, op: matmul, in: [ga2, w2], out: o2}
+      - {name: res2, op: residual, in: [o2, y], out: r2}
+    next: {y: r2}""" + TAIL.replace("FINAL", "y")
+    spec = S.load(write_model(tmp_path, graph))
+    with pytest.raises(S.SpecError, match=r"per-layer activation `h` is written in the repeat block at line \d+ and "
+                                          r"read in another one[\s\S]*through a carry"):
+        lower(spec, spec.resolve())

@@ -256,4 +256,22 @@ def test_the_program_lists_every_buffer_with_its_role_and_dtype():
     assert (b["master:wte"].role, b["master:wte"].dtype) == ("master", "f32")
     assert (b["m:qkvw"].role, b["v:qkvw"].dtype, b["v:qkvw"].per_layer) == ("moment", "f32", True)
     assert (b["ln1"].role, b["ln_1_mean"].role, b["attproj"].role, b["idx"].role) == ("act", "saved", "scratch", "input")
-    assert b["dslot0"].role == "act_grad" and {x.role for x in b.values()} == set(ROLES)
+    assert b["dacts:dslot0"].role == "act_grad" and {x.role for x in b.values()} == set(ROLES)
+
+
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+def test_fused_and_unfused_builds_agree_bit_for_bit(prec):
+    """Each fused kernel computes what its two ops compute, rounding (in bf16) at the same points: the loss,
+    the logits (V < Vp: the padding columns too) and every gradient are the same bytes."""
+    idx, targets = batch(np.random.default_rng(7))
+    out = {}
+    for fuse in ("all", "none"):
+        m = gpt2gen.build("model.yaml", precision=prec, fuse=fuse, seed=4, **CFG)
+        loss = m.forward(idx, targets)
+        logits = m.logits.copy()
+        m.zero_grad()
+        m.backward()
+        out[fuse] = (loss, logits.tobytes(), {k: v.tobytes() for k, v in m.grads.items()})
+    assert out["all"][:2] == out["none"][:2]
+    for name, g in out["none"][2].items():
+        assert out["all"][2][name] == g, name

@@ -12,6 +12,7 @@ import gpt2gen
 from gpt2gen import checkpoint as ck
 from gpt2gen import data as D
 from gpt2gen import train as TR
+from gpt2gen.checks import UsageError
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -480,7 +481,7 @@ def test_set_cannot_change_the_batch_shape(capsys):
         with pytest.raises(SystemExit) as e:
             TR.build_parser().parse_args(["--set", f"{sym}=16"])
         assert e.value.code == 2
-        assert f"the trainer's batch shape is set with" in (err := capsys.readouterr().err) and \
+        assert "the trainer's batch shape is set with" in (err := capsys.readouterr().err) and \
             f"use {option} instead" in err
 
 
@@ -828,3 +829,25 @@ def test_a_model_that_runs_but_cannot_train_here_is_refused_before_the_first_ste
         TR.train(_args(tmp_path, train, val, *sets, "--steps", "2", "-b", "2", "-t", "16",
                        "--log", str(tmp_path / "a.jsonl")), quiet=True)
     assert not (tmp_path / "a.jsonl").exists() or (tmp_path / "a.jsonl").read_text() == ""
+
+
+def test_the_trainer_trains_and_resumes_in_bf16_and_unfused(tmp_path, real_tokens):
+    """--precision bf16 trains (its state records the precision; resuming keeps it, exactly, and refuses
+    another); --fuse none gives the same losses as the fused default, in fp32, bit for bit."""
+    train, val = real_tokens
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    common = [*sets, "--steps", "6", "-b", "2", "-t", "16", "--lr", "3e-3", "--warmup-steps", "2",
+              "--val-every", "0", "--sample-tokens", "0"]
+    full = TR.train(_args(tmp_path, train, val, *common, "--precision", "bf16"), quiet=True)
+    assert full.model.precision == "bf16" and full.train_losses[-1][1] < full.train_losses[0][1]
+    part = TR.train(_args(tmp_path, train, val, *common, "--precision", "bf16", "--stop-after", "3",
+                          "--checkpoint-dir", str(tmp_path / "ck")), quiet=True)
+    rest = TR.train(_args(tmp_path, train, val, *common, "--resume", str(tmp_path / "ck")), quiet=True)
+    assert rest.model.precision == "bf16" and part.train_losses + rest.train_losses == full.train_losses
+    with pytest.raises(UsageError, match=r"--precision fp32: the run being resumed trains in bf16"):
+        TR.train(_args(tmp_path, train, val, *common, "--precision", "fp32", "--resume", str(tmp_path / "ck")),
+                 quiet=True)
+    fused = TR.train(_args(tmp_path, train, val, *common), quiet=True)
+    plain = TR.train(_args(tmp_path, train, val, *common, "--fuse", "none"), quiet=True)
+    assert plain.model.program.fused == [] and fused.model.program.fused
+    assert plain.train_losses == fused.train_losses

@@ -78,21 +78,20 @@ KERNELS: dict[str, Kernel] = {
                 "geglu_forward(out, gate, up, numel(out))",
                 "geglu_backward(d_gate, d_up, d_out, gate, up, numel(out))"),
     # ---- fused ops (gpt2gen/fusion.py) ------------------------------------------------------------------
-    "matmul_gelu": _k("fused.c.j2",
+    "matmul_gelu": _k("matmul_gelu.c.j2",
                       "matmul_gelu_forward(pre, out, inp, weight, bias, B * T, C, OC)",
                       "matmul_gelu_backward(d_inp, d_weight, d_bias, d_out, pre, inp, weight, B * T, C, OC)",
-                      needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
-    "classifier": _k("fused.c.j2",
+                      needs=("matmul.c.j2", "gelu.c.j2")),
+    "classifier": _k("classifier.c.j2",
                      "classifier_forward(logits, losses, lse, inp, weight, targets, bias, B * T, C, OC, V)",
                      "classifier_backward(d_inp, d_weight, d_bias, logits, d_losses, inp, weight, lse, targets, "
                      "B * T, C, OC, V)",
                      {"lse": ("B,T", "row log-sum-exp; no probabilities are stored")},
-                     needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
-    "residual_layernorm": _k("fused.c.j2",
+                     needs=("matmul.c.j2", "softmax_crossentropy.c.j2")),
+    "residual_layernorm": _k("residual_layernorm.c.j2",
                              "residual_layernorm_forward(r, out, mean, rstd, a, b, weight, bias, B * T, C, eps)",
                              "residual_layernorm_backward(d_a, d_b, d_weight, d_bias, d_r, d_out, r, weight, mean, "
-                             "rstd, B * T, C)", _ROW_STATS,
-                             needs=("matmul.c.j2", "gelu.c.j2", "softmax_crossentropy.c.j2", "layernorm.c.j2")),
+                             "rstd, B * T, C)", _ROW_STATS, needs=("layernorm.c.j2",)),
 }
 
 @dataclass(frozen=True)

@@ -789,24 +789,6 @@ GG_KERNEL void geglu_backward(float* d_gate, float* d_up, const float* d_out, co
 }
 
 // ----------------------------------------------------------------------------
-// gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
-
-GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        out[i] = gg_gelu_tanh(inp[i]);
-    }
-}
-
-GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp, size_t n) {  // all (n)
-    if (!d_inp) return;
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        d_inp[i] += d_out[i] * gg_gelu_tanh_grad(inp[i]);
-    }
-}
-
-// ----------------------------------------------------------------------------
 // softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
 
 GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
@@ -847,125 +829,7 @@ GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) ac
 }
 
 // ----------------------------------------------------------------------------
-// layernorm: out = (inp - mean) * rstd * weight + bias, per row of C   (templates/c/ops/layernorm.c.j2)
-
-GG_KERNEL void layernorm_forward(float* out,          // (N,C)
-                                 float* mean,         // (N) saved for backward
-                                 float* rstd,         // (N) saved for backward: 1 / sqrt(var + eps)
-                                 const float* inp,    // (N,C)
-                                 const float* weight, // (C)
-                                 const float* bias,   // (C)
-                                 int N, int C, float eps) {
-    #pragma omp parallel for schedule(static)
-    for (int r = 0; r < N; r++) {
-        const float* x = inp + (size_t)r * C;
-        float m = 0.0f;
-        #pragma omp simd reduction(+:m)
-        for (int c = 0; c < C; c++) m += x[c];
-        m /= C;
-        float var = 0.0f;
-        #pragma omp simd reduction(+:var)
-        for (int c = 0; c < C; c++) {
-            float d = x[c] - m;
-            var += d * d;
-        }
-        var /= C;
-        float s = 1.0f / sqrtf(var + eps);
-        float* o = out + (size_t)r * C;
-        #pragma omp simd
-        for (int c = 0; c < C; c++) {
-            o[c] = (x[c] - m) * s * weight[c] + bias[c];
-        }
-        mean[r] = m;
-        rstd[r] = s;
-    }
-}
-
-// d_inp needs only its own row; d_weight and d_bias sum over rows, so a second pass splits the
-// channels between threads (no races, and the same sums whatever the thread count).
-GG_KERNEL void layernorm_backward(float* d_inp,        // (N,C) accumulated
-                                  float* d_weight,     // (C) accumulated
-                                  float* d_bias,       // (C) accumulated
-                                  const float* d_out,  // (N,C)
-                                  const float* inp,    // (N,C)
-                                  const float* weight, // (C)
-                                  const float* mean,   // (N)
-                                  const float* rstd,   // (N)
-                                  int N, int C) {
-    if (d_inp) {
-        #pragma omp parallel for schedule(static)
-        for (int r = 0; r < N; r++) {
-            const float* x = inp + (size_t)r * C;
-            const float* g = d_out + (size_t)r * C;
-            float m = mean[r], s = rstd[r];
-            // the two reductions of the layernorm gradient: mean(w*g) and mean(w*g * xhat)
-            float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
-            #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
-            for (int c = 0; c < C; c++) {
-                float xhat = (x[c] - m) * s;
-                float gw = weight[c] * g[c];
-                gw_mean += gw;
-                gw_xhat_mean += gw * xhat;
-            }
-            gw_mean /= C;
-            gw_xhat_mean /= C;
-            float* dx = d_inp + (size_t)r * C;
-            #pragma omp simd
-            for (int c = 0; c < C; c++) {
-                float xhat = (x[c] - m) * s;
-                float gw = weight[c] * g[c];
-                dx[c] += (gw - gw_mean - xhat * gw_xhat_mean) * s;
-            }
-        }
-    }
-    if (d_weight || d_bias) {
-        #pragma omp parallel for schedule(static)
-        for (int c0 = 0; c0 < C; c0 += 16) {
-            int c1 = c0 + 16 < C ? c0 + 16 : C;
-            for (int r = 0; r < N; r++) {
-                const float* x = inp + (size_t)r * C;
-                const float* g = d_out + (size_t)r * C;
-                float m = mean[r], s = rstd[r];
-                for (int c = c0; c < c1; c++) {
-                    if (d_weight) d_weight[c] += (x[c] - m) * s * g[c];
-                    if (d_bias) d_bias[c] += g[c];
-                }
-            }
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------
-// fused ops: matmul + gelu, the classifier (matmul + softmax + cross-entropy), residual + layernorm
-// (templates/c/ops/fused.c.j2)
-
-GG_KERNEL void matmul_gelu_forward(float* pre,           // (N,OC) saved: the pre-activation
-                                   float* out,           // (N,OC) gelu(pre)
-                                   const float* inp,     // (N,C)
-                                   const float* weight,  // (OC,C)
-                                   const float* bias,    // (OC) or NULL
-                                   int N, int C, int OC) {
-    matmul_forward(pre, inp, weight, bias, N, C, OC);
-    gelu_forward(out, pre, (size_t)N * OC);
-}
-
-// d_out becomes the pre-activation's gradient in place (it is read by nothing after this), then the
-// matmul's backward runs from it: no buffer for d_pre.
-GG_KERNEL void matmul_gelu_backward(float* d_inp,          // (N,C) accumulated
-                                    float* d_weight,       // (OC,C) accumulated
-                                    float* d_bias,         // (OC) accumulated, or NULL
-                                    float* d_out,          // (N,OC) overwritten with d_pre
-                                    const float* pre,      // (N,OC)
-                                    const float* inp,      // (N,C)
-                                    const float* weight,   // (OC,C)
-                                    int N, int C, int OC) {
-    size_t n = (size_t)N * OC;
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        d_out[i] = d_out[i] * gg_gelu_tanh_grad(pre[i]);
-    }
-    matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, N, C, OC);
-}
+// classifier: losses = cross_entropy(softmax(inp @ weight^T + bias), targets)   (templates/c/ops/classifier.c.j2)
 
 // The loss head. Forward: the logits, then (given targets) each row's loss and log-sum-exp. Backward:
 // (softmax - onehot(target)) * d_losses written over the logits (padding columns get 0), then the
@@ -1007,86 +871,6 @@ GG_KERNEL void classifier_backward(float* d_inp,          // (N,C) accumulated
     matmul_backward(d_inp, d_weight, d_bias, logits, inp, weight, N, C, OC);
 }
 
-// r = a + b and its layernorm, one pass over each row (the row's r is still in cache for the norm).
-GG_KERNEL void residual_layernorm_forward(float* r,            // (N,C) the sum
-                                          float* out,          // (N,C)
-                                          float* mean,         // (N) saved
-                                          float* rstd,         // (N) saved
-                                          const float* a,      // (N,C)
-                                          const float* b,      // (N,C)
-                                          const float* weight, // (C)
-                                          const float* bias,   // (C)
-                                          int N, int C, float eps) {
-    #pragma omp parallel for schedule(static)
-    for (int row = 0; row < N; row++) {
-        size_t at = (size_t)row * C;
-        float* x = r + at;
-        #pragma omp simd
-        for (int c = 0; c < C; c++) x[c] = a[at + c] + b[at + c];
-        float m = 0.0f;
-        #pragma omp simd reduction(+:m)
-        for (int c = 0; c < C; c++) m += x[c];
-        m /= C;
-        float var = 0.0f;
-        #pragma omp simd reduction(+:var)
-        for (int c = 0; c < C; c++) {
-            float d = x[c] - m;
-            var += d * d;
-        }
-        var /= C;
-        float s = 1.0f / sqrtf(var + eps);
-        float* o = out + at;
-        #pragma omp simd
-        for (int c = 0; c < C; c++) {
-            o[c] = (x[c] - m) * s * weight[c] + bias[c];
-        }
-        mean[row] = m;
-        rstd[row] = s;
-    }
-}
-
-// One pass per row: r's whole gradient (from its other readers, d_r, plus the norm's input gradient)
-// goes to both summands at once; d_weight and d_bias come from the layernorm's channel pass.
-GG_KERNEL void residual_layernorm_backward(float* d_a,          // (N,C) accumulated
-                                           float* d_b,          // (N,C) accumulated
-                                           float* d_weight,     // (C) accumulated
-                                           float* d_bias,       // (C) accumulated
-                                           const float* d_r,    // (N,C) r's gradient from its other readers
-                                           const float* d_out,  // (N,C)
-                                           const float* r,      // (N,C)
-                                           const float* weight, // (C)
-                                           const float* mean,   // (N)
-                                           const float* rstd,   // (N)
-                                           int N, int C) {
-    #pragma omp parallel for schedule(static)
-    for (int row = 0; row < N; row++) {
-        size_t at = (size_t)row * C;
-        const float* x = r + at;
-        const float* g = d_out + at;
-        float m = mean[row], s = rstd[row];
-        float gw_mean = 0.0f, gw_xhat_mean = 0.0f;
-        #pragma omp simd reduction(+:gw_mean, gw_xhat_mean)
-        for (int c = 0; c < C; c++) {
-            float xhat = (x[c] - m) * s;
-            float gw = weight[c] * g[c];
-            gw_mean += gw;
-            gw_xhat_mean += gw * xhat;
-        }
-        gw_mean /= C;
-        gw_xhat_mean /= C;
-        #pragma omp simd
-        for (int c = 0; c < C; c++) {
-            float xhat = (x[c] - m) * s;
-            float gw = weight[c] * g[c];
-            // as the two ops round it: r's gradient is stored, then added to each summand's
-            float total = d_r[at + c] + (gw - gw_mean - xhat * gw_xhat_mean) * s;
-            if (d_a) d_a[at + c] += total;
-            if (d_b) d_b[at + c] += total;
-        }
-    }
-    layernorm_backward(NULL, d_weight, d_bias, d_out, r, weight, mean, rstd, N, C);
-}
-
 // ----------------------------------------------------------------------------
 // AdamW: m, v moments; p -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * p)  (templates/c/optim/adamw.c.j2)
 
@@ -1112,32 +896,32 @@ GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // al
 // elements of the arena's type, every offset 64-byte aligned.
 
 typedef struct {
-    float* wte;        // (Vp, C)
-    float* ln1w;       // (L, C)
-    float* qw;         // (L, NH*HD, C)
-    float* kw;         // (L, NKV*HD, C)
-    float* vw;         // (L, NKV*HD, C)
-    float* attprojw;   // (L, C, NH*HD)
-    float* ln2w;       // (L, C)
-    float* gatew;      // (L, FF, C)
-    float* upw;        // (L, FF, C)
-    float* downw;      // (L, C, FF)
-    float* lnfw;       // (C)
+    float* wte;          // (Vp, C)
+    float* ln1w;         // (L, C)
+    float* qw;           // (L, NH*HD, C)
+    float* kw;           // (L, NKV*HD, C)
+    float* vw;           // (L, NKV*HD, C)
+    float* attprojw;     // (L, C, NH*HD)
+    float* ln2w;         // (L, C)
+    float* gatew;        // (L, FF, C)
+    float* upw;          // (L, FF, C)
+    float* downw;        // (L, C, FF)
+    float* lnfw;         // (C)
 } Params;
 
 static const gg_tensor_entry PARAM_TABLE[11] = {
-    // name       offset        numel     decay  dtype
-    {"wte",                  0,    524288000, 1, 0},
-    {"ln1w",         524288000,        36864, 0, 0},
-    {"qw",           524324864,     75497472, 1, 0},
-    {"kw",           599822336,      9437184, 1, 0},
-    {"vw",           609259520,      9437184, 1, 0},
-    {"attprojw",     618696704,     75497472, 1, 0},
-    {"ln2w",         694194176,        36864, 0, 0},
-    {"gatew",        694231040,    603979776, 1, 0},
-    {"upw",         1298210816,    603979776, 1, 0},
-    {"downw",       1902190592,    603979776, 1, 0},
-    {"lnfw",        2506170368,         2048, 0, 0},
+    // name         offset        numel     decay  dtype
+    {"wte",                    0,    524288000, 1, 0},
+    {"ln1w",           524288000,        36864, 0, 0},
+    {"qw",             524324864,     75497472, 1, 0},
+    {"kw",             599822336,      9437184, 1, 0},
+    {"vw",             609259520,      9437184, 1, 0},
+    {"attprojw",       618696704,     75497472, 1, 0},
+    {"ln2w",           694194176,        36864, 0, 0},
+    {"gatew",          694231040,    603979776, 1, 0},
+    {"upw",           1298210816,    603979776, 1, 0},
+    {"downw",         1902190592,    603979776, 1, 0},
+    {"lnfw",          2506170368,         2048, 0, 0},
 };
 
 static const size_t PARAMS_SIZE = 2506172416;  // elements
@@ -1162,61 +946,61 @@ static void point_params(Params* p, void* arena) {
 // or T uses the first B*T*... elements of its slot.
 
 typedef struct {
-    float* encoded;    // (B, T, C)
-    float* ln1;        // (L, B, T, C)
-    float* vh;         // (L, B, T, NKV*HD)
-    float* q_rot;      // (L, B, T, NH*HD)
-    float* k_rot;      // (L, B, T, NKV*HD)
-    float* atty;       // (L, B, T, NH*HD)
-    float* residual2;  // (L, B, T, C)
-    float* ln2;        // (L, B, T, C)
-    float* gate;       // (L, B, T, FF)
-    float* up;         // (L, B, T, FF)
-    float* geg;        // (L, B, T, FF)
-    float* residual3;  // (L, B, T, C)
-    float* lnf;        // (B, T, C)
-    float* logits;     // (B, T, Vp)
-    float* losses;     // (B, T)
-    float* ln_1_rstd;  // (L, B, T)
-    float* attn_lse;   // (L, B, NH, T)
-    float* ln_2_rstd;  // (L, B, T)
-    float* ln_f_rstd;  // (B, T)
-    float* loss_lse;   // (B, T)
-    float* scratch0;   // (524288)
-    float* scratch1;   // (65536)
-    float* qh;         // (B, T, NH*HD)
-    float* kh;         // (B, T, NKV*HD)
-    float* attproj;    // (B, T, C)
-    float* down;       // (B, T, C)
+    float* encoded;      // (B, T, C)
+    float* ln1;          // (L, B, T, C)
+    float* vh;           // (L, B, T, NKV*HD)
+    float* q_rot;        // (L, B, T, NH*HD)
+    float* k_rot;        // (L, B, T, NKV*HD)
+    float* atty;         // (L, B, T, NH*HD)
+    float* residual2;    // (L, B, T, C)
+    float* ln2;          // (L, B, T, C)
+    float* gate;         // (L, B, T, FF)
+    float* up;           // (L, B, T, FF)
+    float* geg;          // (L, B, T, FF)
+    float* residual3;    // (L, B, T, C)
+    float* lnf;          // (B, T, C)
+    float* logits;       // (B, T, Vp)
+    float* losses;       // (B, T)
+    float* ln_1_rstd;    // (L, B, T)
+    float* attn_lse;     // (L, B, NH, T)
+    float* ln_2_rstd;    // (L, B, T)
+    float* ln_f_rstd;    // (B, T)
+    float* loss_lse;     // (B, T)
+    float* gg_scratch0;  // (524288)
+    float* gg_scratch1;  // (65536)
+    float* qh;           // (B, T, NH*HD)
+    float* kh;           // (B, T, NKV*HD)
+    float* attproj;      // (B, T, C)
+    float* down;         // (B, T, C)
 } Acts;
 
 static const gg_tensor_entry ACT_TABLE[26] = {
-    {"encoded",              0,       524288, 0, 0},
-    {"ln1",             524288,      9437184, 0, 0},
-    {"vh",             9961472,      1179648, 0, 0},
-    {"q_rot",         11141120,      9437184, 0, 0},
-    {"k_rot",         20578304,      1179648, 0, 0},
-    {"atty",          21757952,      9437184, 0, 0},
-    {"residual2",     31195136,      9437184, 0, 0},
-    {"ln2",           40632320,      9437184, 0, 0},
-    {"gate",          50069504,     75497472, 0, 0},
-    {"up",           125566976,     75497472, 0, 0},
-    {"geg",          201064448,     75497472, 0, 0},
-    {"residual3",    276561920,      9437184, 0, 0},
-    {"lnf",          285999104,       524288, 0, 0},
-    {"logits",       286523392,     65536000, 0, 0},
-    {"losses",       352059392,          256, 0, 0},
-    {"ln_1_rstd",    352059648,         4608, 0, 0},
-    {"attn_lse",     352064256,        36864, 0, 0},
-    {"ln_2_rstd",    352101120,         4608, 0, 0},
-    {"ln_f_rstd",    352105728,          256, 0, 0},
-    {"loss_lse",     352105984,          256, 0, 0},
-    {"scratch0",     352106240,       524288, 0, 0},
-    {"scratch1",     352630528,        65536, 0, 0},
-    {"qh",           352106240,       524288, 0, 0},
-    {"kh",           352630528,        65536, 0, 0},
-    {"attproj",      352106240,       524288, 0, 0},
-    {"down",         352106240,       524288, 0, 0},
+    {"encoded",                0,       524288, 0, 0},
+    {"ln1",               524288,      9437184, 0, 0},
+    {"vh",               9961472,      1179648, 0, 0},
+    {"q_rot",           11141120,      9437184, 0, 0},
+    {"k_rot",           20578304,      1179648, 0, 0},
+    {"atty",            21757952,      9437184, 0, 0},
+    {"residual2",       31195136,      9437184, 0, 0},
+    {"ln2",             40632320,      9437184, 0, 0},
+    {"gate",            50069504,     75497472, 0, 0},
+    {"up",             125566976,     75497472, 0, 0},
+    {"geg",            201064448,     75497472, 0, 0},
+    {"residual3",      276561920,      9437184, 0, 0},
+    {"lnf",            285999104,       524288, 0, 0},
+    {"logits",         286523392,     65536000, 0, 0},
+    {"losses",         352059392,          256, 0, 0},
+    {"ln_1_rstd",      352059648,         4608, 0, 0},
+    {"attn_lse",       352064256,        36864, 0, 0},
+    {"ln_2_rstd",      352101120,         4608, 0, 0},
+    {"ln_f_rstd",      352105728,          256, 0, 0},
+    {"loss_lse",       352105984,          256, 0, 0},
+    {"gg_scratch0",    352106240,       524288, 0, 0},
+    {"gg_scratch1",    352630528,        65536, 0, 0},
+    {"qh",             352106240,       524288, 0, 0},
+    {"kh",             352630528,        65536, 0, 0},
+    {"attproj",        352106240,       524288, 0, 0},
+    {"down",           352106240,       524288, 0, 0},
 };
 
 static const size_t ACTS_SIZE = 352696064;  // elements
@@ -1243,8 +1027,8 @@ static void point_acts(Acts* a, void* arena) {
     a->ln_2_rstd = base + ACT_TABLE[17].offset;
     a->ln_f_rstd = base + ACT_TABLE[18].offset;
     a->loss_lse = base + ACT_TABLE[19].offset;
-    a->scratch0 = base + ACT_TABLE[20].offset;
-    a->scratch1 = base + ACT_TABLE[21].offset;
+    a->gg_scratch0 = base + ACT_TABLE[20].offset;
+    a->gg_scratch1 = base + ACT_TABLE[21].offset;
     a->qh = base + ACT_TABLE[22].offset;
     a->kh = base + ACT_TABLE[23].offset;
     a->attproj = base + ACT_TABLE[24].offset;
@@ -1282,9 +1066,9 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
         float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
-        float* qh = a->qh;  // (B,T,NH*HD) scratch0, every layer's
+        float* qh = a->qh;  // (B,T,NH*HD) gg_scratch0, every layer's
         float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
-        float* kh = a->kh;  // (B,T,NKV*HD) scratch1, every layer's
+        float* kh = a->kh;  // (B,T,NKV*HD) gg_scratch1, every layer's
         float* vw = p->vw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
         float* vh = a->vh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
         float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
@@ -1292,7 +1076,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
         float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
-        float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
+        float* attproj = a->attproj;  // (B,T,C) gg_scratch0, every layer's
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
@@ -1303,7 +1087,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* up = a->up + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* geg = a->geg + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* downw = p->downw + (size_t)l * (size_t)C * FF;  // (C,FF)
-        float* down = a->down;  // (B,T,C) scratch0, every layer's
+        float* down = a->down;  // (B,T,C) gg_scratch0, every layer's
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         // ln_1 (models/gemma.yaml:70): rmsnorm
         rmsnorm_forward(ln1, ln_1_rstd, x, ln1w, B * T, C, 1e-06f, 1.0f);
@@ -1345,7 +1129,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 }
 
 // ----------------------------------------------------------------------------
-// backward: the forward nodes in reverse, each op's backward from the op library
+// backward: the forward nodes in reverse, each op's backward kernel from the target's kernel table
 
 void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, float loss_scale) {
     Params params, grads, *p = &params, *g = &grads;
@@ -1362,7 +1146,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
     float* d_lnf = da + DSLOT_1;  // (B,T,C) dslot1
     float* d_x = da + DSLOT_0;  // (B,T,C) dslot0
     float* d_x_spare = da + DSLOT_1;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
-    gg_fill(d_losses, (size_t)B * T, loss_scale / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
+    gg_fill(d_losses, (size_t)B * T, loss_scale / (float)((size_t)B * T));  // d_losses = loss_scale/(B*T): the loss is the mean of `losses` (scale 1 without loss scaling)
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head+loss (models/gemma.yaml:87): classifier
     classifier_backward(d_lnf, g->wte, NULL, a->logits, d_losses, a->lnf, p->wte, a->loss_lse, targets, B * T, C, Vp, V);
@@ -1475,7 +1259,9 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
 
 void gg_zero_grad(const gg_arenas* ar) {
     gg_zero((float*)ar->grads, PARAMS_SIZE);
-}// Returns 1 when the step was taken (always, without loss scaling).
+}
+
+// Returns 1 when the step was taken (always, without loss scaling).
 int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
               float grad_scale) {
     float bc1 = (float)(1.0 - pow((double)beta1, (double)step));  // bias corrections
@@ -1492,7 +1278,7 @@ int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "712d3d7a1150d579b595"; }
+const char* gg_signature(void) { return "54fb555c9f63ab079f51"; }
 
 size_t gg_arena_bytes(int which) {
     switch (which) {

@@ -709,134 +709,7 @@ GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumula
 }
 
 // ----------------------------------------------------------------------------
-// gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
-
-GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        out[i] = gg_gelu_tanh(inp[i]);
-    }
-}
-
-GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp, size_t n) {  // all (n)
-    if (!d_inp) return;
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        d_inp[i] += d_out[i] * gg_gelu_tanh_grad(inp[i]);
-    }
-}
-
-// ----------------------------------------------------------------------------
-// softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
-
-GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
-                                            float* lse,           // (N) saved: log-sum-exp of each row
-                                            const float* logits,  // (N,Vp)
-                                            const int* targets,   // (N)
-                                            int N, int V, int Vp) {
-    #pragma omp parallel for schedule(static)
-    for (int r = 0; r < N; r++) {
-        const float* x = logits + (size_t)r * Vp;
-        float maxval = -INFINITY;
-        #pragma omp simd reduction(max:maxval)
-        for (int i = 0; i < V; i++) maxval = x[i] > maxval ? x[i] : maxval;
-        float sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (int i = 0; i < V; i++) sum += gg_expf(x[i] - maxval);
-        lse[r] = maxval + logf(sum);
-        losses[r] = lse[r] - x[targets[r]];
-    }
-}
-
-GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) accumulated
-                                             const float* d_losses, // (N)
-                                             const float* logits,   // (N,Vp)
-                                             const float* lse,      // (N)
-                                             const int* targets,    // (N)
-                                             int N, int V, int Vp) {
-    if (!d_logits) return;
-    #pragma omp parallel for schedule(static)
-    for (int r = 0; r < N; r++) {
-        const float* x = logits + (size_t)r * Vp;
-        float* d = d_logits + (size_t)r * Vp;
-        const float g = d_losses[r], L = lse[r];
-        #pragma omp simd
-        for (int i = 0; i < V; i++) d[i] += gg_expf(x[i] - L) * g;
-        d[targets[r]] -= g;
-    }
-}
-
-// ----------------------------------------------------------------------------
-// fused ops: matmul + gelu, the classifier (matmul + softmax + cross-entropy), residual + layernorm
-// (templates/c/ops/fused.c.j2)
-
-GG_KERNEL void matmul_gelu_forward(float* pre,           // (N,OC) saved: the pre-activation
-                                   float* out,           // (N,OC) gelu(pre)
-                                   const float* inp,     // (N,C)
-                                   const float* weight,  // (OC,C)
-                                   const float* bias,    // (OC) or NULL
-                                   int N, int C, int OC) {
-    matmul_forward(pre, inp, weight, bias, N, C, OC);
-    gelu_forward(out, pre, (size_t)N * OC);
-}
-
-// d_out becomes the pre-activation's gradient in place (it is read by nothing after this), then the
-// matmul's backward runs from it: no buffer for d_pre.
-GG_KERNEL void matmul_gelu_backward(float* d_inp,          // (N,C) accumulated
-                                    float* d_weight,       // (OC,C) accumulated
-                                    float* d_bias,         // (OC) accumulated, or NULL
-                                    float* d_out,          // (N,OC) overwritten with d_pre
-                                    const float* pre,      // (N,OC)
-                                    const float* inp,      // (N,C)
-                                    const float* weight,   // (OC,C)
-                                    int N, int C, int OC) {
-    size_t n = (size_t)N * OC;
-    #pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        d_out[i] = d_out[i] * gg_gelu_tanh_grad(pre[i]);
-    }
-    matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, N, C, OC);
-}
-
-// The loss head. Forward: the logits, then (given targets) each row's loss and log-sum-exp. Backward:
-// (softmax - onehot(target)) * d_losses written over the logits (padding columns get 0), then the
-// matmul's backward from there: neither a d_logits buffer nor probabilities exist.
-GG_KERNEL void classifier_forward(float* logits,         // (N,OC)
-                                  float* losses,           // (N)
-                                  float* lse,              // (N) saved: log-sum-exp of each row
-                                  const float* inp,     // (N,C)
-                                  const float* weight,  // (OC,C)
-                                  const int* targets,      // (N) or NULL: logits only
-                                  const float* bias,    // (OC) or NULL
-                                  int N, int C, int OC, int V) {
-    matmul_forward(logits, inp, weight, bias, N, C, OC);
-    if (targets) softmax_crossentropy_forward(losses, lse, logits, targets, N, V, OC);
-}
-
-GG_KERNEL void classifier_backward(float* d_inp,          // (N,C) accumulated
-                                   float* d_weight,       // (OC,C) accumulated
-                                   float* d_bias,         // (OC) accumulated, or NULL
-                                   float* logits,         // (N,OC) in: the logits; out: their gradient
-                                   const float* d_losses,   // (N)
-                                   const float* inp,      // (N,C)
-                                   const float* weight,   // (OC,C)
-                                   const float* lse,        // (N)
-                                   const int* targets,      // (N)
-                                   int N, int C, int OC, int V) {
-    #pragma omp parallel for schedule(static)
-    for (int r = 0; r < N; r++) {
-        float* x = logits + (size_t)r * OC;
-        const float g = d_losses[r], L = lse[r];
-        const int t = targets[r];
-        #pragma omp simd
-        for (int i = 0; i < V; i++) {
-            float p = gg_expf(x[i] - L) * g;
-            x[i] = i == t ? p - g : p;
-        }
-        for (int i = V; i < OC; i++) x[i] = 0.0f;
-    }
-    matmul_backward(d_inp, d_weight, d_bias, logits, inp, weight, N, C, OC);
-}
+// residual_layernorm: r = a + b; out = layernorm(r)   (templates/c/ops/residual_layernorm.c.j2)
 
 // r = a + b and its layernorm, one pass over each row (the row's r is still in cache for the norm).
 GG_KERNEL void residual_layernorm_forward(float* r,            // (N,C) the sum
@@ -919,6 +792,55 @@ GG_KERNEL void residual_layernorm_backward(float* d_a,          // (N,C) accumul
 }
 
 // ----------------------------------------------------------------------------
+// gelu: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (templates/c/ops/gelu.c.j2)
+
+GG_KERNEL void gelu_forward(float* out, const float* inp, size_t n) {  // both (n)
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        out[i] = gg_gelu_tanh(inp[i]);
+    }
+}
+
+GG_KERNEL void gelu_backward(float* d_inp, const float* d_out, const float* inp, size_t n) {  // all (n)
+    if (!d_inp) return;
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        d_inp[i] += d_out[i] * gg_gelu_tanh_grad(inp[i]);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// matmul_gelu: out = gelu(inp @ weight^T + bias), pre kept   (templates/c/ops/matmul_gelu.c.j2)
+
+GG_KERNEL void matmul_gelu_forward(float* pre,           // (N,OC) saved: the pre-activation
+                                   float* out,           // (N,OC) gelu(pre)
+                                   const float* inp,     // (N,C)
+                                   const float* weight,  // (OC,C)
+                                   const float* bias,    // (OC) or NULL
+                                   int N, int C, int OC) {
+    matmul_forward(pre, inp, weight, bias, N, C, OC);
+    gelu_forward(out, pre, (size_t)N * OC);
+}
+
+// d_out becomes the pre-activation's gradient in place (it is read by nothing after this), then the
+// matmul's backward runs from it: no buffer for d_pre.
+GG_KERNEL void matmul_gelu_backward(float* d_inp,          // (N,C) accumulated
+                                    float* d_weight,       // (OC,C) accumulated
+                                    float* d_bias,         // (OC) accumulated, or NULL
+                                    float* d_out,          // (N,OC) overwritten with d_pre
+                                    const float* pre,      // (N,OC)
+                                    const float* inp,      // (N,C)
+                                    const float* weight,   // (OC,C)
+                                    int N, int C, int OC) {
+    size_t n = (size_t)N * OC;
+    #pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        d_out[i] = d_out[i] * gg_gelu_tanh_grad(pre[i]);
+    }
+    matmul_backward(d_inp, d_weight, d_bias, d_out, inp, weight, N, C, OC);
+}
+
+// ----------------------------------------------------------------------------
 // residual: out = a + b                                          (templates/c/ops/residual.c.j2)
 
 GG_KERNEL void residual_forward(float* out, const float* a, const float* b, size_t n) {  // all (n)
@@ -934,6 +856,89 @@ GG_KERNEL void residual_backward(float* d_a, float* d_b, const float* d_out, siz
         if (d_a) d_a[i] += d_out[i];
         if (d_b) d_b[i] += d_out[i];
     }
+}
+
+// ----------------------------------------------------------------------------
+// softmax_crossentropy: losses = -log softmax(logits[:, :V])[target]  (templates/c/ops/softmax_crossentropy.c.j2)
+
+GG_KERNEL void softmax_crossentropy_forward(float* losses,        // (N)
+                                            float* lse,           // (N) saved: log-sum-exp of each row
+                                            const float* logits,  // (N,Vp)
+                                            const int* targets,   // (N)
+                                            int N, int V, int Vp) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const float* x = logits + (size_t)r * Vp;
+        float maxval = -INFINITY;
+        #pragma omp simd reduction(max:maxval)
+        for (int i = 0; i < V; i++) maxval = x[i] > maxval ? x[i] : maxval;
+        float sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int i = 0; i < V; i++) sum += gg_expf(x[i] - maxval);
+        lse[r] = maxval + logf(sum);
+        losses[r] = lse[r] - x[targets[r]];
+    }
+}
+
+GG_KERNEL void softmax_crossentropy_backward(float* d_logits,       // (N,Vp) accumulated
+                                             const float* d_losses, // (N)
+                                             const float* logits,   // (N,Vp)
+                                             const float* lse,      // (N)
+                                             const int* targets,    // (N)
+                                             int N, int V, int Vp) {
+    if (!d_logits) return;
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        const float* x = logits + (size_t)r * Vp;
+        float* d = d_logits + (size_t)r * Vp;
+        const float g = d_losses[r], L = lse[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) d[i] += gg_expf(x[i] - L) * g;
+        d[targets[r]] -= g;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// classifier: losses = cross_entropy(softmax(inp @ weight^T + bias), targets)   (templates/c/ops/classifier.c.j2)
+
+// The loss head. Forward: the logits, then (given targets) each row's loss and log-sum-exp. Backward:
+// (softmax - onehot(target)) * d_losses written over the logits (padding columns get 0), then the
+// matmul's backward from there: neither a d_logits buffer nor probabilities exist.
+GG_KERNEL void classifier_forward(float* logits,         // (N,OC)
+                                  float* losses,           // (N)
+                                  float* lse,              // (N) saved: log-sum-exp of each row
+                                  const float* inp,     // (N,C)
+                                  const float* weight,  // (OC,C)
+                                  const int* targets,      // (N) or NULL: logits only
+                                  const float* bias,    // (OC) or NULL
+                                  int N, int C, int OC, int V) {
+    matmul_forward(logits, inp, weight, bias, N, C, OC);
+    if (targets) softmax_crossentropy_forward(losses, lse, logits, targets, N, V, OC);
+}
+
+GG_KERNEL void classifier_backward(float* d_inp,          // (N,C) accumulated
+                                   float* d_weight,       // (OC,C) accumulated
+                                   float* d_bias,         // (OC) accumulated, or NULL
+                                   float* logits,         // (N,OC) in: the logits; out: their gradient
+                                   const float* d_losses,   // (N)
+                                   const float* inp,      // (N,C)
+                                   const float* weight,   // (OC,C)
+                                   const float* lse,        // (N)
+                                   const int* targets,      // (N)
+                                   int N, int C, int OC, int V) {
+    #pragma omp parallel for schedule(static)
+    for (int r = 0; r < N; r++) {
+        float* x = logits + (size_t)r * OC;
+        const float g = d_losses[r], L = lse[r];
+        const int t = targets[r];
+        #pragma omp simd
+        for (int i = 0; i < V; i++) {
+            float p = gg_expf(x[i] - L) * g;
+            x[i] = i == t ? p - g : p;
+        }
+        for (int i = V; i < OC; i++) x[i] = 0.0f;
+    }
+    matmul_backward(d_inp, d_weight, d_bias, logits, inp, weight, N, C, OC);
 }
 
 // ----------------------------------------------------------------------------
@@ -961,42 +966,42 @@ GG_KERNEL void adamw_update(float* p, const float* g, float* m, float* v,  // al
 // elements of the arena's type, every offset 64-byte aligned.
 
 typedef struct {
-    float* wte;        // (Vp, C)
-    float* wpe;        // (maxT, C)
-    float* ln1w;       // (L, C)
-    float* ln1b;       // (L, C)
-    float* qkvw;       // (L, 3*C, C)
-    float* qkvb;       // (L, 3*C)
-    float* attprojw;   // (L, C, C)
-    float* attprojb;   // (L, C)
-    float* ln2w;       // (L, C)
-    float* ln2b;       // (L, C)
-    float* fcw;        // (L, FF, C)
-    float* fcb;        // (L, FF)
-    float* fcprojw;    // (L, C, FF)
-    float* fcprojb;    // (L, C)
-    float* lnfw;       // (C)
-    float* lnfb;       // (C)
+    float* wte;          // (Vp, C)
+    float* wpe;          // (maxT, C)
+    float* ln1w;         // (L, C)
+    float* ln1b;         // (L, C)
+    float* qkvw;         // (L, 3*C, C)
+    float* qkvb;         // (L, 3*C)
+    float* attprojw;     // (L, C, C)
+    float* attprojb;     // (L, C)
+    float* ln2w;         // (L, C)
+    float* ln2b;         // (L, C)
+    float* fcw;          // (L, FF, C)
+    float* fcb;          // (L, FF)
+    float* fcprojw;      // (L, C, FF)
+    float* fcprojb;      // (L, C)
+    float* lnfw;         // (C)
+    float* lnfb;         // (C)
 } Params;
 
 static const gg_tensor_entry PARAM_TABLE[16] = {
-    // name       offset        numel     decay  dtype
-    {"wte",                  0,     38633472, 1, 0},
-    {"wpe",           38633472,       786432, 1, 0},
-    {"ln1w",          39419904,         9216, 0, 0},
-    {"ln1b",          39429120,         9216, 0, 0},
-    {"qkvw",          39438336,     21233664, 1, 0},
-    {"qkvb",          60672000,        27648, 0, 0},
-    {"attprojw",      60699648,      7077888, 1, 0},
-    {"attprojb",      67777536,         9216, 0, 0},
-    {"ln2w",          67786752,         9216, 0, 0},
-    {"ln2b",          67795968,         9216, 0, 0},
-    {"fcw",           67805184,     28311552, 1, 0},
-    {"fcb",           96116736,        36864, 0, 0},
-    {"fcprojw",       96153600,     28311552, 1, 0},
-    {"fcprojb",      124465152,         9216, 0, 0},
-    {"lnfw",         124474368,          768, 0, 0},
-    {"lnfb",         124475136,          768, 0, 0},
+    // name         offset        numel     decay  dtype
+    {"wte",                    0,     38633472, 1, 0},
+    {"wpe",             38633472,       786432, 1, 0},
+    {"ln1w",            39419904,         9216, 0, 0},
+    {"ln1b",            39429120,         9216, 0, 0},
+    {"qkvw",            39438336,     21233664, 1, 0},
+    {"qkvb",            60672000,        27648, 0, 0},
+    {"attprojw",        60699648,      7077888, 1, 0},
+    {"attprojb",        67777536,         9216, 0, 0},
+    {"ln2w",            67786752,         9216, 0, 0},
+    {"ln2b",            67795968,         9216, 0, 0},
+    {"fcw",             67805184,     28311552, 1, 0},
+    {"fcb",             96116736,        36864, 0, 0},
+    {"fcprojw",         96153600,     28311552, 1, 0},
+    {"fcprojb",        124465152,         9216, 0, 0},
+    {"lnfw",           124474368,          768, 0, 0},
+    {"lnfb",           124475136,          768, 0, 0},
 };
 
 static const size_t PARAMS_SIZE = 124475904;  // elements
@@ -1026,55 +1031,55 @@ static void point_params(Params* p, void* arena) {
 // or T uses the first B*T*... elements of its slot.
 
 typedef struct {
-    float* encoded;    // (B, T, C)
-    float* ln1;        // (L, B, T, C)
-    float* qkv;        // (L, B, T, 3*C)
-    float* atty;       // (L, B, T, C)
-    float* residual2;  // (L, B, T, C)
-    float* ln2;        // (L, B, T, C)
-    float* fch;        // (L, B, T, FF)
-    float* fch_gelu;   // (L, B, T, FF)
-    float* residual3;  // (L, B, T, C)
-    float* lnf;        // (B, T, C)
-    float* logits;     // (B, T, Vp)
-    float* losses;     // (B, T)
-    float* ln_1_mean;  // (L, B, T)
-    float* ln_1_rstd;  // (L, B, T)
-    float* attn_lse;   // (L, B, NH, T)
-    float* ln_f_mean;  // (B, T)
-    float* ln_f_rstd;  // (B, T)
-    float* ln_2_mean;  // (L, B, T)
-    float* ln_2_rstd;  // (L, B, T)
-    float* loss_lse;   // (B, T)
-    float* scratch0;   // (196608)
-    float* attproj;    // (B, T, C)
-    float* fcproj;     // (B, T, C)
+    float* encoded;      // (B, T, C)
+    float* ln1;          // (L, B, T, C)
+    float* qkv;          // (L, B, T, 3*C)
+    float* atty;         // (L, B, T, C)
+    float* residual2;    // (L, B, T, C)
+    float* ln2;          // (L, B, T, C)
+    float* fch;          // (L, B, T, FF)
+    float* fch_gelu;     // (L, B, T, FF)
+    float* residual3;    // (L, B, T, C)
+    float* lnf;          // (B, T, C)
+    float* logits;       // (B, T, Vp)
+    float* losses;       // (B, T)
+    float* ln_1_mean;    // (L, B, T)
+    float* ln_1_rstd;    // (L, B, T)
+    float* attn_lse;     // (L, B, NH, T)
+    float* ln_f_mean;    // (B, T)
+    float* ln_f_rstd;    // (B, T)
+    float* ln_2_mean;    // (L, B, T)
+    float* ln_2_rstd;    // (L, B, T)
+    float* loss_lse;     // (B, T)
+    float* gg_scratch0;  // (196608)
+    float* attproj;      // (B, T, C)
+    float* fcproj;       // (B, T, C)
 } Acts;
 
 static const gg_tensor_entry ACT_TABLE[23] = {
-    {"encoded",              0,       196608, 0, 0},
-    {"ln1",             196608,      2359296, 0, 0},
-    {"qkv",            2555904,      7077888, 0, 0},
-    {"atty",           9633792,      2359296, 0, 0},
-    {"residual2",     11993088,      2359296, 0, 0},
-    {"ln2",           14352384,      2359296, 0, 0},
-    {"fch",           16711680,      9437184, 0, 0},
-    {"fch_gelu",      26148864,      9437184, 0, 0},
-    {"residual3",     35586048,      2359296, 0, 0},
-    {"lnf",           37945344,       196608, 0, 0},
-    {"logits",        38141952,     12877824, 0, 0},
-    {"losses",        51019776,          256, 0, 0},
-    {"ln_1_mean",     51020032,         3072, 0, 0},
-    {"ln_1_rstd",     51023104,         3072, 0, 0},
-    {"attn_lse",      51026176,        36864, 0, 0},
-    {"ln_f_mean",     51063040,          256, 0, 0},
-    {"ln_f_rstd",     51063296,          256, 0, 0},
-    {"ln_2_mean",     51063552,         3072, 0, 0},
-    {"ln_2_rstd",     51066624,         3072, 0, 0},
-    {"loss_lse",      51069696,          256, 0, 0},
-    {"scratch0",      51069952,       196608, 0, 0},
-    {"attproj",       51069952,       196608, 0, 0},
-    {"fcproj",        51069952,       196608, 0, 0},
+    {"encoded",                0,       196608, 0, 0},
+    {"ln1",               196608,      2359296, 0, 0},
+    {"qkv",              2555904,      7077888, 0, 0},
+    {"atty",             9633792,      2359296, 0, 0},
+    {"residual2",       11993088,      2359296, 0, 0},
+    {"ln2",             14352384,      2359296, 0, 0},
+    {"fch",             16711680,      9437184, 0, 0},
+    {"fch_gelu",        26148864,      9437184, 0, 0},
+    {"residual3",       35586048,      2359296, 0, 0},
+    {"lnf",             37945344,       196608, 0, 0},
+    {"logits",          38141952,     12877824, 0, 0},
+    {"losses",          51019776,          256, 0, 0},
+    {"ln_1_mean",       51020032,         3072, 0, 0},
+    {"ln_1_rstd",       51023104,         3072, 0, 0},
+    {"attn_lse",        51026176,        36864, 0, 0},
+    {"ln_f_mean",       51063040,          256, 0, 0},
+    {"ln_f_rstd",       51063296,          256, 0, 0},
+    {"ln_2_mean",       51063552,         3072, 0, 0},
+    {"ln_2_rstd",       51066624,         3072, 0, 0},
+    {"loss_lse",        51069696,          256, 0, 0},
+    {"gg_scratch0",     51069952,       196608, 0, 0},
+    {"attproj",         51069952,       196608, 0, 0},
+    {"fcproj",          51069952,       196608, 0, 0},
 };
 
 static const size_t ACTS_SIZE = 51266560;  // elements
@@ -1101,7 +1106,7 @@ static void point_acts(Acts* a, void* arena) {
     a->ln_2_mean = base + ACT_TABLE[17].offset;
     a->ln_2_rstd = base + ACT_TABLE[18].offset;
     a->loss_lse = base + ACT_TABLE[19].offset;
-    a->scratch0 = base + ACT_TABLE[20].offset;
+    a->gg_scratch0 = base + ACT_TABLE[20].offset;
     a->attproj = base + ACT_TABLE[21].offset;
     a->fcproj = base + ACT_TABLE[22].offset;
 }
@@ -1144,7 +1149,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* attn_lse = a->attn_lse + (size_t)l * (size_t)B_MAX * NH * T_MAX;  // (B,NH,T)
         float* attprojw = p->attprojw + (size_t)l * (size_t)C * C;  // (C,C)
         float* attprojb = p->attprojb + (size_t)l * (size_t)C;  // (C)
-        float* attproj = a->attproj;  // (B,T,C) scratch0, every layer's
+        float* attproj = a->attproj;  // (B,T,C) gg_scratch0, every layer's
         float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
         float* ln2b = p->ln2b + (size_t)l * (size_t)C;  // (C)
         float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
@@ -1157,7 +1162,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
         float* fch_gelu = a->fch_gelu + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
         float* fcprojw = p->fcprojw + (size_t)l * (size_t)C * FF;  // (C,FF)
         float* fcprojb = p->fcprojb + (size_t)l * (size_t)C;  // (C)
-        float* fcproj = a->fcproj;  // (B,T,C) scratch0, every layer's
+        float* fcproj = a->fcproj;  // (B,T,C) gg_scratch0, every layer's
         float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
         // ln_1 (model.yaml:64): layernorm
         layernorm_forward(ln1, ln_1_mean, ln_1_rstd, x, ln1w, ln1b, B * T, C, 1e-05f);
@@ -1185,7 +1190,7 @@ float gg_forward(const gg_arenas* ar, const int* const* inputs, int B, int T) {
 }
 
 // ----------------------------------------------------------------------------
-// backward: the forward nodes in reverse, each op's backward from the op library
+// backward: the forward nodes in reverse, each op's backward kernel from the target's kernel table
 
 void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, float loss_scale) {
     Params params, grads, *p = &params, *g = &grads;
@@ -1202,7 +1207,7 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
     float* d_lnf = da + DSLOT_1;  // (B,T,C) dslot1
     float* d_x = da + DSLOT_0;  // (B,T,C) dslot0
     float* d_x_spare = da + DSLOT_1;  // (B,T,C) second buffer for d_x, swapped with it layer by layer
-    gg_fill(d_losses, (size_t)B * T, loss_scale / (float)((size_t)B * T));  // d_losses = 1/(B*T): the loss is the mean of `losses`
+    gg_fill(d_losses, (size_t)B * T, loss_scale / (float)((size_t)B * T));  // d_losses = loss_scale/(B*T): the loss is the mean of `losses` (scale 1 without loss scaling)
     gg_zero(d_lnf, (size_t)B * T * C);  // d_lnf starts from zero (backward kernels accumulate)
     // lm_head+loss (model.yaml:76): classifier
     classifier_backward(d_lnf, g->wte, NULL, a->logits, d_losses, a->lnf, p->wte, a->loss_lse, targets, B * T, C, Vp, V);
@@ -1288,7 +1293,9 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
 
 void gg_zero_grad(const gg_arenas* ar) {
     gg_zero((float*)ar->grads, PARAMS_SIZE);
-}// Returns 1 when the step was taken (always, without loss scaling).
+}
+
+// Returns 1 when the step was taken (always, without loss scaling).
 int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
               float grad_scale) {
     float bc1 = (float)(1.0 - pow((double)beta1, (double)step));  // bias corrections
@@ -1305,7 +1312,7 @@ int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "dddd53d61d97d07b419a"; }
+const char* gg_signature(void) { return "9d1c53959cdeff78e8ad"; }
 
 size_t gg_arena_bytes(int which) {
     switch (which) {
