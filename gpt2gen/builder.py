@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import fusion as _fusion
 from . import lower as _lower
 from . import render as _render
 from . import spec as _spec
@@ -502,16 +501,11 @@ def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str |
     path = find_model(model)
     spec = _spec.load(path)
     config = spec.resolve(overrides)
-    tgt = _target(target)
+    _target(target)
     try:
-        tgt.check_precision(precision)
-    except ValueError as e:
-        raise BuildError(f"{e}; e.g. --precision {tgt.precisions[0]}") from None
-    try:
-        _fusion.choose(fuse, tgt.fusions, target)
-    except ValueError as e:
-        raise BuildError(f"--fuse {fuse}: {e}") from None
-    program = _lower.lower(spec, config, target, precision, fuse, loss_scaling)
+        program = _lower.lower(spec, config, target, precision, fuse, loss_scaling)
+    except _targets.OptionError as e:          # a precision or fusion the target lacks (the lowering checks)
+        raise BuildError(str(e)) from None
     return program, _render.render_program(program, target, label)
 
 

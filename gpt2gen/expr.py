@@ -389,6 +389,19 @@ class _Parser:
             raise ExprRangeError(f"{err}, in expression `{self.text}`") from None
 
 
+def substitute(e: Expr, names: Mapping[str, Expr]) -> Expr:
+    """``e`` with each name in ``names`` replaced by its expression."""
+    if isinstance(e, Name):
+        return names.get(e.id, e)
+    if isinstance(e, BinOp):
+        return BinOp(e.op, substitute(e.left, names), substitute(e.right, names))
+    if isinstance(e, Neg):
+        return Neg(substitute(e.x, names))
+    if isinstance(e, Call):
+        return Call(e.fn, tuple(substitute(a, names) for a in e.args))
+    return e
+
+
 def parse(text: str | int | float) -> Expr:
     """Parse an expression (a YAML number is accepted as is)."""
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ops import Attr, I, O, OpDef, _op
+from .targets import OptionError
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ def choose(spec: str | None, available: tuple[str, ...], target: str) -> tuple[s
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
     unknown = [n for n in names if n not in FUSIONS]
     if unknown:
-        raise ValueError(f"unknown fusion {', '.join(unknown)}; the fusions are {', '.join(FUSIONS)} "
+        raise OptionError(f"--fuse {spec}: unknown fusion {', '.join(unknown)}; the fusions are {', '.join(FUSIONS)} "
                          f"(or all, none)")
     lacking = [n for n in names if n not in available]
     if lacking:
-        raise ValueError(f"target `{target}` has no kernels for the fusion {', '.join(lacking)}; it has "
+        raise OptionError(f"--fuse {spec}: target `{target}` has no kernels for the fusion {', '.join(lacking)}; it has "
                          f"{', '.join(available) or 'none'}")
     return names

@@ -507,25 +507,12 @@ def _saved_buffers(ctx: _Ctx, b: Bound, saved, per_layer: bool, prefix: str | No
             raise ctx.err(f"node '{b.node.name}' keeps its `{sv.name}` for the backward as `{name}`, which is "
                           f"{'already ' + clash if clash else 'reserved: ' + reason}", b.node,
                           hint="rename the node")
-        shape = tuple(_substitute(O.pattern(p), letters) for p in sv.shape)
+        shape = tuple(E.substitute(O.pattern(p), letters) for p in sv.shape)
         t = TensorDecl(name, "act", shape, per_layer, b.node.line)
         ctx.saved[name] = out[sv.name] = t
         ctx.saved_by_node.setdefault(b.node.name, []).append(name)
         ctx.notes[name] = f"kept by '{b.node.name}' ({b.op.name}) for its backward: {sv.doc}"
     return out
-
-
-def _substitute(e: E.Expr, letters: dict[str, E.Expr]) -> E.Expr:
-    """An op's shape pattern in the model's terms: each bound letter replaced by the model's expression."""
-    if isinstance(e, E.Name):
-        return letters.get(e.id, e)
-    if isinstance(e, E.BinOp):
-        return E.BinOp(e.op, _substitute(e.left, letters), _substitute(e.right, letters))
-    if isinstance(e, E.Neg):
-        return E.Neg(_substitute(e.x, letters))
-    if isinstance(e, E.Call):
-        return E.Call(e.fn, tuple(_substitute(a, letters) for a in e.args))
-    return e
 
 
 # ---- stage 2: fuse pairs of nodes the target has one kernel for -------------------------------------------

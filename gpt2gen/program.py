@@ -33,7 +33,7 @@ ROLES = ("input", "param", "grad", "master", "moment", "act", "saved", "scratch"
 class Buffer:
     name: str
     shape: tuple[E.Expr, ...]      # symbolic, over config names and the run-time B, T
-    dtype: str                     # "f32" | "i32" (storage dtypes; a precision policy may narrow floats)
+    dtype: str                     # its storage dtype under the build's precision: f32, bf16, f16, i32
     role: str                      # one of ROLES
     per_layer: bool = False        # stacked over the layers (L, *shape)
     line: int | None = None        # where the model file declares it

@@ -17,11 +17,6 @@ def render_program(program: Program, target: str = "cpu", label: str | None = No
     return targets.get(target).render(program, label)
 
 
-def kernels_source(op_names: list[str], target: str = "cpu") -> str:
-    """A standalone translation unit of kernels with exported symbols (the op tests call them)."""
-    return targets.get(target).kernels_source(op_names)
-
-
 def write_sources(files: dict[str, str], out_dir: Path) -> list[Path]:
     """Write rendered files into ``out_dir`` (only those whose contents changed); returns those written."""
     written = []

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from ..program import Program
 
 
+class OptionError(ValueError):
+    """A build option (a precision, a fusion) the target cannot honour; the message says what it can."""
+
+
 @dataclass(frozen=True)
 class KernelCall:
     """A kernel function and its arguments: expressions over operand names, ``d_<operand>`` (that
@@ -113,8 +117,8 @@ class Target:
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions:
-            raise ValueError(f"target `{self.name}` has no precision `{precision}`; it has "
-                             f"{', '.join(self.precisions)}")
+            raise OptionError(f"target `{self.name}` has no precision `{precision}`; it has "
+                              f"{', '.join(self.precisions)} (--precision {self.precisions[0]})")
 
 
 def _targets() -> dict[str, Target]:

@@ -152,17 +152,11 @@ def c_product(dims: tuple[E.Expr, ...] | list[E.Expr]) -> str:
     return "(size_t)" + " * ".join(c_expr(d) for d in dims)
 
 
+_MAXIMA = {"B": E.Name("B_MAX"), "T": E.Name("T_MAX")}   # the build-time maxima that size the arenas
+
+
 def _at_maxima(e: E.Expr) -> E.Expr:
-    """The expression with the run-time B, T replaced by the build-time maxima that size the arenas."""
-    if isinstance(e, E.Name) and e.id in ("B", "T"):
-        return E.Name(e.id + "_MAX")
-    if isinstance(e, E.BinOp):
-        return E.BinOp(e.op, _at_maxima(e.left), _at_maxima(e.right))
-    if isinstance(e, E.Neg):
-        return E.Neg(_at_maxima(e.x))
-    if isinstance(e, E.Call):
-        return E.Call(e.fn, tuple(_at_maxima(a) for a in e.args))
-    return e
+    return E.substitute(e, _MAXIMA)
 
 
 def c_arg(e: E.Expr, names: dict[str, str]) -> str:
