@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -76,6 +76,7 @@ class Built:
     extension: Path
     sources: dict[str, str]
     compiled: bool            # False when the cache already had it
+    options: dict = field(default_factory=dict)   # the target's build options (cuda: emulate, archs)
 
 
 # ---- commands and the toolchain ------------------------------------------------------------------------
@@ -100,13 +101,15 @@ def _subprocess(cmd: list[str], what: str) -> subprocess.CompletedProcess:
                          f"hint: check that CC / CXX name an executable compiler") from None
 
 
-def _run(cmd: list[str], what: str, source: Path | None = None, hint: str | None = None) -> None:
+def _run(cmd: list[str], what: str, source: Path | None = None, hint: str | None = None) -> subprocess.CompletedProcess:
+    """Run a compiler; a failure is a BuildError with its diagnostics. Returns the process (its output)."""
     proc = _subprocess(cmd, what)
     if proc.returncode != 0:
         where = f" ({source})" if source else ""
         hint = hint or ("the generated file names the template each section comes from; fix that template or "
                         "the model file, then build again")
         raise BuildError(f"{what} failed{where}:\n$ {shlex.join(cmd)}\n{proc.stderr.strip()}\nhint: {hint}")
+    return proc
 
 
 def _compiler(env_var: str, default: str, kind: str) -> list[str]:
@@ -511,9 +514,16 @@ def generate(model: str | Path = "model.yaml", target: str = "cpu", label: str |
 
 def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: str | Path | None = None,
                   verbose: bool = False, precision: str = "fp32", fuse: str | None = "all",
-                  loss_scaling: bool | None = None, **overrides) -> Built:
-    """Generate and compile a model (or find it in the cache). ``out`` also receives a copy of the sources."""
+                  loss_scaling: bool | None = None, emulate: bool = False, archs: str | list[str] | None = None,
+                  **overrides) -> Built:
+    """Generate and compile a model (or find it in the cache). ``out`` also receives a copy of the sources.
+    ``emulate`` and ``archs`` are the CUDA target's: run its kernels on the CPU (gpt2gen.cuda_emu), or compile
+    with nvcc for these GPU architectures (``sm_80,sm_90`` by default)."""
     tgt = _target(target)
+    try:
+        options = tgt.build_options(emulate=emulate, archs=archs)
+    except _targets.OptionError as e:
+        raise BuildError(str(e)) from None
     program, sources = generate(model, target, precision=precision, fuse=fuse, loss_scaling=loss_scaling, **overrides)
     check_memory(program)
     if out is not None:
@@ -522,28 +532,37 @@ def compile_model(model: str | Path = "model.yaml", target: str = "cpu", out: st
     source_parts = [f"{k}\n{v}" for k, v in sorted(sources.items())]
     cflags = c_flags()
     flags = " ".join(cflags + LINK_FLAGS)
-    recall = _recall_key("model", target, *source_parts, flags, ext_suffix)
+    try:
+        target_key = tgt.build_key(options)
+    except _targets.OptionError as e:
+        raise BuildError(str(e)) from None
+    recall = _recall_key("model", target, *source_parts, flags, ext_suffix, target_key)
     tc, cached = _toolchain_or_cached(recall)
     if cached is not None:
-        return Built(program, target, cached.parent.name.rsplit("-", 1)[-1], cached.parent, cached, sources, False)
-    key = digest(*source_parts, *[f"{k}={v}" for k, v in sorted(tc.items())], flags, ext_suffix, binding_key(tc))
+        return Built(program, target, cached.parent.name.rsplit("-", 1)[-1], cached.parent, cached, sources, False,
+                     options)
+    key = digest(*source_parts, *[f"{k}={v}" for k, v in sorted(tc.items())], flags, ext_suffix, binding_key(tc),
+                 target_key)
     directory = cache_root() / "models" / f"{program.spec.name}-{target}-{key}"
     module = f"gg_{key}"
     ext = directory / (module + ext_suffix)
     if ext.exists():
         _remember(recall, ext)
-        return Built(program, target, key, directory, ext, sources, False)
+        return Built(program, target, key, directory, ext, sources, False, options)
     _check_openmp(tc)
     binding = binding_object(tc)
 
     def make(tmp: Path) -> None:
         for name, text in sources.items():
             write_if_changed(directory / name, text)
-        tgt.compile(CompileJob(directory, sources, tmp, module, tc, cflags, LINK_FLAGS, binding, MODULE, _run,
-                               _compile_hint(), verbose))
+        try:
+            tgt.compile(CompileJob(directory, sources, tmp, module, tc, cflags, LINK_FLAGS, binding, MODULE, _run,
+                                   _compile_hint(), verbose, options))
+        except _targets.OptionError as e:       # a missing nvcc or cuBLASLt: what to install, or which flag to use
+            raise BuildError(str(e)) from None
     compiled = _build_once(ext, make)
     _remember(recall, ext)
-    return Built(program, target, key, directory, ext, sources, compiled)
+    return Built(program, target, key, directory, ext, sources, compiled, options)
 
 
 def _target(name: str) -> _targets.Target:

@@ -248,11 +248,11 @@ def load_llmc(model, path: str | os.PathLike) -> dict[str, int]:
 
 
 def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.PathLike = "model.yaml",
-              *, precision: str = "fp32", fuse: str | None = "all", **overrides):
+              *, precision: str = "fp32", fuse: str | None = "all", target_options: dict | None = None, **overrides):
     """Build a GPT-2 from an llm.c model file's header and load its weights; returns the Model.
 
     ``overrides`` may add build options (e.g. ``B=4, T=64``); they cannot change the file's shape.
-    ``precision`` and ``fuse`` are build options (gpt2gen.build).
+    ``precision``, ``fuse`` and ``target_options`` (``emulate``, ``archs``) are build options (gpt2gen.build).
     """
     from . import build
 
@@ -271,7 +271,7 @@ def from_llmc(path: str | os.PathLike, target: str = "cpu", model: str | os.Path
         raise CheckpointError(f"{path}: padded vocabulary Vp={hdr['Vp']} in the file, but the model "
                               f"pads V={hdr['V']} to Vp={vp}")
     m = build(model=model, target=target, seed=None, precision=precision, fuse=fuse,   # weights: the file's
-              **{**overrides, **shape})
+              **(target_options or {}), **{**overrides, **shape})
     load_llmc(m, path)
     return m
 
@@ -716,7 +716,8 @@ def check_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yam
 
 
 def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml",
-            target: str = "cpu", *, precision: str = "fp32", fuse: str | None = "all", **overrides):
+            target: str = "cpu", *, precision: str = "fp32", fuse: str | None = "all",
+            target_options: dict | None = None, **overrides):
     """Import a HuggingFace checkpoint directory through the model YAML's ``huggingface`` mapping.
 
     Reads ``config.json``, turns the mapped keys into build overrides (explicit ``overrides`` win),
@@ -734,7 +735,7 @@ def from_hf(directory: str | os.PathLike, model: str | os.PathLike = "model.yaml
 
     build_cfg, tensors, plan = check_hf(directory, model, **overrides)
     m = build(model=model, target=target, seed=None, precision=precision, fuse=fuse,  # weights: the checkpoint's
-              **build_cfg)
+              **(target_options or {}), **build_cfg)
     _copy_hf(_weights(m), tensors, plan, staged=False)
     _sync(m)
     return m

@@ -1,6 +1,7 @@
 """The ``gpt2gen`` command line: build, layout, generate, and the training commands.
 
     gpt2gen build --target cpu [--precision fp32|bf16] [--model FILE] [--set NAME=VALUE ...] [--out DIR]
+    gpt2gen build --target cuda [--arch sm_80,sm_90 | --emulate] [--precision fp32|bf16|fp16] ...
     gpt2gen layout [--precision P] [--model FILE] [--set NAME=VALUE ...] [--world N --zero 1]
     gpt2gen generate [--check]          # refresh (or check) generated/ for the shipped models
     gpt2gen prepro | train | plot ...   # data, training and curves (see docs/training.md)
@@ -125,13 +126,18 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.out:
         check_outputs([Output("--out", Path(args.out), "dir", "the generated sources")])
     built = compile_model(args.model, args.target, out=args.out, precision=args.precision, fuse=args.fuse,
-                          **parse_overrides(args.overrides))
+                          emulate=args.emulate, archs=args.arch, **parse_overrides(args.overrides))
     dt = time.perf_counter() - t0
     n = sum(s.numel for s in built.program.layout.params.slots)
     state = "compiled" if built.compiled else "up to date (cached)"
-    print(f"{built.program.spec.name} ({args.target}, {args.precision}): {state} in {dt:.2f} s, {n:,} parameters")
+    how = ", emulated" if args.emulate else (f", {','.join(built.options['archs'])}" if "archs" in built.options else "")
+    print(f"{built.program.spec.name} ({args.target}{how}, {args.precision}): {state} in {dt:.2f} s, {n:,} parameters")
     print(f"  sources:   {built.directory}")
     print(f"  extension: {built.extension}")
+    report = built.directory / "ptxas.txt"
+    if "archs" in built.options and report.is_file():    # nvcc: registers, shared memory, spills per kernel
+        print(f"  ptxas:     {report}")
+        print("".join("    " + line + "\n" for line in report.read_text().splitlines()), end="")
     if args.out:
         print(f"  copy of the sources in {args.out}")
     return 0
@@ -154,14 +160,16 @@ def shipped_models() -> list[Path]:
     return [root / "model.yaml"] + sorted((root / "models").glob("*.yaml"))
 
 
-def generated_sources(target: str = "cpu") -> dict[Path, str]:
-    """{path under generated/: text} for every shipped model at its default config."""
+def generated_sources(target: str | None = None) -> dict[Path, str]:
+    """{path under generated/: text} for every shipped model at its default config, for ``target`` (None: every
+    target)."""
     out: dict[Path, str] = {}
     root = data_root()
-    for model in shipped_models():
-        program, sources = generate(model, target, label=str(model.relative_to(root)))
-        for name, text in sources.items():
-            out[Path("generated") / program.spec.name / target / name] = text
+    for name in [target] if target else targets.names():
+        for model in shipped_models():
+            program, sources = generate(model, name, label=str(model.relative_to(root)))
+            for file, text in sources.items():
+                out[Path("generated") / program.spec.name / name / file] = text
     return out
 
 
@@ -196,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _target_args(p)
     p.add_argument("--out", help="also write the generated sources into this directory")
+    p.add_argument("--arch", metavar="sm_XY,...",
+                   help="cuda: the GPU architectures nvcc compiles for (default: sm_80,sm_90)")
+    p.add_argument("--emulate", action="store_true",
+                   help="cuda: compile the same .cu against gpt2gen's CUDA emulator and run it on the CPU (slow; "
+                        "how the CUDA kernels are proven without a GPU)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("layout", help="print the memory layout of a model's arenas",
@@ -212,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="refresh generated/ for the shipped models",
                        description="Render the shipped model files into generated/<model>/<target>/.")
-    p.add_argument("--target", default="cpu", choices=["cpu"], help="(default: %(default)s)")
+    p.add_argument("--target", default=None, choices=targets.names(), help="only this target (default: all)")
     p.add_argument("--check", action="store_true", help="only report files that are out of date (exit 1 if any)")
     p.set_defaults(func=cmd_generate)
 

@@ -294,11 +294,13 @@ class Single:
         return requested
 
     def reduce_gradients(self, model, loss: float, grad_accum: int) -> tuple[float, float]:
+        """The mean loss and the norm of the mean gradient (a loss-scaled model's gradients are unscaled here)."""
         from .train import grad_norm
-        return loss, grad_norm(model.arenas["grads"]) / grad_accum
+        return loss, grad_norm(model.arenas["grads"]) / (grad_accum * model.loss_scale)
 
-    def update(self, model, *args, **kwargs) -> None:
-        model.update(*args, **kwargs)
+    def update(self, model, *args, **kwargs) -> bool:
+        """The AdamW step; False when a loss-scaled model skipped it (its gradients overflowed)."""
+        return model.update(*args, **kwargs)
 
     def mean(self, value: float) -> float:
         return value
@@ -661,6 +663,9 @@ class DataParallel:
         with self._guard("broadcasting rank 0's weights"):
             works = [self.dist.broadcast(self._params[lo:hi], src=0, async_op=True) for lo, hi in self.buckets]
         self._wait(works, "broadcasting rank 0's weights")
+        if self.zero and model.loss_scaling:
+            raise UsageError("--zero 1 with dynamic loss scaling (fp16): the sharded optimizer does not check the "
+                             "gradients for overflow", hint="use --zero 0, or --precision bf16 (no loss scaling)")
         if self.zero:
             master = "master" in model.arenas and int(getattr(model.arenas["master"], "size", 0)) > 0
             self.opt = ZeroAdamW(model.layout.params.slots, self.lo, self.hi, device=self._params.device,
@@ -712,15 +717,15 @@ class DataParallel:
         with self._guard("reducing the loss and the gradient norm"):
             dist.all_reduce(stats)
         total_loss, total_sq = (float(x) for x in stats.tolist())
-        return total_loss / self.world, math.sqrt(total_sq) / (grad_accum * self.world)
+        return total_loss / self.world, math.sqrt(total_sq) / (grad_accum * self.world * model.loss_scale)
 
     def update(self, model, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               step: int, grad_scale: float = 1.0) -> None:
+               step: int, grad_scale: float = 1.0) -> bool:
         """The AdamW step: without ZeRO, the generated update on every rank (the reduced gradients are the
-        same everywhere); with ZeRO, this rank's shard, each updated bucket then broadcast from its owner."""
+        same everywhere, so every rank takes or skips a loss-scaled step alike); with ZeRO, this rank's shard,
+        each updated bucket then broadcast from its owner. Returns whether the step was taken."""
         if self.opt is None:
-            model.update(lr, beta1, beta2, eps, weight_decay, step, grad_scale=grad_scale)
-            return
+            return model.update(lr, beta1, beta2, eps, weight_decay, step, grad_scale=grad_scale)
         works, what = [], "gathering the updated parameters"
         for (lo, hi), o in zip(self.buckets, self.owner):
             if o == self.rank:
@@ -729,6 +734,7 @@ class DataParallel:
             with self._guard(what):
                 works.append(self.dist.broadcast(self._params[lo:hi], src=o, async_op=True))
         self._wait(works, what)
+        return True
 
     def mean(self, value: float) -> float:
         t = self.torch.tensor([value], dtype=self.torch.float64, device=self.device)

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .builder import Built, check_available_memory, compile_model, describe_available, load_extension, memory_error
-from .layout import ALIGN_BYTES, Arena
+from . import targets
+from .layout import Arena
 from .precision import DTYPES
 from .program import Invoke, signature, walk
 
@@ -29,13 +30,6 @@ from .program import Invoke, signature, walk
 LOSS_SCALE_INIT = 2.0 ** 16
 LOSS_SCALE_MIN, LOSS_SCALE_MAX = 1.0, 2.0 ** 24
 LOSS_SCALE_GROWTH = 2000
-
-
-def _aligned(nbytes: int, dtype: str) -> np.ndarray:
-    """A zeroed 1-D array of ``dtype`` filling ``nbytes``, whose data starts on a 64-byte boundary."""
-    raw = np.zeros(nbytes + ALIGN_BYTES, dtype=np.uint8)
-    shift = -raw.ctypes.data % ALIGN_BYTES
-    return raw[shift:shift + nbytes].view(DTYPES[dtype].numpy)
 
 
 def _views(arena: Arena, base: np.ndarray) -> dict[str, np.ndarray]:
@@ -124,8 +118,9 @@ class Model:
         MemoryError."""
         lay = self.layout
         dtypes = lay.arena_dtypes()
+        alloc = targets.get(self.target).allocator(self.built.extension)
         try:
-            return {name: _aligned(n, dtypes[name]) for name, n in lay.arena_bytes().items()}
+            return {name: alloc(n, dtypes[name]) for name, n in lay.arena_bytes().items()}
         except MemoryError:
             raise memory_error(self.program, f"and allocating them failed with {describe_available()}") from None
 
@@ -335,18 +330,22 @@ class Model:
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.config.items())
-        return f"<gpt2gen Model {self.spec.name} target={self.target} {cfg}>"
+        emu = " (emulated)" if self.built.options.get("emulate") else ""
+        return f"<gpt2gen Model {self.spec.name} target={self.target}{emu} {cfg}>"
 
 
 def build(model: str | Path = "model.yaml", target: str = "cpu", *, seed: int | None = 0,
           out: str | Path | None = None, verbose: bool = False, precision: str = "fp32", fuse: str | None = "all",
-          loss_scaling: bool | None = None, **overrides) -> Model:
+          loss_scaling: bool | None = None, emulate: bool = False, archs: str | list[str] | None = None,
+          **overrides) -> Model:
     """Generate, compile (cached) and load a model; parameters are initialised from ``seed`` (None: zeros).
-    ``precision``: fp32, or bf16 (16-bit parameters, activations and gradients; fp32 master weights);
-    ``fuse``: which fusions the build uses, ``all`` (default), ``none`` or names ``a,b`` (gpt2gen/fusion.py);
-    ``loss_scaling``: dynamic loss scaling (default: where the precision needs it, fp16)."""
+    ``target``: ``cpu`` or ``cuda``; ``precision``: fp32, bf16 (16-bit parameters, activations and gradients;
+    fp32 master weights) or fp16 (cuda; with dynamic loss scaling); ``fuse``: which fusions the build uses,
+    ``all`` (default), ``none`` or names ``a,b`` (gpt2gen/fusion.py); ``loss_scaling``: dynamic loss scaling
+    (default: where the precision needs it, fp16); ``emulate`` (cuda): run the CUDA kernels on the CPU under
+    gpt2gen.cuda_emu, the same API, slowly; ``archs`` (cuda): the GPU architectures nvcc compiles for."""
     m = Model(compile_model(model, target, out=out, verbose=verbose, precision=precision, fuse=fuse,
-                            loss_scaling=loss_scaling, **overrides))
+                            loss_scaling=loss_scaling, emulate=emulate, archs=archs, **overrides))
     if seed is not None:
         m.init_weights(seed)
     return m

@@ -179,10 +179,14 @@ def _kv(text: str) -> tuple[str, int | float]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="model.yaml", help="model file")
-    g.add_argument("--target", default="cpu", help="code generation target")
+    g.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="code generation target (default: cpu)")
+    g.add_argument("--emulate", action="store_true",
+                   help="with --target cuda: run the CUDA build on the CPU under gpt2gen's emulator (slow)")
+    g.add_argument("--arch", default=None, metavar="sm_XY,...",
+                   help="with --target cuda: GPU architectures to compile for (default: sm_80,sm_90)")
     g.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="storage of parameters, activations and gradients: fp32 (default), or bf16 with fp32 "
-                        "master weights and moments (a resumed run keeps its own)")
+                   help="storage of parameters, activations and gradients: fp32 (default), or bf16 / fp16 (cuda) "
+                        "with fp32 master weights and moments (a resumed run keeps its own)")
     g.add_argument("--fuse", default="all", metavar="all|none|A,B",
                    help="fuse node pairs into one kernel (gpt2gen/fusion.py): all (default), none, or names")
     g.add_argument("--preset", choices=sorted(PRESETS), default="demo",
@@ -409,17 +413,17 @@ def _build_model(args, say, resume_meta):
             raise UsageError(f"--precision {args.precision}: the run being resumed trains in {precision}",
                              hint=f"drop --precision, or give --precision {precision}")
         return build(model=args.model, target=args.target, seed=None, precision=precision, fuse=args.fuse,
-                     **cfg)   # the state file has the weights
+                     **_target_options(args), **cfg)   # the state file has the weights
     overrides = dict(args.overrides)
     if args.init_from:
         src = Path(args.init_from)
         if src.is_dir():
             say(f"model: importing HuggingFace weights from {src}")
             return ckpt.from_hf(src, model=args.model, target=args.target, precision=args.precision or "fp32",
-                                fuse=args.fuse, **batch, **overrides)
+                                fuse=args.fuse, target_options=_target_options(args), **batch, **overrides)
         say(f"model: loading llm.c weights from {src}")
         return ckpt.from_llmc(src, target=args.target, model=args.model, precision=args.precision or "fp32",
-                              fuse=args.fuse, **batch, **overrides)
+                              fuse=args.fuse, target_options=_target_options(args), **batch, **overrides)
     cfg = {**PRESETS[args.preset], **overrides, **batch}
     if "V" not in overrides:
         # the token files hold GPT-2 token ids and samples are decoded with GPT-2's tokenizer: a model file
@@ -440,7 +444,17 @@ def _build_model(args, say, resume_meta):
                     cfg[sym] = -1
                     say(f"model: {sym}=-1 (no padding token in GPT-2's vocabulary)")
     return build(model=args.model, target=args.target, seed=args.seed, precision=args.precision or "fp32",
-                 fuse=args.fuse, **cfg)
+                 fuse=args.fuse, **_target_options(args), **cfg)
+
+
+def _target_options(args) -> dict:
+    """The target's build options from the command line (--emulate, --arch: the cuda target's)."""
+    out = {}
+    if getattr(args, "emulate", False):
+        out["emulate"] = True
+    if getattr(args, "arch", None):
+        out["archs"] = args.arch
+    return out
 
 
 def _check_args(args, from_state: set[str] = frozenset(), world: int = 1) -> int:
@@ -895,24 +909,28 @@ def _train(args: argparse.Namespace, dp, *, quiet: bool = False) -> TrainResult:
                 loss /= grad_accum
                 # data-parallel: gradients summed over the ranks; the mean loss and the global norm
                 loss, norm = dp.reduce_gradients(model, loss, grad_accum)
-                if not (math.isfinite(loss) and math.isfinite(norm)):   # before the update spreads it
+                overflow = model.loss_scaling and not math.isfinite(norm)   # the update skips it, lowers the scale
+                if not (math.isfinite(loss) and (math.isfinite(norm) or overflow)):   # before the update spreads it
                     raise FloatingPointError(f"training diverged: the loss became {loss} (gradient norm "
                                              f"{norm}) at step {step}")
                 scale = 1.0 / (grad_accum * dp.world)
-                if args.grad_clip > 0 and norm > args.grad_clip:
+                if args.grad_clip > 0 and norm > args.grad_clip and not overflow:
                     scale *= args.grad_clip / norm
                 data_after = loader.state_dict()
                 # the update and the record that it was applied are one: a Ctrl-C between them would save
                 # this step's weights with the previous step's loader and RNG state
                 with ctrl_c.protected(f"applying the update of step {step}"):
-                    dp.update(model, lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
-                              grad_scale=scale)
+                    taken = dp.update(model, lr, args.beta1, args.beta2, args.eps, args.weight_decay, step,
+                                      grad_scale=scale)
                     pending = {"step": step, "data": data_after, "rng": rng.bit_generator.state}
                 dt = time.perf_counter() - t0
                 result.train_losses.append((step, loss))
                 result.step = step
-                log.write(type="train", step=step, loss=loss, lr=lr, norm=norm, ms=round(dt * 1e3, 2),
-                          tok_s=round(tokens_per_step / dt, 1))
+                extra = {} if taken else {"skipped": True}   # gradients overflowed: no update, the scale halves
+                if model.loss_scaling:
+                    extra["loss_scale"] = model.loss_scale
+                log.write(type="train", step=step, loss=loss, lr=lr, norm=norm if math.isfinite(norm) else None,
+                          ms=round(dt * 1e3, 2), tok_s=round(tokens_per_step / dt, 1), **extra)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.4f} | {dt * 1e3:.0f} ms/step | "
                                     f"{tokens_per_step / dt:,.0f} tok/s", refresh=False)

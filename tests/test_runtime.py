@@ -161,7 +161,8 @@ def test_a_model_that_runs_but_cannot_train_here_is_refused_where_training_start
 def test_fresh_arenas_take_memory_only_where_written():
     """What the memory policy rests on: a fresh arena is not in memory until written (mincore says so)."""
     from gpt2gen import runtime
-    a = runtime._aligned(2 ** 28, "f32")                     # 256 MiB
+    from gpt2gen.targets import host_arena
+    a = host_arena(2 ** 28, "f32")                     # 256 MiB
     assert runtime._resident_bytes(a) <= 4 * 2 ** 20
     a[:2 ** 20] = 1.0                                       # 4 MiB written
     assert 4 * 2 ** 20 <= runtime._resident_bytes(a) <= 12 * 2 ** 20
@@ -188,12 +189,12 @@ def test_initialising_a_new_model_leaves_grads_m_and_v_untouched():
 
 
 def test_an_allocation_that_fails_anyway_gets_the_same_clear_error(monkeypatch):
-    from gpt2gen import runtime
+    from gpt2gen import runtime, targets
     from gpt2gen.builder import MemoryLimitError, compile_model
     built = compile_model("model.yaml", **CFG)
 
     def no_memory(nbytes, dtype):
         raise MemoryError(f"Unable to allocate {nbytes} bytes")
-    monkeypatch.setattr(runtime, "_aligned", no_memory)
+    monkeypatch.setattr(targets.Target, "allocator", lambda self, extension: no_memory)
     with pytest.raises(MemoryLimitError, match=r"(?s)for its arenas, and allocating them failed with .* available"):
         runtime.Model(built)

@@ -74,6 +74,12 @@ std::vector<const int*> input_ptrs(const py::list& inputs, std::vector<IntArray>
     return ptrs;
 }
 
+// After a call: what the model recorded as failing (gg_error), raised as a RuntimeError.
+void raise_recorded() {
+    const char* e = gg_error();
+    if (e) throw std::runtime_error(std::string("the model failed: ") + e);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_gpt2gen_model, mod) {
@@ -88,22 +94,38 @@ PYBIND11_MODULE(_gpt2gen_model, mod) {
     mod.def("forward", [](Arenas& ar, const py::list& inputs, int B, int T) {
         std::vector<IntArray> keep;
         auto ptrs = input_ptrs(inputs, keep, B, T);
-        py::gil_scoped_release nogil;
-        return gg_forward(&ar.raw, ptrs.data(), B, T);
+        float loss;
+        {
+            py::gil_scoped_release nogil;
+            loss = gg_forward(&ar.raw, ptrs.data(), B, T);
+        }
+        raise_recorded();
+        return loss;
     });
     mod.def("backward", [](Arenas& ar, const py::list& inputs, int B, int T, float loss_scale) {
         std::vector<IntArray> keep;
         auto ptrs = input_ptrs(inputs, keep, B, T);
-        py::gil_scoped_release nogil;
-        gg_backward(&ar.raw, ptrs.data(), B, T, loss_scale);
+        {
+            py::gil_scoped_release nogil;
+            gg_backward(&ar.raw, ptrs.data(), B, T, loss_scale);
+        }
+        raise_recorded();
     });
     mod.def("zero_grad", [](Arenas& ar) {
-        py::gil_scoped_release nogil;
-        gg_zero_grad(&ar.raw);
+        {
+            py::gil_scoped_release nogil;
+            gg_zero_grad(&ar.raw);
+        }
+        raise_recorded();
     });
     mod.def("update", [](Arenas& ar, float lr, float beta1, float beta2, float eps, float weight_decay, int step,
                          float grad_scale) {
-        py::gil_scoped_release nogil;
-        return gg_update(&ar.raw, lr, beta1, beta2, eps, weight_decay, step, grad_scale) != 0;
+        int taken;
+        {
+            py::gil_scoped_release nogil;
+            taken = gg_update(&ar.raw, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+        }
+        raise_recorded();
+        return taken != 0;
     });
 }

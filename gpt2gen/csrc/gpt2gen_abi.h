@@ -1,6 +1,7 @@
 // gpt2gen_abi.h — the C interface between a generated model (model.c / model.cu) and the binding.
 //
-// A generated model defines these functions over flat arenas that the caller owns: params and grads
+// A generated model defines these functions over flat arenas that the caller owns (on the CUDA target, device
+// memory the model allocates for it: gg_alloc / gg_free in model.cu): params and grads
 // (one layout, the precision's storage type), m and v (AdamW's moments, fp32, the same layout in
 // elements), master (fp32 master weights, in mixed precision only; NULL otherwise), acts and dacts
 // (activations and their gradients). Sizes come from gg_arena_bytes(); gg_signature() names the layout
@@ -50,6 +51,9 @@ void gg_zero_grad(const gg_arenas* ar);
 // scaling returns 0, touching nothing, when any gradient is inf or nan.
 int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps,
               float weight_decay, int step, float grad_scale);
+// The error the model recorded in the last calls (a failed CUDA call or kernel, a cuBLASLt status), or NULL;
+// reading it clears it. The CPU target records none. The binding raises it after every call.
+const char* gg_error(void);
 
 #ifdef __cplusplus
 }

@@ -28,7 +28,7 @@ from ..cache import atomic_path, cache_root, digest, file_lock
 from .rewrite import REWRITE_VERSION, RewriteError, rewrite_source
 
 __all__ = [
-    "load", "build", "nvcc_compile", "find_nvcc", "include_dir", "EmulationError", "CompileError",
+    "load", "build", "compile_object", "nvcc_compile", "find_nvcc", "include_dir", "EmulationError", "CompileError",
     "RewriteError", "EmuLibrary",
 ]
 
@@ -121,8 +121,9 @@ _loaded_lock = threading.Lock()
 
 def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = None,
           include_dirs: Iterable[str | os.PathLike] = (), extra_flags: Iterable[str] = (),
-          debug: bool = False, checked_shared: bool = True, cxx: str | None = None) -> Path:
-    """Compile ``path`` for emulation (cached by content) and return the shared object's path.
+          debug: bool = False, checked_shared: bool = True, cxx: str | None = None, kind: str = "shared") -> Path:
+    """Compile ``path`` for emulation (cached by content) and return the shared object's path (``kind="object"``:
+    a relocatable object file instead, for linking into a program of one's own: see :func:`compile_object`).
 
     defines: extra ``-D`` macros; include_dirs: extra ``-I`` directories; debug: ``-O0 -g`` for gdb;
     checked_shared: bounds-checked static ``__shared__`` arrays (False: plain arrays, no OOB check);
@@ -132,7 +133,9 @@ def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = Non
     if not src.is_file():
         raise FileNotFoundError(src)
     cxx = cxx or os.environ.get("CXX") or "g++"
-    flags = ["-std=c++17", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing", "-w"]
+    if kind not in ("shared", "object"):
+        raise ValueError(f"kind must be 'shared' or 'object', got {kind!r}")
+    flags = ["-std=c++17", "-fPIC", "-shared" if kind == "shared" else "-c", "-pthread", "-fno-strict-aliasing", "-w"]
     flags += ["-O0", "-g"] if debug else ["-O2"]
     if not checked_shared:
         flags.append("-DGPT2GEN_EMU_UNCHECKED_SHARED")
@@ -146,7 +149,7 @@ def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = Non
                  *[part for p in sources for part in (str(p), p.read_bytes())])
     root = cache_root() / "cuda_emu"
     out_dir = root / key
-    so = out_dir / "lib.so"
+    so = out_dir / ("lib.so" if kind == "shared" else "lib.o")
     if so.is_file():
         return so
     with file_lock(root / f"{key}.lock"):
@@ -166,6 +169,25 @@ def build(path: str | os.PathLike, *, defines: Mapping[str, object] | None = Non
                 raise CompileError(f"cuda_emu: {src} does not compile for emulation:\n"
                                    f"{_trim_diagnostics(proc.stderr)}")
     return so
+
+
+def compile_object(path: str | os.PathLike, out: str | os.PathLike, **kwargs) -> Path:
+    """Compile ``path`` for emulation into the object file ``out`` (cached by content; the options are
+    :func:`build`'s). Linked into a shared library with ``-pthread``, its ``extern "C"`` functions run the
+    file's host code against the emulator, which the object carries (hidden symbols, one emulator per library)."""
+    obj = build(path, kind="object", **kwargs)
+    shutil.copyfile(obj, out)
+    return Path(out)
+
+
+def headers_digest() -> str:
+    """A digest of the emulator's headers: what an emulated build depends on besides its own sources."""
+    return _headers_digest()
+
+
+def nvcc_version(nvcc: str) -> str:
+    """``nvcc --version``'s text (for cache keys)."""
+    return _nvcc_id(nvcc)
 
 
 def _trim_diagnostics(text: str, limit: int = 12000) -> str:
@@ -287,12 +309,32 @@ def _nvcc_id(nvcc: str) -> str:
     return out.stdout.strip()
 
 
+def _cublas_include_dir() -> Path | None:
+    """The include folder of the ``nvidia-cublas`` wheel (the one with ``cublasLt.h``), or None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13", "cublas"):
+            inc = Path(root) / sub / "include"
+            if (inc / "cublasLt.h").is_file():
+                return inc
+    return None
+
+
 def nvcc_compile(path: str | os.PathLike, archs: Iterable[str] = ("sm_80", "sm_90"), *,
                  defines: Mapping[str, object] | None = None, extra_flags: Iterable[str] = (),
-                 nvcc: str | None = None) -> Path:
+                 nvcc: str | None = None, include_dirs: Iterable[str | os.PathLike] = ()) -> Path:
     """Compile ``path`` with the real nvcc to an object file for each architecture in ``archs``
     (one invocation, ``-gencode`` per arch), proving it is valid CUDA. Cached by content; returns
-    the object file. Raises CompileError with nvcc's diagnostics, FileNotFoundError without nvcc."""
+    the object file. Raises CompileError with nvcc's diagnostics, FileNotFoundError without nvcc.
+
+    include_dirs: extra ``-I`` directories. The headers of the ``nvidia-cublas`` wheel (``cublasLt.h``),
+    when it is installed, are searched last (``-idirafter``: only for headers found nowhere else, e.g.
+    with a CUDA toolkit that lacks cuBLAS), so files using cuBLASLt compile as with a full toolkit."""
     nvcc = nvcc or find_nvcc()
     if not nvcc:
         raise FileNotFoundError("nvcc is not on PATH")
@@ -303,6 +345,11 @@ def nvcc_compile(path: str | os.PathLike, archs: Iterable[str] = ("sm_80", "sm_9
         flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
     for k, v in (defines or {}).items():
         flags.append(f"-D{k}" if v is None else f"-D{k}={v}")
+    for d in include_dirs:
+        flags += ["-I", str(Path(d).resolve())]
+    cublas_inc = _cublas_include_dir()
+    if cublas_inc is not None:
+        flags += ["-Xcompiler", "-idirafter", "-Xcompiler", str(cublas_inc)]
     flags += list(extra_flags)
     sources = _collect_sources(src)
     key = digest("nvcc", _nvcc_id(nvcc), *flags, *[part for p in sources for part in (str(p), p.read_bytes())])

@@ -9,13 +9,15 @@ adding one ``Target`` here and one folder under ``templates/``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .. import expr as E
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from ..program import Program
 
 
@@ -87,6 +89,7 @@ class CompileJob:
     run: Callable[..., None]
     hint: str | None = None
     verbose: bool = False
+    options: dict = field(default_factory=dict)    # target options: cuda's emulate (bool) and archs
 
 
 class Target:
@@ -109,6 +112,22 @@ class Target:
     def compile(self, job: CompileJob) -> None:
         raise NotImplementedError
 
+    def build_options(self, emulate: bool = False, archs: str | list[str] | None = None) -> dict:
+        """The target's build options, checked (an OptionError says what it takes instead)."""
+        if emulate or archs:
+            raise OptionError(f"target `{self.name}` takes no --emulate or --arch (they are the cuda target's)")
+        return {}
+
+    def build_key(self, options: dict) -> str:
+        """What else the product depends on under these options (tool versions), for the build cache."""
+        return ""
+
+    def allocator(self, extension: Path) -> Callable[[int, str], "np.ndarray"]:
+        """How the runtime gets the arenas of a model built into ``extension``: a function of (bytes, dtype)
+        returning a zeroed 1-D numpy array of that dtype over memory the compiled code can use, 64-byte aligned.
+        The default is host memory (``host_arena``)."""
+        return host_arena
+
     def reserved_reason(self, name: str) -> str | None:
         """Why ``name`` cannot name a config value, tensor or carry of a model on this target, or None."""
         return None
@@ -121,9 +140,22 @@ class Target:
                               f"{', '.join(self.precisions)} (--precision {self.precisions[0]})")
 
 
+def host_arena(nbytes: int, dtype: str) -> "np.ndarray":
+    """A zeroed 1-D array of ``dtype`` filling ``nbytes`` of host memory, starting on a 64-byte boundary. numpy's
+    zeros are lazy: pages are taken where they are written."""
+    import numpy as np
+
+    from ..layout import ALIGN_BYTES
+    from ..precision import DTYPES
+    raw = np.zeros(nbytes + ALIGN_BYTES, dtype=np.uint8)
+    shift = -raw.ctypes.data % ALIGN_BYTES
+    return raw[shift:shift + nbytes].view(DTYPES[dtype].numpy)
+
+
 def _targets() -> dict[str, Target]:
     from .cpu import CPU
-    return {CPU.name: CPU}
+    from .cuda import CUDA
+    return {CPU.name: CPU, CUDA.name: CUDA}
 
 
 def names() -> list[str]:

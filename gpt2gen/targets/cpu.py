@@ -195,6 +195,10 @@ class CpuTarget(Target):
     type_names = {"f32": "float", "bf16": "gg_bf16", "i32": "int"}
     main_template = "model.c.j2"
     source_name = "model.c"
+    storage = STORAGE                # precision -> how the templates store float tensors (``st``)
+    helpers = HELPERS
+    optimizer = OPTIMIZER
+    zero = ZERO
 
     @property
     def reserved_prefixes(self) -> tuple[str, ...]:
@@ -251,7 +255,7 @@ class CpuTarget(Target):
         if isinstance(s, P.Assign):
             return dict(kind="assign", name=s.var, value=s.value.name, comment=s.comment)
         if isinstance(s, P.Zero):
-            return dict(kind="zero", fn=ZERO[s.dtype], ptr=c_ref(s.ref), numel=c_product(s.shape), what=s.what)
+            return dict(kind="zero", fn=self.zero[s.dtype], ptr=c_ref(s.ref), numel=c_product(s.shape), what=s.what)
         if isinstance(s, P.Seed):
             n = c_product(s.shape)
             return dict(kind="fill", ptr=c_ref(s.ref), numel=n, value=f"loss_scale / (float)({n})", what=s.what)
@@ -268,17 +272,18 @@ class CpuTarget(Target):
     def kernel_sections(self, op_names: list[str], precision: str = "fp32") -> list[str]:
         """The kernel sections for these ops (helpers first, optimizer last), their float tensors stored in
         ``precision`` (STORAGE)."""
-        if precision not in STORAGE:
-            raise ValueError(f"no CPU kernels store tensors in `{precision}`; they have {', '.join(STORAGE)}")
-        st = STORAGE[precision]
+        if precision not in self.storage:
+            raise ValueError(f"no {self.name} kernels store tensors in `{precision}`; they have "
+                             f"{', '.join(self.storage)}")
+        st = self.storage[precision]
         env = self.environment()
-        names = list(HELPERS)
+        names = list(self.helpers)
         for name in op_names:
             kernel = self.kernels[name]
             for t in ["ops/" + n for n in kernel.needs] + ["ops/" + kernel.template]:
                 if t not in names:
                     names.append(t)
-        names.append(OPTIMIZER)
+        names.append(self.optimizer)
         return [env.get_template(n).render(op=None, st=st).strip("\n") + "\n" for n in names]
 
     def kernels_source(self, op_names: list[str], precision: str = "fp32") -> str:
@@ -325,7 +330,7 @@ class CpuTarget(Target):
             params=params, acts=acts, name_width=width,
             dslots=[dict(offset=s.offset, numel=s.numel, note=s.note) for s in layout.dacts.slots],
             arenas=arenas, master=pol.master, precision=pol.name, loss_scaling=program.loss_scaling,
-            zero_grad=f"{ZERO[st]}(({self.type_names[st]}*)ar->grads, PARAMS_SIZE)",
+            zero_grad=f"{self.zero[st]}(({self.type_names[st]}*)ar->grads, PARAMS_SIZE)",
             inputs=inputs,
             forward=[self.statement(s, layout.dacts.dtype) for s in program.forward],
             backward=[self.statement(s, layout.dacts.dtype) for s in program.backward],
@@ -352,14 +357,7 @@ class CpuTarget(Target):
         """model.c and a two-line module init, linked with the shared pybind11 binding into ``job.out``."""
         t0 = time.perf_counter()
         src = job.directory / self.source_name
-        # Python finds a module by the name in its file, and a process may load many models: give each
-        # build its own module name with a two-line init that forwards to the shared binding's.
-        shim = job.directory / "module_init.c"
-        shared = job.binding_module
-        write_if_changed(shim, f"// generated: names this build's Python module `{job.module}`\n"
-                               f"extern void* PyInit_{shared}(void);\n"
-                               f"__attribute__((visibility(\"default\"))) void* PyInit_{job.module}(void) "
-                               f"{{ return PyInit_{shared}(); }}\n")
+        shim = self.write_module_init(job)
         cc, cxx = shlex.split(job.toolchain["cc"]), shlex.split(job.toolchain["cxx"])
         objs = [temp_path(job.out, ".model.o"), temp_path(job.out, ".init.o")]
         try:
@@ -373,6 +371,17 @@ class CpuTarget(Target):
                 o.unlink(missing_ok=True)
         if job.verbose:
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
+
+    @staticmethod
+    def write_module_init(job: CompileJob):
+        """Python finds a module by the name in its file, and a process may load many models: each build gets
+        its own module name, with a two-line init that forwards to the shared binding's."""
+        shim = job.directory / "module_init.c"
+        write_if_changed(shim, f"// generated: names this build's Python module `{job.module}`\n"
+                               f"extern void* PyInit_{job.binding_module}(void);\n"
+                               f"__attribute__((visibility(\"default\"))) void* PyInit_{job.module}(void) "
+                               f"{{ return PyInit_{job.binding_module}(); }}\n")
+        return shim
 
 
 

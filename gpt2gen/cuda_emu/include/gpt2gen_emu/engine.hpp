@@ -268,22 +268,47 @@ inline size_t stack_bytes() {
   return s;
 }
 
+// Below each fiber's stack lies one page: a guard page (PROT_NONE, an overflow faults at once) when
+// GPT2GEN_EMU_GUARD_PAGES=1, otherwise a canary checked when a block finishes. Guard pages split the stacks'
+// mapping into two per fiber, ~2000 per worker thread of every loaded library, and a process that loads
+// dozens of emulated libraries (a test suite) runs out of the kernel's vm.max_map_count.
+inline bool guard_pages() {
+  static bool on = [] { const char* e = std::getenv("GPT2GEN_EMU_GUARD_PAGES"); return e && e[0] == '1'; }();
+  return on;
+}
+constexpr size_t kCanaryBytes = 256;
+constexpr unsigned char kCanary = 0xA5;
+
 struct Worker {
-  unsigned char* stacks = nullptr;   // kMaxThreadsPerBlock stacks, each with a guard page below it
+  unsigned char* stacks = nullptr;   // kMaxThreadsPerBlock stacks, each with a guard or canary page below it
   size_t stride = 0;
+  size_t page = 0;
   Fiber fibers[kMaxThreadsPerBlock];
   std::vector<unsigned char> static_arena;
   std::vector<unsigned char> dyn;
   Block blk;
   Worker() {
     static_arena.resize(kOptinSharedLimit + 512);
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    page = (size_t)sysconf(_SC_PAGESIZE);
     stride = stack_bytes() + page;
     size_t total = stride * kMaxThreadsPerBlock;
     void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) { std::fprintf(stderr, "[cuda_emu] cannot map fiber stacks\n"); std::abort(); }
     stacks = (unsigned char*)p;
-    for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) mprotect(stacks + i * stride, page, PROT_NONE);
+    for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) {
+      if (guard_pages()) mprotect(stacks + i * stride, page, PROT_NONE);
+      else std::memset(canary(i), kCanary, kCanaryBytes);
+    }
+  }
+  // The bytes just below fiber i's stack (the top of its page): what an overflow writes first.
+  unsigned char* canary(unsigned i) { return stacks + i * stride + page - kCanaryBytes; }
+  // Fiber i overflowed its stack (and the canary is restored for the next block); false with guard pages.
+  bool overflowed(unsigned i) {
+    if (guard_pages()) return false;
+    unsigned char* c = canary(i);
+    for (size_t k = 0; k < kCanaryBytes; ++k)
+      if (c[k] != kCanary) { std::memset(c, kCanary, kCanaryBytes); return true; }
+    return false;
   }
   // Top of fiber i's stack; staggered so that fiber tops do not all alias in the caches.
   unsigned char* stack_top(unsigned i) {
@@ -775,6 +800,15 @@ inline void run_block(Worker& w, const LaunchInfo& L, unsigned long long linear_
     }
     if (nexit == n) {
       check_canaries(b, nullptr, "when the block finished");
+      for (unsigned i = 0; i < n; ++i)
+        if (w.overflowed(i)) {
+          record_at(&fib[i], kErrLaunchFailure,
+                    "stack overflow: the thread used more than its " + std::to_string(stack_bytes() / 1024) +
+                    " KiB stack (big local arrays?); raise GPT2GEN_EMU_STACK_KB, and set GPT2GEN_EMU_GUARD_PAGES=1 "
+                    "to stop at the overflowing access");
+          b.aborted = true;
+          return;
+        }
       return;
     }
     if (nexit) {

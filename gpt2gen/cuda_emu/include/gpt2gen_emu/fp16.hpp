@@ -83,10 +83,12 @@ inline uint16_t f2h(double x, RoundMode m = RN) { return round_to<5, 10>(x, m); 
 inline uint16_t f2bf(double x, RoundMode m = RN) { return round_to<8, 7>(x, m); }
 }  // namespace gpt2gen_emu
 
-struct __half_raw { unsigned short x; };
-struct __nv_bfloat16_raw { unsigned short x; };
+// The CUDA number types are the user's types: default visibility, so an extern "C" function taking them is
+// exported (the rest of the emulator is hidden, see prelude.hpp).
+struct __attribute__((visibility("default"))) __half_raw { unsigned short x; };
+struct __attribute__((visibility("default"))) __nv_bfloat16_raw { unsigned short x; };
 
-struct __attribute__((aligned(2))) __half {
+struct __attribute__((visibility("default"), aligned(2))) __half {
   unsigned short __x;
   __half() = default;
   constexpr __half(const __half_raw& r) : __x(r.x) {}
@@ -105,7 +107,7 @@ struct __attribute__((aligned(2))) __half {
   operator __half_raw() const { return __half_raw{__x}; }
 };
 
-struct __attribute__((aligned(2))) __nv_bfloat16 {
+struct __attribute__((visibility("default"), aligned(2))) __nv_bfloat16 {
   unsigned short __x;
   __nv_bfloat16() = default;
   constexpr __nv_bfloat16(const __nv_bfloat16_raw& r) : __x(r.x) {}
@@ -124,12 +126,12 @@ struct __attribute__((aligned(2))) __nv_bfloat16 {
   operator __nv_bfloat16_raw() const { return __nv_bfloat16_raw{__x}; }
 };
 
-struct __attribute__((aligned(4))) __half2 {
+struct __attribute__((visibility("default"), aligned(4))) __half2 {
   __half x, y;
   __half2() = default;
   constexpr __half2(const __half& a, const __half& b) : x(a), y(b) {}
 };
-struct __attribute__((aligned(4))) __nv_bfloat162 {
+struct __attribute__((visibility("default"), aligned(4))) __nv_bfloat162 {
   __nv_bfloat16 x, y;
   __nv_bfloat162() = default;
   constexpr __nv_bfloat162(const __nv_bfloat16& a, const __nv_bfloat16& b) : x(a), y(b) {}
@@ -138,8 +140,8 @@ typedef __half half;
 typedef __half2 half2;
 typedef __nv_bfloat16 nv_bfloat16;
 typedef __nv_bfloat162 nv_bfloat162;
-struct __half2_raw { unsigned short x, y; };
-struct __nv_bfloat162_raw { unsigned short x, y; };
+struct __attribute__((visibility("default"))) __half2_raw { unsigned short x, y; };
+struct __attribute__((visibility("default"))) __nv_bfloat162_raw { unsigned short x, y; };
 
 // ---------------------------------------------------------------- conversions: half
 inline float __half2float(__half h) { return (float)h; }
