@@ -276,8 +276,8 @@ inline bool guard_pages() {
   static bool on = [] { const char* e = std::getenv("GPT2GEN_EMU_GUARD_PAGES"); return e && e[0] == '1'; }();
   return on;
 }
-constexpr size_t kCanaryBytes = 256;
-constexpr unsigned char kCanary = 0xA5;
+constexpr size_t kStackCanaryBytes = 256;
+constexpr unsigned char kStackCanary = 0xA5;
 
 struct Worker {
   unsigned char* stacks = nullptr;   // kMaxThreadsPerBlock stacks, each with a guard or canary page below it
@@ -297,17 +297,17 @@ struct Worker {
     stacks = (unsigned char*)p;
     for (unsigned i = 0; i < kMaxThreadsPerBlock; ++i) {
       if (guard_pages()) mprotect(stacks + i * stride, page, PROT_NONE);
-      else std::memset(canary(i), kCanary, kCanaryBytes);
+      else std::memset(canary(i), kStackCanary, kStackCanaryBytes);
     }
   }
   // The bytes just below fiber i's stack (the top of its page): what an overflow writes first.
-  unsigned char* canary(unsigned i) { return stacks + i * stride + page - kCanaryBytes; }
+  unsigned char* canary(unsigned i) { return stacks + i * stride + page - kStackCanaryBytes; }
   // Fiber i overflowed its stack (and the canary is restored for the next block); false with guard pages.
   bool overflowed(unsigned i) {
     if (guard_pages()) return false;
     unsigned char* c = canary(i);
-    for (size_t k = 0; k < kCanaryBytes; ++k)
-      if (c[k] != kCanary) { std::memset(c, kCanary, kCanaryBytes); return true; }
+    for (size_t k = 0; k < kStackCanaryBytes; ++k)
+      if (c[k] != kStackCanary) { std::memset(c, kStackCanary, kStackCanaryBytes); return true; }
     return false;
   }
   // Top of fiber i's stack; staggered so that fiber tops do not all alias in the caches.
