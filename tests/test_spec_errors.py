@@ -439,7 +439,7 @@ def test_the_reserved_list_covers_this_machines_c_headers(tmp_path):
     against what this machine's headers declare, under the flags the generated C is compiled with, for
     every header the templates include."""
     from gpt2gen.builder import _compiler, c_flags
-    headers = sorted({m for t in (ROOT / "templates").rglob("*.j2")
+    headers = sorted({m for t in (ROOT / "templates" / "c").rglob("*.j2")     # the C target's (CUDA's are C++)
                       for m in re.findall(r"^\s*#\s*include\s*<([^>]+)>", t.read_text(), re.M)})
     assert "math.h" in headers
     src = tmp_path / "headers.c"
