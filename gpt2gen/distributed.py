@@ -296,7 +296,7 @@ class Single:
     def reduce_gradients(self, model, loss: float, grad_accum: int) -> tuple[float, float]:
         """The mean loss and the norm of the mean gradient (a loss-scaled model's gradients are unscaled here)."""
         from .train import grad_norm
-        return loss, grad_norm(model.arenas["grads"]) / (grad_accum * getattr(model, "loss_scale", 1.0))
+        return loss, grad_norm(model.arenas["grads"]) / (grad_accum * model.loss_scale)
 
     def update(self, model, *args, **kwargs) -> bool:
         """The AdamW step; False when a loss-scaled model skipped it (its gradients overflowed)."""
@@ -663,7 +663,7 @@ class DataParallel:
         with self._guard("broadcasting rank 0's weights"):
             works = [self.dist.broadcast(self._params[lo:hi], src=0, async_op=True) for lo, hi in self.buckets]
         self._wait(works, "broadcasting rank 0's weights")
-        if self.zero and getattr(model, "loss_scaling", False):
+        if self.zero and model.loss_scaling:
             raise UsageError("--zero 1 with dynamic loss scaling (fp16): the sharded optimizer does not check the "
                              "gradients for overflow", hint="use --zero 0, or --precision bf16 (no loss scaling)")
         if self.zero:
@@ -717,7 +717,7 @@ class DataParallel:
         with self._guard("reducing the loss and the gradient norm"):
             dist.all_reduce(stats)
         total_loss, total_sq = (float(x) for x in stats.tolist())
-        return total_loss / self.world, math.sqrt(total_sq) / (grad_accum * self.world * getattr(model, "loss_scale", 1.0))
+        return total_loss / self.world, math.sqrt(total_sq) / (grad_accum * self.world * model.loss_scale)
 
     def update(self, model, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                step: int, grad_scale: float = 1.0) -> bool:

@@ -909,8 +909,7 @@ def _train(args: argparse.Namespace, dp, *, quiet: bool = False) -> TrainResult:
                 loss /= grad_accum
                 # data-parallel: gradients summed over the ranks; the mean loss and the global norm
                 loss, norm = dp.reduce_gradients(model, loss, grad_accum)
-                scaling = getattr(model, "loss_scaling", False)      # dynamic loss scaling (fp16)
-                overflow = scaling and not math.isfinite(norm)   # the update skips it, lowers the scale
+                overflow = model.loss_scaling and not math.isfinite(norm)   # fp16: a skipped step, not divergence   # the update skips it, lowers the scale
                 if not (math.isfinite(loss) and (math.isfinite(norm) or overflow)):   # before the update spreads it
                     raise FloatingPointError(f"training diverged: the loss became {loss} (gradient norm "
                                              f"{norm}) at step {step}")
@@ -928,7 +927,7 @@ def _train(args: argparse.Namespace, dp, *, quiet: bool = False) -> TrainResult:
                 result.train_losses.append((step, loss))
                 result.step = step
                 extra = {"skipped": True} if taken is False else {}   # overflowed: no update, the scale halves
-                if scaling:
+                if model.loss_scaling:
                     extra["loss_scale"] = model.loss_scale
                 log.write(type="train", step=step, loss=loss, lr=lr, norm=norm if math.isfinite(norm) else None,
                           ms=round(dt * 1e3, 2), tok_s=round(tokens_per_step / dt, 1), **extra)

@@ -21,6 +21,7 @@ class Bigram:
     """A numpy bigram language model with the runtime Model's interface (for trainer logic tests)."""
 
     def __init__(self, V=256, B=4, T=16, **_):
+        self.loss_scaling, self.loss_scale = False, 1.0     # as gpt2gen.Model without loss scaling
         self.config = {"V": V, "Vp": V, "maxT": T, "L": 1, "NH": 1, "C": V, "B": B, "T": T}
         self.arenas = {k: np.zeros(V * V, np.float32) for k in ("params", "grads", "m", "v")}
         self.params = {"w": self.arenas["params"].reshape(V, V)}
@@ -64,6 +65,7 @@ class Bigram:
         mh = m / (1 - beta1 ** step)
         vh = v / (1 - beta2 ** step)
         p -= (lr * (mh / (np.sqrt(vh) + eps) + weight_decay * p)).astype(np.float32)
+        return True
 
 
 @pytest.fixture

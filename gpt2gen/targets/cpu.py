@@ -361,16 +361,22 @@ class CpuTarget(Target):
         cc, cxx = shlex.split(job.toolchain["cc"]), shlex.split(job.toolchain["cxx"])
         objs = [temp_path(job.out, ".model.o"), temp_path(job.out, ".init.o")]
         try:
-            job.run([*cc, *job.cflags, f"-I{csrc_dir()}", "-c", str(src), "-o", str(objs[0])],
-                    "compiling the generated model", src, job.hint)
+            libs = self.model_object(job, src, objs[0])
             job.run([*cc, "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
-            job.run([*cxx, *job.link_flags, str(job.binding), *map(str, objs), "-o", str(job.out)],
+            job.run([*cxx, *job.link_flags, str(job.binding), *map(str, objs), *libs, "-o", str(job.out)],
                     "linking the model extension")
         finally:
             for o in objs:
                 o.unlink(missing_ok=True)
         if job.verbose:
             print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
+
+    def model_object(self, job: CompileJob, src, obj) -> list[str]:
+        """Compile the generated source ``src`` into the object ``obj``; returns what the link needs besides."""
+        cc = shlex.split(job.toolchain["cc"])
+        job.run([*cc, *job.cflags, f"-I{csrc_dir()}", "-c", str(src), "-o", str(obj)],
+                "compiling the generated model", src, job.hint)
+        return []
 
     @staticmethod
     def write_module_init(job: CompileJob):

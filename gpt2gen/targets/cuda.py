@@ -13,12 +13,10 @@ headers and run on the CPU with GPU semantics), which is how the kernels are pro
 """
 from __future__ import annotations
 
-import shlex
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..cache import cache_root, digest, temp_path, write_if_changed
+from ..cache import cache_root, digest, write_if_changed
 from ..resources import csrc_dir
 from . import CompileJob, OptionError
 from .cpu import KERNELS as CPU_KERNELS
@@ -132,30 +130,15 @@ class CudaTarget(CpuTarget):
 
     # ---- compiling --------------------------------------------------------------------------------------
 
-    def compile(self, job: CompileJob) -> None:
-        """model.cu and the module init, linked with the shared pybind11 binding into ``job.out``: compiled
-        by nvcc for the GPU architectures asked for, or by the host compiler against the emulator."""
-        t0 = time.perf_counter()
-        src = job.directory / self.source_name
-        shim = self.write_module_init(job)
-        cc, cxx = shlex.split(job.toolchain["cc"]), shlex.split(job.toolchain["cxx"])
-        objs = [temp_path(job.out, ".model.o"), temp_path(job.out, ".init.o")]
-        try:
-            if job.options.get("emulate"):
-                from .. import cuda_emu
-                # -O1: an emulated model runs small configs, and compiles in about half the time of -O2
-                cuda_emu.compile_object(src, objs[0], include_dirs=[csrc_dir()], extra_flags=["-O1"])
-                libs: list[str] = []
-            else:
-                libs = self._nvcc_object(job, src, objs[0])
-            job.run([*cc, "-fPIC", "-c", str(shim), "-o", str(objs[1])], "compiling the module init")
-            job.run([*cxx, *job.link_flags, str(job.binding), *map(str, objs), *libs, "-o", str(job.out)],
-                    "linking the model extension")
-        finally:
-            for o in objs:
-                o.unlink(missing_ok=True)
-        if job.verbose:
-            print(f"compiled {src} in {time.perf_counter() - t0:.2f} s")
+    def model_object(self, job: CompileJob, src: Path, obj: Path) -> list[str]:
+        """model.cu into ``obj``: by nvcc for the GPU architectures asked for, or by the host compiler against
+        the emulator (which the object then carries). Returns the link flags (cuBLASLt, cudart)."""
+        if job.options.get("emulate"):
+            from .. import cuda_emu
+            # -O1: an emulated model runs small configs, and compiles in about half the time of -O2
+            cuda_emu.compile_object(src, obj, include_dirs=[csrc_dir()], extra_flags=["-O1"])
+            return []
+        return self._nvcc_object(job, src, obj)
 
     def build_options(self, emulate: bool = False, archs: str | list[str] | None = None) -> dict:
         if isinstance(archs, str):
