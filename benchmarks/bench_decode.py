@@ -3,9 +3,11 @@
 One random-weight model (gpt2gen's init) is exported to a HuggingFace directory (``gpt2gen export``'s code);
 each contender loads that directory in its own process (its own OpenMP runtime, ``--threads`` threads):
 
-- ``gpt2gen``: :class:`gpt2gen.sample.Decoder` (the full forward pass over the window for every token);
+- ``gpt2gen``: :class:`gpt2gen.sample.CachedDecoder`, what ``gpt2gen sample`` runs (the decode program over
+  the KV cache: one position per token);
+- ``gpt2gen-full``: :class:`gpt2gen.sample.Decoder` (the full forward pass over the window for every token);
 - ``hf-cache``: ``model.generate(..., use_cache=True)``, transformers' KV cache (its default);
-- ``hf-nocache``: ``model.generate(..., use_cache=False)``, the full forward for every token as gpt2gen does now.
+- ``hf-nocache``: ``model.generate(..., use_cache=False)``, the full forward for every token.
 
 All decode greedily from the same prompt, ``--new`` tokens each; the processes take turns ``--rounds`` times
 and the report gives each one's median tokens/s and whether the greedy tokens agree.
@@ -25,19 +27,19 @@ import tempfile
 import time
 from pathlib import Path
 
-KINDS = ("gpt2gen", "hf-cache", "hf-nocache")
+KINDS = ("gpt2gen", "gpt2gen-full", "hf-cache", "hf-nocache")
 
 
 def worker(kind: str, directory: str, context: int, threads: int) -> int:
     import numpy as np
     prompt = [50256]
-    if kind == "gpt2gen":
+    if kind.startswith("gpt2gen"):
         import gpt2gen
-        from gpt2gen.sample import Decoder, generate
+        from gpt2gen.sample import CachedDecoder, Decoder, generate
         from gpt2gen.threads import set_threads
         model = gpt2gen.from_hf(directory, B=1, T=context)
         set_threads(threads)
-        dec = Decoder(model)
+        dec = CachedDecoder(model) if kind == "gpt2gen" else Decoder(model)
 
         def run(n):
             return list(generate(dec, prompt, n, np.random.default_rng(0), temperature=0))
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
         print(f"GPT-2 {report['config']}, 1-token prompt, {args.new} new tokens (greedy), window {args.context}, "
               f"{args.threads} threads, median of {args.rounds} rounds")
         for k in kinds:
-            print(f"  {k:11s} {report['tokens_per_s'][k]:8.1f} tokens/s   ({', '.join(f'{x:.2f}' for x in times[k])} s)")
+            print(f"  {k:12s} {report['tokens_per_s'][k]:8.1f} tokens/s   ({', '.join(f'{x:.2f}' for x in times[k])} s)")
         print(f"  greedy tokens identical: {report['same_tokens']} (first {report['agreeing_prefix']} agree)")
     return 0
 

@@ -422,8 +422,9 @@ def _human(n: float) -> str:
 
 
 def arena_bytes(program: Program) -> dict[str, int]:
-    """Bytes of each arena the runtime allocates (params, grads, master, m and v share one layout in elements)."""
-    return program.layout.arena_bytes()
+    """Bytes of each arena the runtime allocates to run and train the model (params, grads, master, m and v share
+    one layout in elements); the decode program's KV cache comes at the first decode, and only then."""
+    return {k: n for k, n in program.layout.arena_bytes().items() if k != "cache"}
 
 
 def memory_error(program: Program, reason: str, arenas: tuple[str, ...] | None = None,

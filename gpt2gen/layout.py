@@ -3,7 +3,8 @@
 The arenas hold a model's state: ``params`` (and ``grads``, the optimizer's ``m`` and ``v`` and, in mixed
 precision, the fp32 ``master`` weights, all with the same layout in elements), ``acts`` (activations,
 sized for the build-time maxima of B and T) and ``dacts`` (activation gradients, whose slots the lowering
-plans by live interval). Each arena has an element type (the precision's storage dtype; fp32 for
+plans by live interval), and ``cache`` (the decode program's KV cache: what each attention node keeps across
+decode calls, per layer and kv head; training never touches it). Each arena has an element type (the precision's storage dtype; fp32 for
 master, m and v) and every offset counts elements of it; a tensor of another dtype inside an arena (an
 fp32 statistic among bf16 activations) occupies its bytes' worth of elements. Every offset is a multiple
 of 64 bytes. Per-layer tensors are stacked over layers, as in llm.c: a parameter of shape (C) is stored
@@ -101,17 +102,19 @@ class Layout:
     dacts: Arena
     _numel_max: dict[str, int]
     precision: Policy = field(default_factory=lambda: _policy("fp32"))
+    cache: Arena = field(default_factory=lambda: Arena("cache"))
 
     @classmethod
     def plan(cls, spec: ModelSpec, config: dict, n_layers: int,
              dim_values: Callable[[TensorDecl], tuple[int, ...]],
              saved: dict[str, TensorDecl] | None = None, notes: dict[str, str] | None = None,
              scratch: dict[str, int] | None = None, precision: Policy | None = None,
-             dtypes: dict[str, str] | None = None) -> "Layout":
+             dtypes: dict[str, str] | None = None, cache: dict[str, TensorDecl] | None = None) -> "Layout":
         """``saved``: the buffers ops keep for their backward (named after their node), placed after the
         model's own tensors; ``notes``: what a buffer is, shown beside it; ``scratch``: activations that
         no backward reads -> the scratch slot they share (one layer's worth, reused by every layer);
-        ``precision``: the storage policy; ``dtypes``: each tensor's storage dtype (default: the policy's)."""
+        ``precision``: the storage policy; ``dtypes``: each tensor's storage dtype (default: the policy's); ``cache``: the decode program's KV cache
+        buffers (stored as the activations are)."""
         precision = precision or _policy("fp32")
         dtypes = dtypes or {}
         params, acts = Arena("params", dtype=precision.storage), Arena("acts", dtype=precision.storage)
@@ -148,7 +151,14 @@ class Layout:
         for t, shape, dims in shared:
             acts.alias(t.name, shape, dims, offsets[scratch[t.name]], f"in gg_scratch{scratch[t.name]}: no backward reads it",
                        dtypes.get(t.name, acts.dtype))
-        return cls(config, n_layers, params, acts, Arena("dacts", dtype=precision.storage), numel_max, precision)
+        kv = Arena("cache", dtype=precision.storage)
+        for t in (cache or {}).values():
+            dims = dim_values(t)
+            shape = ", ".join(d.text().replace(" ", "") for d in t.shape)
+            if t.per_layer:
+                dims, shape = (n_layers,) + dims, "L, " + shape
+            kv.add(t.name, f"({shape})", dims, note=(notes or {}).get(t.name, ""), role="cache")
+        return cls(config, n_layers, params, acts, Arena("dacts", dtype=precision.storage), numel_max, precision, kv)
 
     def numel_max(self, t: TensorDecl) -> int:
         """Elements of one layer's slice of ``t`` at the build-time maxima."""
@@ -165,7 +175,7 @@ class Layout:
                            role="act_grad")
 
     def arenas(self) -> list[Arena]:
-        return [self.params, self.acts, self.dacts]
+        return [self.params, self.acts, self.dacts, self.cache]
 
     def arena_bytes(self) -> dict[str, int]:
         """Bytes of each arena a model allocates: params, grads (the parameters' dtype), master (mixed
@@ -175,14 +185,14 @@ class Layout:
         if self.precision.master:
             out["master"] = 4 * n
         out |= {"m": 4 * n, "v": 4 * n, "acts": self.acts.nbytes, "dacts": self.dacts.nbytes}
-        return out
+        return out | {"cache": self.cache.nbytes}
 
     def arena_dtypes(self) -> dict[str, str]:
         st = self.precision.storage
         out = {"params": st, "grads": st}
         if self.precision.master:
             out["master"] = "f32"
-        return out | {"m": "f32", "v": "f32", "acts": st, "dacts": st}
+        return out | {"m": "f32", "v": "f32", "acts": st, "dacts": st, "cache": st}
 
     def table(self) -> str:
         """The human-readable layout: one line per tensor, then the totals per arena and per role."""

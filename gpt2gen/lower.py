@@ -50,6 +50,9 @@ class Bound:
     dims: dict[str, tuple[E.Expr, int]]
     values: dict[str, float | int]        # attributes that bind no letter: floats, and ints such as a window
     saved: dict[str, TensorDecl] = field(default_factory=dict)   # what the target's forward keeps for the backward
+    cache: dict[str, TensorDecl] = field(default_factory=dict)   # what its decode kernel keeps across calls
+    capacity: int = 0                     # positions that cache holds (S)
+    cache_size: E.Expr | None = None      # the same as the model file names it (maxT) or a number
 
 
 class _Ctx:
@@ -59,6 +62,8 @@ class _Ctx:
         self.env = dict(config)        # B and T at their maxima
         self.saved: dict[str, TensorDecl] = {}     # buffers the ops' kernels keep for the backward, by name
         self.saved_by_node: dict[str, list[str]] = {}
+        self.cache: dict[str, TensorDecl] = {}     # the decode program's KV cache buffers, by name
+        self.cache_by_node: dict[str, list[str]] = {}
         self.notes: dict[str, str] = {}             # buffer -> what it is, for the layout table
         self.scratch: dict[str, int] = {}           # activation no backward reads -> its shared scratch slot
         self.policy = _precision.policy("fp32")
@@ -72,7 +77,7 @@ class _Ctx:
         return self.policy.storage
 
     def tensor(self, name: str) -> TensorDecl | None:
-        return self.spec.tensors.get(name) or self.saved.get(name)
+        return self.spec.tensors.get(name) or self.saved.get(name) or self.cache.get(name)
 
     def err(self, msg: str, node: Node | None = None, line: int | None = None, hint: str | None = None,
             symbols=()) -> SpecError:
@@ -308,6 +313,12 @@ class _Graph:
         b = self.bound[node.name]
         return invoke(b, phase, in_body, self.target.kernels[b.op.name].reads(phase))
 
+    def nodes(self):
+        """Every node of the graph as the later stages see it, with its repeat block (or None)."""
+        for item in self.items:
+            for n in (item.body if isinstance(item, Repeat) else [item]):
+                yield n, item if isinstance(item, Repeat) else None
+
 
 def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", precision: str = "fp32",
           fuse: str | None = "all", loss_scaling: bool | None = None) -> Program:
@@ -328,10 +339,12 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", 
     graph = bind_graph(ctx, tgt)
     fused = fuse_pairs(ctx, graph, chosen)
     ctx.scratch = plan_scratch(ctx, graph)
+    positions = plan_cache(ctx, graph)
     dtypes = {t.name: ctx.dtype(t) for t in list(spec.tensors.values()) + list(ctx.saved.values())}
     layout = Layout.plan(spec, config, n_layers or 1, ctx.dim_values, saved=ctx.saved, notes=ctx.notes,
-                         scratch=ctx.scratch, precision=ctx.policy, dtypes=dtypes)
+                         scratch=ctx.scratch, precision=ctx.policy, dtypes=dtypes, cache=ctx.cache)
     forward = emit_forward(ctx, graph)
+    decode = emit_forward(ctx, graph, "decode")
     steps, events, body_local = derive_backward(ctx, graph)
     plan = plan_gradients(ctx, graph, layout, events, body_local, steps)
     backward = emit_backward(ctx, graph, plan, steps, forward)
@@ -345,7 +358,8 @@ def lower(spec: ModelSpec, config: dict[str, int | float], target: str = "cpu", 
         loss = Loss(spec.loss, spec.tensors[spec.loss].shape, tuple(sorted(graph.optional_inputs)))
     return Program(spec, config, layout, _buffers(ctx, layout), forward, backward, used, spec.of_kind("input"), loss,
                    precision=ctx.policy, fused=fused,
-                   loss_scaling=ctx.policy.loss_scaling if loss_scaling is None else bool(loss_scaling))
+                   loss_scaling=ctx.policy.loss_scaling if loss_scaling is None else bool(loss_scaling),
+                   decode=decode, decode_positions=positions)
 
 
 def _buffers(ctx: _Ctx, layout: Layout) -> dict[str, Buffer]:
@@ -368,6 +382,8 @@ def _buffers(ctx: _Ctx, layout: Layout) -> dict[str, Buffer]:
                                                    t.per_layer, t.line)
     for t in ctx.saved.values():
         out[t.name] = Buffer(t.name, tuple(t.shape), "f32", "saved", t.per_layer, t.line)
+    for t in ctx.cache.values():
+        out[t.name] = Buffer(t.name, tuple(t.shape), pol.storage, "cache", t.per_layer, t.line)
     for slot in layout.dacts.slots:
         out[f"dacts:{slot.name}"] = Buffer(f"dacts:{slot.name}", (E.Num(slot.numel),), slot.dtype, "act_grad")
     return out
@@ -666,12 +682,14 @@ def invoke(b: Bound, phase: str, in_body: bool, reads: set[str]) -> Invoke:
             operands["d_" + o.name] = _grad_ref(t, carry, in_body) if needs else None
         if t is not None:
             shapes[o.name] = tuple(t.shape)
-    for name, t in b.saved.items():
+    for name, t in list(b.saved.items()) + list(b.cache.items()):
         if name in reads:
             operands[name] = _ref(t, None, in_body)
         shapes[name] = tuple(t.shape)
-    return Invoke(b.op.name, phase, operands, shapes, {k: ex for k, (ex, _) in b.dims.items()}, dict(b.values),
-                  b.node.name, b.node.line)
+    dims = {k: ex for k, (ex, _) in b.dims.items()}
+    if phase == "decode" and b.cache:
+        dims["S"] = b.cache_size
+    return Invoke(b.op.name, phase, operands, shapes, dims, dict(b.values), b.node.name, b.node.line)
 
 
 def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> list[Stmt]:
@@ -679,7 +697,7 @@ def _layer_views(ctx: _Ctx, items: list[Node], rep: Repeat, used: set[str]) -> l
     out: list[Stmt] = []
     seen: set[str] = set()
     for n in items:
-        for name in n.inputs + n.outputs + ctx.saved_by_node.get(n.name, []):
+        for name in n.inputs + n.outputs + ctx.saved_by_node.get(n.name, []) + ctx.cache_by_node.get(n.name, []):
             t = ctx.tensor(name)
             if name in rep.carry or t is None or not t.per_layer or name in seen:
                 continue
@@ -764,11 +782,13 @@ def plan_scratch(ctx: _Ctx, graph: _Graph) -> dict[str, int]:
 
 # ---- stage 4: the forward ------------------------------------------------------------------------------------
 
-def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
+def emit_forward(ctx: _Ctx, graph: _Graph, phase: str = "forward") -> list[Stmt]:
+    """The forward's statements; ``phase`` ``decode``: the decode program's, the same statements with each op's
+    decode kernel where it has one (positions from t0, attention over and into the KV cache)."""
     fwd: list[Stmt] = []
     for item in graph.items:
         if isinstance(item, Repeat):
-            calls = _guarded([(graph.invoke(n, "forward", True), n.name in graph.guarded) for n in item.body],
+            calls = _guarded([(graph.invoke(n, phase, True), n.name in graph.guarded) for n in item.body],
                              graph.optional_inputs)
             body: list[Stmt] = _carry_views(ctx, item) + _layer_views(ctx, item.body, item, locals_used(calls)) + calls
             fwd.append(Loop(item.count, False, body, "layers"))
@@ -777,9 +797,43 @@ def emit_forward(ctx: _Ctx, graph: _Graph) -> list[Stmt]:
                 fwd.append(View(c, "last_layer", ctx.dtype(nx), f"{shape_comment(nx)} carry `{c}` after the last layer",
                                 of=Tensor(nx.name, "act"), shape=nx.shape, count=item.count))
         else:
-            fwd += _guarded([(graph.invoke(item, "forward", False), item.name in graph.guarded)],
+            fwd += _guarded([(graph.invoke(item, phase, False), item.name in graph.guarded)],
                             graph.optional_inputs)
     return fwd
+
+
+# ---- stage 3b: the decode program's KV cache ------------------------------------------------------------------
+
+def plan_cache(ctx: _Ctx, graph: _Graph) -> int:
+    """What each node's decode kernel keeps across decode calls (its target kernel's ``cache``: attention's keys
+    and values), named ``<node>_<what>`` and sized for S positions: the model's ``maxT``, or the node's
+    ``window`` where that is smaller (a sliding window needs no more: the cache is a ring). Returns the most
+    positions a decoded sequence may reach (``maxT``)."""
+    max_t = int(ctx.config.get("maxT", ctx.config["T"]))
+    for n, rep in graph.nodes():
+        b = graph.bound[n.name]
+        kernel = graph.target.kernels[b.op.name]
+        if not kernel.cache:
+            continue
+        window = int(b.values.get("window", 0) or 0)
+        b.capacity = window if 0 < window < max_t else max_t
+        size = E.Num(b.capacity) if b.capacity != max_t or "maxT" not in ctx.config else E.Name("maxT")
+        b.cache_size = size
+        letters = {k: ex for k, (ex, _) in b.dims.items()} | {"S": size}
+        for sv in kernel.cache:
+            name = f"{n.name}_{sv.name}"
+            clash = ("a tensor" if name in ctx.spec.tensors else "a config name" if name in ctx.spec.config else
+                     "what another node keeps" if name in ctx.saved or name in ctx.cache else None)
+            reason = clash or targets.reserved_reason(name)
+            if reason:
+                raise ctx.err(f"node '{n.name}' keeps its `{sv.name}` for decoding as `{name}`, which is "
+                              f"{'already ' + clash if clash else 'reserved: ' + reason}", n, hint="rename the node")
+            shape = tuple(E.substitute(O.pattern(p), letters) for p in sv.shape)
+            t = TensorDecl(name, "cache", shape, rep is not None, n.line)
+            ctx.cache[name] = b.cache[sv.name] = t
+            ctx.cache_by_node.setdefault(n.name, []).append(name)
+            ctx.notes[name] = f"kept by '{n.name}' ({b.op.name}) across decode calls: {sv.doc}"
+    return max_t
 
 
 # ---- stage 5: derive the backward: the nodes in reverse and every use of each gradient ------------------------

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .spec import ModelSpec, TensorDecl
 
 # what a buffer is for; a target's precision policy gives each role a storage dtype
-ROLES = ("input", "param", "grad", "master", "moment", "act", "saved", "scratch", "act_grad")
+ROLES = ("input", "param", "grad", "master", "moment", "act", "saved", "scratch", "act_grad", "cache")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Buffer:
 
 @dataclass(frozen=True)
 class Tensor:
-    """A whole buffer: ``role`` says which arena holds it (``param``, ``grad``, ``act``) or ``input``."""
+    """A whole buffer: ``role`` says which arena holds it (``param``, ``grad``, ``act``, ``cache``) or ``input``."""
     name: str
     role: str
 
@@ -167,6 +167,8 @@ class Program:
     precision: "Policy" = field(default_factory=lambda: _fp32())
     fused: list[str] = field(default_factory=list)     # the fused nodes ("mlp_fc+mlp_gelu", ...)
     loss_scaling: bool = False     # dynamic: the seed takes a scale, the update skips non-finite steps
+    decode: list[Stmt] = field(default_factory=list)   # one sequence's forward over a chunk of new positions
+    decode_positions: int = 0      # the most positions a decoded sequence may reach (the KV cache's length)
 
 
 def _fp32():

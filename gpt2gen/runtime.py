@@ -93,13 +93,14 @@ class Model:
         self._arenas = self._allocate()
         self._fresh = True      # grads, m and v as allocated: zero, and untouched (see init_weights)
         a = self._arenas
-        self._handle = self._ext.Arenas(a["params"], a["grads"], a.get("master"), a["m"], a["v"], a["acts"],
-                                        a["dacts"])
+        self._handle = self._new_handle()
         self.params = _views(lay.params, a["params"])
         self._grads = _views(lay.params, a["grads"])
         # mixed precision: the fp32 weights AdamW steps (the 16-bit params are their rounding)
         self.master = _master_views(lay.params, a["master"]) if "master" in a else None
         self.acts = _views(lay.acts, a["acts"])
+        self.cache: dict[str, np.ndarray] = {}       # the decode program's keys and values, from the first decode
+        self.decode_positions = int(self.program.decode_positions)
         self.inputs = self.program.inputs
         self.step = 0
         self._last: tuple[list, int, int] | None = None
@@ -112,6 +113,22 @@ class Model:
         self._overwrites_logits = any(isinstance(st, Invoke) and st.op == "classifier"
                                       for st, _ in walk(self.program.backward))
 
+    def _new_handle(self):
+        a = self._arenas
+        return self._ext.Arenas(a["params"], a["grads"], a.get("master"), a["m"], a["v"], a["acts"], a["dacts"],
+                                a.get("cache"))
+
+    def _allocate_cache(self) -> None:
+        """The KV cache arena, allocated at the first decode: training never needs it."""
+        nbytes = self.layout.arena_bytes()["cache"]
+        try:
+            self._arenas["cache"] = targets.get(self.target).allocator(self.built.extension)(nbytes, self.layout.cache.dtype)
+        except MemoryError:
+            raise memory_error(self.program, f"and allocating the {nbytes:,}-byte KV cache failed with "
+                                             f"{describe_available()}") from None
+        self.cache = _views(self.layout.cache, self._arenas["cache"])
+        self._handle = self._new_handle()
+
     def _allocate(self) -> dict[str, np.ndarray]:
         """The arenas. The build refused what can never fit; numpy's zeros take memory only where they
         are written, so a refusal here (a system without overcommit) still gets the sizes, not a bare
@@ -120,7 +137,7 @@ class Model:
         dtypes = lay.arena_dtypes()
         alloc = targets.get(self.target).allocator(self.built.extension)
         try:
-            return {name: alloc(n, dtypes[name]) for name, n in lay.arena_bytes().items()}
+            return {name: alloc(n, dtypes[name]) for name, n in lay.arena_bytes().items() if name != "cache"}
         except MemoryError:
             raise memory_error(self.program, f"and allocating them failed with {describe_available()}") from None
 
@@ -221,6 +238,29 @@ class Model:
         if any(a is None for a in arrays) or self.spec.loss is None:
             return None
         return float(loss)
+
+    def decode(self, tokens, pos0: int) -> np.ndarray:
+        """The decode program: ``tokens`` (1-D, up to the build's T of them) continue one sequence at positions
+        ``pos0`` .., over the KV cache, which must hold that sequence's positions before ``pos0`` from earlier
+        calls (``pos0 = 0`` starts a new sequence). Returns the logits of each new token, (len(tokens),
+        columns), a new array; ``model.logits`` shows them too, as after a forward of that one row."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"decode takes a non-empty 1-D sequence of token ids, got shape {arr.shape}")
+        if not self.inputs or any(not d.optional for d in self.inputs[1:]):
+            raise ValueError("decode needs a model whose only required input is its token ids")
+        pos0 = int(pos0)
+        if pos0 < 0 or pos0 + arr.size > self.decode_positions:
+            raise ValueError(f"decode positions {pos0}..{pos0 + arr.size - 1} are outside the KV cache's "
+                             f"{self.decode_positions} positions (the model's maxT): start the sequence again from "
+                             f"its last tokens")
+        arrays, _, n = self._check_inputs({self.inputs[0].name: arr.reshape(1, -1)})
+        if "cache" not in self._arenas:
+            self._allocate_cache()
+        self._ext.decode(self._handle, arrays, n, pos0)
+        self._last = (arrays, 1, n)
+        self._spent = False
+        return np.array(self.logits[0], dtype=np.float32)
 
     def backward(self) -> None:
         """Backward of the last forward; accumulates into ``grads`` (call ``zero_grad`` between steps)."""
@@ -359,5 +399,5 @@ def check_training_memory(model: Model) -> None:
     this; what the arenas already hold is counted as theirs (MemAvailable no longer includes it)."""
     # the arenas themselves, not the `arenas` property: asking which pages are in memory writes nothing, so
     # init_weights may still skip grads, m and v
-    held = sum(_resident_bytes(a) for a in model._arenas.values())
+    held = sum(_resident_bytes(a) for name, a in model._arenas.items() if name != "cache")
     check_available_memory(model.program, held)

@@ -13,9 +13,10 @@ probability reaches ``top_p`` (nucleus), renormalised, and one token is drawn wi
 a numpy ``default_rng(seed)``: the same seed, checkpoint and options give the same tokens.
 
 Where the logits come from is :class:`Decoder`'s business: :meth:`Decoder.next_logits` is the one call
-the sampler makes. This one runs the model's full forward pass over the window (the last ``window``
-tokens) for every new token, at the shortest run-time T that covers them, as the trainer's sampler and
-llm.c do: O(window) work per token. A decode path with a KV cache replaces it behind the same call.
+the sampler makes. :class:`CachedDecoder` (what :func:`make_decoder` gives a built model) runs the model's
+decode program: the prompt in chunks of up to the build's T tokens, then one position per new token over
+the KV cache, O(1) layers' worth of work per token besides attention's read of the cache. :class:`Decoder`
+runs the full forward pass over the window for every new token, as llm.c does: O(window) work per token.
 """
 from __future__ import annotations
 
@@ -70,8 +71,51 @@ class Decoder:
         return np.array(self.model.logits[0, len(ctx) - 1], dtype=np.float32)
 
 
+class CachedDecoder(Decoder):
+    """Next-token logits from the model's decode program (``Model.decode``) over its KV cache.
+
+    The cache holds one sequence: the tokens from :attr:`start` on, at positions 0, 1, ... A call that extends
+    them runs only the new tokens (in chunks of up to the build's T); any other sequence starts over. The
+    window is the cache's length (the model's maxT): when the sequence outgrows it, the cache restarts from
+    the last half window of tokens (one prefill, then one position per token again), so the model always
+    sees between half a window and a whole one."""
+
+    kind = "kv-cache"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.window = int(model.decode_positions)
+        self.chunk = int(model.config["T"])
+        self.start = 0              # the index in the token sequence of the cache's position 0
+        self._held: list[int] = []  # the tokens the cache holds
+
+    def reset(self) -> None:
+        self.start, self._held = 0, []
+
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("next_logits needs at least one token")
+        n = len(self._held)
+        if not (len(tokens) > self.start + n and tokens[self.start:self.start + n] == self._held):
+            self.reset()                            # not a continuation: start over (the window's last tokens)
+            self.start, n = max(0, len(tokens) - self.window), 0
+        if len(tokens) - self.start > self.window:  # the cache is full: restart from the last half window
+            self._held, n = [], 0
+            self.start = len(tokens) - max(1, self.window // 2)
+        new = tokens[self.start + n:]
+        for i in range(0, len(new), self.chunk):
+            piece = new[i:i + self.chunk]
+            logits = self.model.decode(np.asarray(piece, dtype=np.int32), n + i)
+        self._held.extend(new)
+        self.positions += len(new)
+        return np.array(logits[-1], dtype=np.float32)
+
+
 def make_decoder(model) -> Decoder:
-    """The fastest decoder this model has (for now: the full forward pass)."""
+    """The fastest decoder this model has: its KV-cache decode program, else the full forward pass."""
+    if getattr(model, "decode_positions", 0):
+        return CachedDecoder(model)
     return Decoder(model)
 
 
@@ -190,8 +234,10 @@ def run_sample(args: argparse.Namespace, out=None) -> dict:
     note(f"{opened.description}: {model.spec.name} ({weights.describe_config(model)}); window "
          f"{decoder.window} tokens; {threads_text()}")
     if len(prompt) > decoder.window:
+        how = ("the window slides on as tokens are generated; --context sets it" if decoder.kind == "full-forward"
+               else "the KV cache covers the model's maxT; when it is full it restarts from the last half window")
         note(f"note: the prompt has {len(prompt)} tokens, more than the window of {decoder.window}: the model "
-             f"sees its last {decoder.window} (the window slides on as tokens are generated; --context sets it)")
+             f"sees its last {decoder.window} ({how})")
     rng = np.random.default_rng(args.seed)
     stream = tok.stream_decoder() if tok is not None else None
     if not quiet:   # the prompt first (through the same decoder: it may end inside a character)
@@ -220,7 +266,8 @@ def run_sample(args: argparse.Namespace, out=None) -> dict:
         "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
     }
     how = (f" ({decoder.kind}: every token runs the forward pass over up to {decoder.window} positions)"
-           if decoder.kind == "full-forward" else f" ({decoder.kind})")
+           if decoder.kind == "full-forward" else f" ({decoder.kind}: one position per token over a cache of "
+                                                  f"{decoder.window})")
     note(f"{len(got)} tokens in {dt:.2f} s: {rate:.1f} tokens/s{how}")
     return result
 
@@ -258,8 +305,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s = all)")
     p.add_argument("--seed", type=BOUNDS["seed"], default=1337, help="random seed (default: %(default)s)")
     p.add_argument("--context", type=BOUNDS["context"], default=None, metavar="N",
-                   help="the window: the most tokens the model sees (at most its maxT; default: a training "
-                        "state's sequence length, else min(maxT, 256))")
+                   help="the build's sequence length T (at most its maxT; default: a training state's, else "
+                        "min(maxT, 256)): the KV-cache decoder's prefill chunk (its window is the model's maxT), "
+                        "the full-forward decoder's window")
     add_threads_argument(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (token ids, text, tokens/s) instead of streaming text")

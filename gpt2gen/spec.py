@@ -244,7 +244,7 @@ class Init:
 @dataclass
 class TensorDecl:
     name: str
-    kind: str                      # "input" | "param" | "act"
+    kind: str                      # "input" | "param" | "act" (lowering adds "cache": the decode KV cache)
     shape: tuple[E.Expr, ...]      # per-layer tensors: the shape of one layer's slice
     per_layer: bool
     line: int

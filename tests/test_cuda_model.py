@@ -56,6 +56,23 @@ def f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+def check_decode(model, row: np.ndarray, want: np.ndarray, precision: str, what: str) -> None:
+    """The decode program over the KV cache (tests/test_decode.py's schedule: a prompt chunk, single tokens, a
+    chunk, single tokens) against the forward's logits ``want`` for the same sequence ``row``. Tolerance as
+    tests/test_decode.py derives it: S * gamma_K * max|logit| in fp32; in 16 bits, a rounding that a different
+    fp32 summation order flips costs one ulp of the storage type (2^-8 bf16, 2^-11 fp16, relative), carried
+    through S chained reductions."""
+    from test_decode import _schedule
+    cfg = model.config
+    K = max(int(cfg["C"]), int(cfg.get("FF", 4 * cfg["C"])), int(cfg["maxT"]))
+    chain = 2 + 4 * int(cfg["L"])
+    rel = {"fp32": K * 2.0 ** -24 / (1 - K * 2.0 ** -24), "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[precision] * chain
+    got = np.zeros_like(want)
+    for start, n in _schedule(len(row), model.max_batch[1]):
+        got[start:start + n] = model.decode(row[start:start + n], start)[:, :want.shape[1]]
+    assert_close(f"{what} decode logits ({precision})", got, want, rtol=0, atol=rel * float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("precision,fuse", [(p, "all") for p in PRECISIONS] + [("fp32", "none")])
 def test_gpt2_step_matches_pytorch(precision, fuse):
     """Fused builds in every precision (the builds the 10-step test trains), and the unfused one in fp32."""
@@ -79,6 +96,8 @@ def test_gpt2_step_matches_pytorch(precision, fuse):
                      atol=scaled_atol(g, grad_rel))
     assert not [n for n, a in model.acts.items() if a.ndim >= 2 and a.shape[-2:] == (GPT2["T"], GPT2["T"])], \
         "flash-style attention keeps no T x T buffer"
+    model.forward(idx)      # again (the fused classifier's backward wrote over the logits)
+    check_decode(model, idx[0], np.array(model.logits[0], dtype=np.float32), precision, "gpt2")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -218,3 +237,5 @@ def test_architectures_match_transformers(arch, precision, tmp_path):
         got_g = unpadded(f32(ours.grads[name]) / ours.loss_scale, want_g, f"grad {name}")
         assert_close(f"{arch} grad {name} ({precision})", got_g, want_g, rtol=1e-3 if precision == "fp32" else 0,
                      atol=scaled_atol(want_g, grad_rel))
+    ours.forward(idx)
+    check_decode(ours, idx[0], np.array(ours.logits[0], dtype=np.float32), precision, arch)

@@ -92,7 +92,7 @@ def test_sample_json_from_a_state_and_its_directories(state, capsys, monkeypatch
     assert code == 0, err
     r = json.loads(out)
     assert r["prompt_tokens"] == [50256, 464] and len(r["tokens"]) == r["n_tokens"] == 6
-    assert r["kind"] == "state" and r["tokens_per_s"] > 0 and r["decode"] == "full-forward"
+    assert r["kind"] == "state" and r["tokens_per_s"] > 0 and r["decode"] == "kv-cache"
     from gpt2gen.tokenizer import get_tokenizer
     assert r["text"] == get_tokenizer().decode(r["tokens"])
     # the run's directory and the runs' directory (`out`) find the same state; greedy is reproducible
@@ -160,9 +160,9 @@ def test_prompt_longer_than_the_window(state, capsys):
     ids = ",".join(str(i) for i in range(300, 340))
     code, out, err = run_cli(capsys, "--checkpoint", str(path), "--tokens", ids, "-n", "2", "--temperature", "0")
     assert code == 0, err
-    assert "the prompt has 40 tokens, more than the window of 16: the model sees its last 16" in err
+    assert "the prompt has 40 tokens, more than the window of 32: the model sees its last 32" in err   # maxT
     code, out, err = run_cli(capsys, "--checkpoint", str(path), "--tokens", ids, "-n", "2", "--context", "32",
-                             "--json")                     # a longer window than the run's T (up to maxT)
+                             "--json")                     # the KV cache's window is maxT whatever the build's T
     assert code == 0, err
     assert json.loads(out)["window"] == 32
 

@@ -33,11 +33,12 @@ void* arena_ptr(py::array& a, size_t need, const char* what) {
 // model has no master weights (fp32).
 struct Arenas {
     py::array params, grads, m, v, acts, dacts;
-    py::object master;
+    py::object master, cache;
     gg_arenas raw{};
 
-    Arenas(py::array p, py::array g, py::object master_, py::array m_, py::array v_, py::array a, py::array da)
-        : params(p), grads(g), m(m_), v(v_), acts(a), dacts(da), master(master_) {
+    Arenas(py::array p, py::array g, py::object master_, py::array m_, py::array v_, py::array a, py::array da,
+           py::object kv)
+        : params(p), grads(g), m(m_), v(v_), acts(a), dacts(da), cache(kv), master(master_) {
         size_t np = gg_arena_bytes(GG_ARENA_PARAMS), nm = gg_arena_bytes(GG_ARENA_MOMENTS);
         raw.params = arena_ptr(params, np, "params");
         raw.grads = arena_ptr(grads, np, "grads");
@@ -45,6 +46,10 @@ struct Arenas {
         raw.v = arena_ptr(v, nm, "v");
         raw.acts = arena_ptr(acts, gg_arena_bytes(GG_ARENA_ACTS), "acts");
         raw.dacts = arena_ptr(dacts, gg_arena_bytes(GG_ARENA_DACTS), "dacts");
+        if (!cache.is_none()) {   // None until the first decode (training never needs it)
+            py::array arr = py::cast<py::array>(cache);
+            raw.cache = arena_ptr(arr, gg_arena_bytes(GG_ARENA_CACHE), "cache");
+        }
         size_t nmaster = gg_arena_bytes(GG_ARENA_MASTER);
         if (nmaster == 0 && !master.is_none()) throw std::invalid_argument("this model has no master weights");
         if (nmaster != 0) {
@@ -89,7 +94,8 @@ PYBIND11_MODULE(_gpt2gen_model, mod) {
     mod.def("num_inputs", []() { return gg_num_inputs(); });
 
     py::class_<Arenas>(mod, "Arenas", py::module_local())
-        .def(py::init<py::array, py::array, py::object, py::array, py::array, py::array, py::array>());
+        .def(py::init<py::array, py::array, py::object, py::array, py::array, py::array, py::array, py::object>());
+    mod.def("decode_positions", []() { return gg_decode_positions(); });
 
     mod.def("forward", [](Arenas& ar, const py::list& inputs, int B, int T) {
         std::vector<IntArray> keep;
@@ -101,6 +107,20 @@ PYBIND11_MODULE(_gpt2gen_model, mod) {
         }
         raise_recorded();
         return loss;
+    });
+    mod.def("decode", [](Arenas& ar, const py::list& inputs, int T, int pos0) {
+        if (T < 1 || pos0 < 0 || pos0 + T > gg_decode_positions()) {
+            throw std::invalid_argument("decode positions " + std::to_string(pos0) + ".." + std::to_string(pos0 + T) +
+                                        " outside the cache's " + std::to_string(gg_decode_positions()));
+        }
+        if (!ar.raw.cache && gg_arena_bytes(GG_ARENA_CACHE) != 0) throw std::invalid_argument("arena 'cache' is missing");
+        std::vector<IntArray> keep;
+        auto ptrs = input_ptrs(inputs, keep, 1, T);
+        {
+            py::gil_scoped_release nogil;
+            gg_decode(&ar.raw, ptrs.data(), T, pos0);
+        }
+        raise_recorded();
     });
     mod.def("backward", [](Arenas& ar, const py::list& inputs, int B, int T, float loss_scale) {
         std::vector<IntArray> keep;

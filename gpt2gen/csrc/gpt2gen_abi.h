@@ -4,7 +4,7 @@
 // memory the model allocates for it: gg_alloc / gg_free in model.cu): params and grads
 // (one layout, the precision's storage type), m and v (AdamW's moments, fp32, the same layout in
 // elements), master (fp32 master weights, in mixed precision only; NULL otherwise), acts and dacts
-// (activations and their gradients). Sizes come from gg_arena_bytes(); gg_signature() names the layout
+// (activations and their gradients), cache (the decode program's keys and values). Sizes come from gg_arena_bytes(); gg_signature() names the layout
 // so the runtime can refuse a mismatch.
 #ifndef GPT2GEN_ABI_H
 #define GPT2GEN_ABI_H
@@ -23,10 +23,12 @@ typedef struct {
     void* v;        // AdamW second moment, fp32
     void* acts;
     void* dacts;
+    void* cache;    // the decode program's KV cache (training never touches it)
 } gg_arenas;
 
 enum { GG_F32 = 0, GG_BF16 = 1, GG_F16 = 2, GG_I32 = 3 };   // a tensor's storage dtype
-enum { GG_ARENA_PARAMS = 0, GG_ARENA_ACTS = 1, GG_ARENA_DACTS = 2, GG_ARENA_MOMENTS = 3, GG_ARENA_MASTER = 4 };
+enum { GG_ARENA_PARAMS = 0, GG_ARENA_ACTS = 1, GG_ARENA_DACTS = 2, GG_ARENA_MOMENTS = 3, GG_ARENA_MASTER = 4,
+       GG_ARENA_CACHE = 5 };
 
 typedef struct {
     const char* name;
@@ -37,7 +39,7 @@ typedef struct {
 } gg_tensor_entry;
 
 const char* gg_signature(void);
-size_t gg_arena_bytes(int which);    // GG_ARENA_*: params (grads alike), acts, dacts, moments (m, v alike), master
+size_t gg_arena_bytes(int which);    // GG_ARENA_*: params (grads alike), acts, dacts, moments (m, v alike), master, cache
 int gg_num_inputs(void);
 
 // Runs the forward pass for a (B,T) batch, B <= B_MAX, T <= T_MAX. inputs[i] may be NULL only for
@@ -51,6 +53,12 @@ void gg_zero_grad(const gg_arenas* ar);
 // scaling returns 0, touching nothing, when any gradient is inf or nan.
 int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps,
               float weight_decay, int step, float grad_scale);
+// The decode program: one sequence (B = 1), a chunk of T <= T_MAX new tokens at positions pos0 .. pos0+T-1
+// (pos0 + T <= gg_decode_positions()), over the KV cache arena, which holds the positions before pos0 of the
+// same sequence (from earlier calls) and gets the chunk's. Writes the chunk's logits where gg_forward does.
+// inputs as gg_forward's, each of T values (optional ones NULL).
+void gg_decode(const gg_arenas* ar, const int* const* inputs, int T, int pos0);
+int gg_decode_positions(void);
 // The error the model recorded in the last calls (a failed CUDA call or kernel, a cuBLASLt status), or NULL;
 // reading it clears it. The CPU target records none. The binding raises it after every call.
 const char* gg_error(void);

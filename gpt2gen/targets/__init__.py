@@ -59,16 +59,30 @@ class Saved:
 @dataclass(frozen=True)
 class Kernel:
     """One op on one target: the template file that defines its kernels, their calls, and what the
-    forward keeps for the backward."""
+    forward keeps for the backward.
+
+    ``decode``: the call of the decode program (one sequence, a chunk of T new tokens at positions t0 ..
+    t0+T-1, over a KV cache), where it differs from the forward: ops that depend on positions (a position
+    table, rotary angles) and ops that look across positions (attention, which reads and extends its
+    ``cache``). Besides the forward's names it may use ``t0`` and the cache's capacity ``S`` (positions it
+    holds: the model's maxT, or the op's ``window`` where that is smaller)."""
     template: str
     forward: KernelCall
     backward: KernelCall
     saved: tuple[Saved, ...] = ()
     needs: tuple[str, ...] = ()      # templates whose kernels this one calls (included before it)
+    decode: KernelCall | None = None
+    cache: tuple[Saved, ...] = ()    # what the decode kernel keeps across calls: shape patterns over the letters and S
 
     def reads(self, phase: str) -> set[str]:
         """The operands (and ``d_<operand>`` gradients) the kernel of ``phase`` is given."""
-        return getattr(self, phase).names()
+        return self.call_of(phase).names()
+
+    def call_of(self, phase: str) -> KernelCall:
+        """The call of ``phase`` (``decode``: the forward's where the op has no decode kernel of its own)."""
+        if phase == "decode":
+            return self.decode or self.forward
+        return getattr(self, phase)
 
 
 @dataclass

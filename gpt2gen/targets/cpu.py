@@ -22,10 +22,13 @@ from . import CompileJob, Kernel, KernelCall, Saved, Target
 
 
 def _k(template: str, forward: str, backward: str, saved: dict[str, tuple[str, str]] | None = None,
-       needs: tuple[str, ...] = ()) -> Kernel:
-    """``saved``: name -> (shape pattern, what it is); ``needs``: templates whose kernels these call."""
-    return Kernel(template, KernelCall.parse(forward), KernelCall.parse(backward),
-                  tuple(Saved(n, tuple(p.split(",")), doc) for n, (p, doc) in (saved or {}).items()), needs)
+       needs: tuple[str, ...] = (), decode: str | None = None, cache: dict[str, tuple[str, str]] | None = None) -> Kernel:
+    """``saved``: name -> (shape pattern, what it is); ``needs``: templates whose kernels these call;
+    ``decode``: the decode program's call where it is not the forward's; ``cache``: what it keeps across calls."""
+    def bufs(d):
+        return tuple(Saved(n, tuple(p.split(",")), doc) for n, (p, doc) in (d or {}).items())
+    return Kernel(template, KernelCall.parse(forward), KernelCall.parse(backward), bufs(saved), needs,
+                  KernelCall.parse(decode) if decode else None, bufs(cache))
 
 
 # Each op's kernels on this target: arguments name the op's operands (``d_x``: x's gradient, NULL where
@@ -35,7 +38,8 @@ _ROW_STATS = {"mean": ("B,T", "row means"), "rstd": ("B,T", "row 1/sqrt(var + ep
 KERNELS: dict[str, Kernel] = {
     "embedding": _k("embedding.c.j2",
                     "embedding_forward(out, idx, table, pos, B, T, C)",
-                    "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)"),
+                    "embedding_backward(d_table, d_pos, d_out, idx, B, T, C)",
+                    decode="embedding_forward(out, idx, table, pos + t0 * C, B, T, C)"),
     "layernorm": _k("layernorm.c.j2",
                     "layernorm_forward(out, mean, rstd, inp, weight, bias, B * T, C, eps)",
                     "layernorm_backward(d_inp, d_weight, d_bias, d_out, inp, weight, mean, rstd, B * T, C)",
@@ -46,7 +50,10 @@ KERNELS: dict[str, Kernel] = {
     "attention": _k("attention.c.j2",
                     "attention_forward(out, lse, qkv, B, T, C, NH)",
                     "attention_backward(d_qkv, d_out, qkv, out, lse, B, T, C, NH)",
-                    {"lse": ("B,NH,T", "log-sum-exp of each query's scores, no T x T buffer")}),
+                    {"lse": ("B,NH,T", "log-sum-exp of each query's scores, no T x T buffer")},
+                    decode="attention_decode(out, qkv, k_cache, v_cache, T, C, NH, t0, S)",
+                    cache={"k_cache": ("NH,S,C / NH", "keys of every position so far, per head"),
+                           "v_cache": ("NH,S,C / NH", "values of every position so far, per head")}),
     "gelu": _k("gelu.c.j2",
                "gelu_forward(out, inp, numel(out))",
                "gelu_backward(d_inp, d_out, inp, numel(out))"),
@@ -66,11 +73,16 @@ KERNELS: dict[str, Kernel] = {
                   {"rstd": ("B,T", "row 1/sqrt(mean(x^2) + eps)")}),
     "rope": _k("rope.c.j2",
                "rope_forward(out, inp, B, T, H, D, theta)",
-               "rope_backward(d_inp, d_out, B, T, H, D, theta)"),
+               "rope_backward(d_inp, d_out, B, T, H, D, theta)",
+               decode="rope_forward_at(out, inp, B, T, H, D, theta, t0)"),
     "gqa_attention": _k("attention.c.j2",
                         "gqa_attention_forward(out, lse, q, k, v, B, T, H, K, D, window)",
                         "gqa_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window)",
-                        {"lse": ("B,H,T", "log-sum-exp of each query's scores, no T x T buffer")}),
+                        {"lse": ("B,H,T", "log-sum-exp of each query's scores, no T x T buffer")},
+                        decode="gqa_attention_decode(out, q, k, v, k_cache, v_cache, T, H, K, D, window, t0, S)",
+                        cache={"k_cache": ("K,S,D", "keys of the last S positions, per kv head (a ring: position p "
+                                                    "at row p % S)"),
+                               "v_cache": ("K,S,D", "values of the last S positions, per kv head")}),
     "swiglu": _k("glu.c.j2",
                  "swiglu_forward(out, gate, up, numel(out))",
                  "swiglu_backward(d_gate, d_up, d_out, gate, up, numel(out))"),
@@ -117,7 +129,7 @@ STORAGE = {"fp32": Storage("fp32", "float"), "bf16": Storage("bf16", "gg_bf16")}
 
 HELPERS = ("util.c.j2",)            # kernel templates every model includes before its ops
 OPTIMIZER = "optim/adamw.c.j2"
-ARENA_MEMBER = {"param": "p", "act": "a", "grad": "g"}     # the struct pointer each arena's tensors hang off
+ARENA_MEMBER = {"param": "p", "act": "a", "grad": "g", "cache": "c"}     # the struct pointer each arena's tensors hang off
 ZERO = {"f32": "gg_zero", "bf16": "gg_zero16"}              # util.c.j2's zeroing of a buffer of each dtype
 
 
@@ -214,8 +226,8 @@ class CpuTarget(Target):
                                   undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
     def call(self, s: P.Invoke) -> dict:
-        kc = getattr(self.kernels[s.op], s.phase)
-        names = {"B": "B", "T": "T"}
+        kc = self.kernels[s.op].call_of(s.phase)
+        names = {"B": "B", "T": "T", "t0": "pos0"}     # pos0: gg_decode's first position
         for k, r in s.operands.items():
             names[k] = c_ref(r)
         for k, shape in s.shapes.items():
@@ -313,6 +325,7 @@ class CpuTarget(Target):
         width = max(width, _)
         params, _ = self._table(layout.params, width)
         acts, _ = self._table(layout.acts, width)
+        cache, _ = self._table(layout.cache, width)
         st = layout.params.dtype
         pol = program.precision
         arenas = {a.name: dict(ctype=self.type_names[a.dtype], size=a.size) for a in layout.arenas()}
@@ -334,6 +347,8 @@ class CpuTarget(Target):
             inputs=inputs,
             forward=[self.statement(s, layout.dacts.dtype) for s in program.forward],
             backward=[self.statement(s, layout.dacts.dtype) for s in program.backward],
+            cache=cache, decode=[self.statement(s, layout.dacts.dtype) for s in program.decode],
+            decode_positions=program.decode_positions,
             loss=loss,
             signature=P.signature(program),
         )
@@ -344,7 +359,7 @@ class CpuTarget(Target):
         width = max([len(s.name) for s in arena.slots] + [4, width])
         rows = []
         for i, s in enumerate(arena.slots):
-            table = "PARAM_TABLE" if arena.name == "params" else "ACT_TABLE"
+            table = {"params": "PARAM_TABLE", "cache": "CACHE_TABLE"}.get(arena.name, "ACT_TABLE")
             at = f"base + {table}[{i}].offset"
             rows.append(dict(name=s.name, shape=s.shape, offset=s.offset, numel=s.numel, decay=s.decay,
                              pad=width - len(s.name), ctype=self.type_names[s.dtype], code=DTYPES[s.dtype].code,

@@ -390,15 +390,17 @@ static inline float rope_angle(int t, int i, int D, float theta) {
     return (float)t * inv_freq;
 }
 
-GG_KERNEL void rope_forward(float* out,         // (B,T,H*D)
-                            const float* inp,   // (B,T,H*D)
-                            int B, int T, int H, int D, float theta) {
+// rope_forward on T rows whose row t has absolute position t0 + t (decoding with a KV cache: rows
+// [t0, t0+T) are bitwise rope_forward's rows [t0, t0+T) over t0+T rows)
+GG_KERNEL void rope_forward_at(float* out,         // (B,T,H*D)
+                               const float* inp,   // (B,T,H*D)
+                               int B, int T, int H, int D, float theta, int t0) {
     const int half = D / 2;
     #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
             for (int i = 0; i < half; i++) {
-                float a = rope_angle(t, i, D, theta);
+                float a = rope_angle(t0 + t, i, D, theta);
                 float c = cosf(a), s = sinf(a);
                 for (int h = 0; h < H; h++) {
                     size_t base = ((size_t)b * T + t) * H * D + (size_t)h * D;
@@ -409,6 +411,12 @@ GG_KERNEL void rope_forward(float* out,         // (B,T,H*D)
             }
         }
     }
+}
+
+GG_KERNEL void rope_forward(float* out,         // (B,T,H*D)
+                            const float* inp,   // (B,T,H*D)
+                            int B, int T, int H, int D, float theta) {
+    rope_forward_at(out, inp, B, T, H, D, theta, 0);
 }
 
 GG_KERNEL void rope_backward(float* d_inp,         // (B,T,H*D) accumulated
@@ -728,6 +736,115 @@ GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumula
                                       int B, int T, int H, int K, int D, int window) {
     const size_t QW = (size_t)H * D, KW = (size_t)K * D;
     gg_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window, QW, KW, KW, QW);
+}
+
+// ---- decoding with a KV cache (B = 1) ----
+// A chunk of T new positions t0..t0+T-1: q, k, v hold their rows (row strides qs, ks, vs, os as above);
+// k_cache and v_cache are (K, S, D), the key and value of position p at row p % S of their kv head. Each query
+// row (p = t0 + r) walks the keys it sees in tiles that never cross t0 nor the ring's end, so that a tile is
+// one run of rows of one tensor (the cache before t0, k and v from t0), packed and scored as in the forward,
+// with the same online softmax; its sum of values stays in fp32 on the stack and out is stored once. Then the
+// chunk's last min(T, S) positions are copied into the cache, after every read: with a window the cache is a
+// ring of S >= window rows whose oldest keys the chunk's first queries still read. Needs window > 0 ? S >=
+// window : t0 + T <= S (the caller checks). No allocation: the tiles are VLAs of D x GG_ATT_KT floats.
+
+// s[j] = scale * sum_i a[i] * tile[i][j]: gg_att_scores for one row (the same additions in the same order)
+static inline void gg_att_score_row(float* restrict s, const float* a, const float* tile, int D, float scale) {
+    float acc[GG_ATT_KT];
+    for (int j = 0; j < GG_ATT_KT; j++) acc[j] = 0.0f;
+    for (int i = 0; i < D; i++) {
+        const float ai = a[i];
+        const float* ti = tile + i * GG_ATT_KT;
+        #pragma omp simd
+        for (int j = 0; j < GG_ATT_KT; j++) acc[j] += ai * ti[j];
+    }
+    for (int j = 0; j < GG_ATT_KT; j++) s[j] = acc[j] * scale;
+}
+
+static void gg_attention_decode(float* out, const float* q, const float* k, const float* v,
+                                float* k_cache, float* v_cache, int T, int H, int K, int D, int window,
+                                int t0, int S, size_t qs, size_t ks, size_t vs, size_t os) {
+    if (T <= 0) return;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int group = H / K;
+    #pragma omp parallel for collapse(2) schedule(static, 1)
+    for (int h = 0; h < H; h++) {
+        for (int r = 0; r < T; r++) {               // query row r: position p
+            const int kh = h / group, p = t0 + r;
+            const float* kc = k_cache + (size_t)kh * S * D;
+            const float* vc = v_cache + (size_t)kh * S * D;
+            const float* qrow = q + (size_t)r * qs + (size_t)h * D;
+            float kt[(size_t)D * GG_ATT_KT];                   // the key tile, packed transposed
+            float o[D], s[GG_ATT_KT], m = -INFINITY, l = 0.0f;
+            for (int i = 0; i < D; i++) o[i] = 0.0f;          // the running weighted sum of values
+            for (int j0 = gg_att_first(p, window), n; j0 <= p; j0 += n) {
+                n = p + 1 - j0 < GG_ATT_KT ? p + 1 - j0 : GG_ATT_KT;
+                const float* kr, *vr;
+                size_t kst, vst;
+                if (j0 < t0) {                                  // cached positions j0 .. j0+n-1, rows j0 % S ..
+                    const int row = j0 % S;
+                    if (n > t0 - j0) n = t0 - j0;
+                    if (n > S - row) n = S - row;
+                    kr = kc + (size_t)row * D, vr = vc + (size_t)row * D, kst = vst = (size_t)D;
+                } else {                                        // the chunk's rows j0 - t0 ..
+                    kr = k + (size_t)(j0 - t0) * ks + (size_t)kh * D, kst = ks;
+                    vr = v + (size_t)(j0 - t0) * vs + (size_t)kh * D, vst = vs;
+                }
+                gg_att_pack(kt, kr, kst, 0, n, D);
+                gg_att_score_row(s, qrow, kt, D, scale);
+                float tile_max = -INFINITY;
+                #pragma omp simd reduction(max:tile_max)
+                for (int j = 0; j < n; j++) tile_max = s[j] > tile_max ? s[j] : tile_max;
+                const float m_new = tile_max > m ? tile_max : m;
+                const float corr = gg_expf(m - m_new);          // rescales what was summed so far
+                float psum = 0.0f;
+                #pragma omp simd reduction(+:psum)
+                for (int j = 0; j < n; j++) {
+                    s[j] = gg_expf(s[j] - m_new);
+                    psum += s[j];
+                }
+                l = l * corr + psum;
+                #pragma omp simd
+                for (int i = 0; i < D; i++) o[i] *= corr;
+                gg_att_accum(o, s, vr, vst, n, D);
+                m = m_new;
+            }
+            float* y = out + (size_t)r * os + (size_t)h * D;
+            const float inv = 1.0f / l;
+            #pragma omp simd
+            for (int i = 0; i < D; i++) y[i] = o[i] * inv;
+        }
+    }
+    const int first = T > S ? T - S : 0;                // only the last S positions can be kept
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int kh = 0; kh < K; kh++) {
+        for (int r = first; r < T; r++) {
+            const size_t row = ((size_t)kh * S + (size_t)((t0 + r) % S)) * D;
+            memcpy(k_cache + row, k + (size_t)r * ks + (size_t)kh * D, (size_t)D * sizeof(float));
+            memcpy(v_cache + row, v + (size_t)r * vs + (size_t)kh * D, (size_t)D * sizeof(float));
+        }
+    }
+}
+
+GG_KERNEL void attention_decode(float* out,         // (T,C) of positions t0..t0+T-1
+                                const float* qkv,   // (T,3C) of those positions
+                                float* k_cache,     // (NH,S,C/NH): position p at row p % S
+                                float* v_cache,     // (NH,S,C/NH)
+                                int T, int C, int NH, int t0, int S) {
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_decode(out, qkv, qkv + C, qkv + 2 * (size_t)C, k_cache, v_cache, T, NH, NH, C / NH, 0, t0, S,
+                        s3, s3, s3, (size_t)C);
+}
+
+GG_KERNEL void gqa_attention_decode(float* out,         // (T,H*D) of positions t0..t0+T-1
+                                    const float* q,     // (T,H*D)
+                                    const float* k,     // (T,K*D), roped
+                                    const float* v,     // (T,K*D)
+                                    float* k_cache,     // (K,S,D): position p at row p % S
+                                    float* v_cache,     // (K,S,D)
+                                    int T, int H, int K, int D, int window, int t0, int S) {
+    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
+    gg_attention_decode(out, q, k, v, k_cache, v_cache, T, H, K, D, window, t0, S, QW, KW, KW, QW);
 }
 
 // ----------------------------------------------------------------------------
@@ -1255,6 +1372,112 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
 }
 
 // ----------------------------------------------------------------------------
+// decode: one sequence (B = 1), a chunk of T new tokens at positions pos0 .. pos0+T-1. The forward's statements,
+// where position-dependent ops start at pos0 and attention reads the earlier positions' keys and values from the
+// cache arena (float), then appends the chunk's.
+
+typedef struct {
+    float* attn_k_cache;  // (L, NKV, maxT, HD)
+    float* attn_v_cache;  // (L, NKV, maxT, HD)
+} Cache;
+
+static const gg_tensor_entry CACHE_TABLE[2] = {
+    {"attn_k_cache",            0,     37748736, 0, 0},
+    {"attn_v_cache",     37748736,     37748736, 0, 0},
+};
+
+static void point_cache(Cache* c, void* arena) {
+    float* base = (float*)arena;
+    c->attn_k_cache = base + CACHE_TABLE[0].offset;
+    c->attn_v_cache = base + CACHE_TABLE[1].offset;
+}
+
+static const size_t CACHE_SIZE = 75497472;  // elements: 8192 positions
+
+void gg_decode(const gg_arenas* ar, const int* const* inputs, int T, int pos0) {
+    const int B = 1;
+    Params params, *p = &params;
+    Acts acts, *a = &acts;
+    point_params(p, ar->params);
+    point_acts(a, ar->acts);
+    Cache cache, *c = &cache;
+    point_cache(c, ar->cache);
+    (void)B;
+    (void)pos0;
+    const int* idx = inputs[0];  // (B,T)
+    const int* targets = inputs[1];  // (B,T), may be NULL
+
+    // embed (models/gemma.yaml:65): token_embedding
+    token_embedding_forward(a->encoded, idx, p->wte, B, T, C, 45.254833995939045f);
+    for (int l = 0; l < L; l++) {  // layers
+        float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
+        float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
+        float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
+        float* qh = a->qh;  // (B,T,NH*HD) gg_scratch0, every layer's
+        float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
+        float* kh = a->kh;  // (B,T,NKV*HD) gg_scratch1, every layer's
+        float* vw = p->vw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
+        float* vh = a->vh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* attn_k_cache = c->attn_k_cache + (size_t)l * (size_t)NKV * maxT * HD;  // (NKV,maxT,HD)
+        float* attn_v_cache = c->attn_v_cache + (size_t)l * (size_t)NKV * maxT * HD;  // (NKV,maxT,HD)
+        float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
+        float* attproj = a->attproj;  // (B,T,C) gg_scratch0, every layer's
+        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
+        float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
+        float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* upw = p->upw + (size_t)l * (size_t)FF * C;  // (FF,C)
+        float* up = a->up + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* geg = a->geg + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* downw = p->downw + (size_t)l * (size_t)C * FF;  // (C,FF)
+        float* down = a->down;  // (B,T,C) gg_scratch0, every layer's
+        float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        // ln_1 (models/gemma.yaml:70): rmsnorm
+        rmsnorm_forward(ln1, ln_1_rstd, x, ln1w, B * T, C, 1e-06f, 1.0f);
+        // attn_q (models/gemma.yaml:71): matmul
+        matmul_forward(qh, ln1, qw, NULL, B * T, C, (NH * HD));
+        // attn_k (models/gemma.yaml:72): matmul
+        matmul_forward(kh, ln1, kw, NULL, B * T, C, (NKV * HD));
+        // attn_v (models/gemma.yaml:73): matmul
+        matmul_forward(vh, ln1, vw, NULL, B * T, C, (NKV * HD));
+        // rope_q (models/gemma.yaml:74): rope
+        rope_forward_at(q_rot, qh, B, T, NH, HD, 10000.0f, pos0);
+        // rope_k (models/gemma.yaml:75): rope
+        rope_forward_at(k_rot, kh, B, T, NKV, HD, 10000.0f, pos0);
+        // attn (models/gemma.yaml:76): gqa_attention
+        gqa_attention_decode(atty, q_rot, k_rot, vh, attn_k_cache, attn_v_cache, T, NH, NKV, HD, 0, pos0, maxT);
+        // attn_proj (models/gemma.yaml:77): matmul
+        matmul_forward(attproj, atty, attprojw, NULL, B * T, (NH * HD), C);
+        // attn_res (models/gemma.yaml:78): residual
+        residual_forward(residual2, x, attproj, (size_t)B * T * C);
+        // ln_2 (models/gemma.yaml:79): rmsnorm
+        rmsnorm_forward(ln2, ln_2_rstd, residual2, ln2w, B * T, C, 1e-06f, 1.0f);
+        // mlp_gate (models/gemma.yaml:80): matmul
+        matmul_forward(gate, ln2, gatew, NULL, B * T, C, FF);
+        // mlp_up (models/gemma.yaml:81): matmul
+        matmul_forward(up, ln2, upw, NULL, B * T, C, FF);
+        // mlp_act (models/gemma.yaml:82): geglu
+        geglu_forward(geg, gate, up, (size_t)B * T * FF);
+        // mlp_down (models/gemma.yaml:83): matmul
+        matmul_forward(down, geg, downw, NULL, B * T, FF, C);
+        // mlp_res (models/gemma.yaml:84): residual
+        residual_forward(residual3, residual2, down, (size_t)B * T * C);
+    }
+    float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
+    // ln_f (models/gemma.yaml:86): rmsnorm
+    rmsnorm_forward(a->lnf, a->ln_f_rstd, x, p->lnfw, B * T, C, 1e-06f, 1.0f);
+    // lm_head+loss (models/gemma.yaml:87): classifier
+    classifier_forward(a->logits, a->losses, a->loss_lse, a->lnf, p->wte, targets, NULL, B * T, C, Vp, V);
+}
+
+// ----------------------------------------------------------------------------
 // gradients and the optimizer
 
 void gg_zero_grad(const gg_arenas* ar) {
@@ -1278,7 +1501,7 @@ int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "54fb555c9f63ab079f51"; }
+const char* gg_signature(void) { return "c5c91b7d95e3abcad0b9"; }
 
 size_t gg_arena_bytes(int which) {
     switch (which) {
@@ -1287,10 +1510,13 @@ size_t gg_arena_bytes(int which) {
         case GG_ARENA_DACTS: return DACTS_SIZE * sizeof(float);
         case GG_ARENA_MOMENTS: return PARAMS_SIZE * sizeof(float);  // m and v alike
         case GG_ARENA_MASTER: return 0;  // fp32 master weights: none, the parameters are fp32
+        case GG_ARENA_CACHE: return CACHE_SIZE * sizeof(float);
         default: return 0;
     }
 }
 
 int gg_num_inputs(void) { return 2; }
+
+int gg_decode_positions(void) { return 8192; }
 
 const char* gg_error(void) { return NULL; }  // nothing here fails at run time: the runtime checked the inputs

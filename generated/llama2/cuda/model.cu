@@ -589,9 +589,9 @@ __device__ __forceinline__ void rope_table(float* cs, float* sn, int t, int i0, 
     }
 }
 
-__global__ void rope_forward_kernel(float* out, const float* inp, int T, int H, int D, float theta) {
+__global__ void rope_forward_kernel(float* out, const float* inp, int T, int H, int D, float theta, int t0) {
     __shared__ float cs[ROPE_PAIRS], sn[ROPE_PAIRS];
-    const int row = blockIdx.x, t = row % T, half = D / 2;
+    const int row = blockIdx.x, t = t0 + row % T, half = D / 2;   // t: the row's absolute position
     for (int i0 = 0; i0 < half; i0 += ROPE_PAIRS) {
         const int n = min(half - i0, (int)ROPE_PAIRS);
         rope_table(cs, sn, t, i0, n, D, theta);
@@ -633,12 +633,18 @@ static inline int rope_threads(int H, int D) {   // enough warps for one row's p
     return (int)(w < 32 ? 32 : (w > ROPE_THREADS ? ROPE_THREADS : w));
 }
 
+GG_KERNEL void rope_forward_at(float* out,         // (B,T,H*D): positions t0 .. t0+T-1
+                               const float* inp,   // (B,T,H*D)
+                               int B, int T, int H, int D, float theta, int t0) {
+    if (B <= 0 || T <= 0 || H <= 0 || D < 2) return;
+    rope_forward_kernel<<<(unsigned)(B * T), rope_threads(H, D), 0, gg_stream>>>(out, inp, T, H, D, theta, t0);
+    GG_LAUNCHED();
+}
+
 GG_KERNEL void rope_forward(float* out,         // (B,T,H*D)
                             const float* inp,   // (B,T,H*D)
                             int B, int T, int H, int D, float theta) {
-    if (B <= 0 || T <= 0 || H <= 0 || D < 2) return;
-    rope_forward_kernel<<<(unsigned)(B * T), rope_threads(H, D), 0, gg_stream>>>(out, inp, T, H, D, theta);
-    GG_LAUNCHED();
+    rope_forward_at(out, inp, B, T, H, D, theta, 0);
 }
 
 GG_KERNEL void rope_backward(float* d_inp,         // (B,T,H*D) accumulated, or NULL
@@ -1078,6 +1084,148 @@ GG_KERNEL void gqa_attention_backward(float* d_q,          // (B,T,H*D) accumula
                                       int B, int T, int H, int K, int D, int window) {
     const size_t QW = (size_t)H * D, KW = (size_t)K * D;
     gg_attention_backward(d_q, d_k, d_v, d_out, q, k, v, out, lse, B, T, H, K, D, window, QW, KW, KW, QW);
+}
+
+
+// ---- decode: attention over a KV cache at B = 1 (/work/notes/decode_contract.md) ----
+
+enum { GG_DEC_WARPS = 4, GG_DEC_DMAX = 256 };
+
+__device__ __forceinline__ float gg_dec_max32(float x) {   // over the warp (xor: every lane gets it)
+    #pragma unroll
+    for (int w = 16; w > 0; w /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, w));
+    return x;
+}
+
+__device__ __forceinline__ float gg_dec_sum32(float x) {   // a + b == b + a: every lane gets the same bits
+    #pragma unroll
+    for (int w = 16; w > 0; w /= 2) x += __shfl_xor_sync(0xffffffffu, x, w);
+    return x;
+}
+
+// A warp per (query row i, head h), h fastest. q, k, v: the chunk's rows (strides qs, ks, vs; head h of q at
+// h*D, kv head kh of k and v at kh*D); kc, vc: the caches (K, S, D). The key of position p2 < t0 is cache row
+// p2 % S, of p2 >= t0 chunk row p2 - t0.
+__global__ void __launch_bounds__(32 * GG_DEC_WARPS)
+gg_att_decode_kernel(float* out, const float* q, const float* k, const float* v,
+                     const float* kc, const float* vc, int T, int H, int K, int D, int window, int t0, int S,
+                     size_t qs, size_t ks, size_t vs, size_t os, float scale) {
+    constexpr int NC = GG_DEC_DMAX / 32;
+    __shared__ float sq[GG_DEC_WARPS][GG_DEC_DMAX];
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t pair = (size_t)blockIdx.x * GG_DEC_WARPS + w;
+    if (pair >= (size_t)T * H) return;                // the whole warp: no lane of it is left behind
+    const int i = (int)(pair / H), h = (int)(pair % H), kh = h / (H / K), p = t0 + i;
+    const float* qr = q + (size_t)i * qs + (size_t)h * D;
+    for (int d = lane; d < D; d += 32) sq[w][d] = qr[d];
+    __syncwarp();
+    const float* kn = k + (size_t)kh * D;           // chunk rows
+    const float* vn = v + (size_t)kh * D;
+    const float* ko = kc + (size_t)kh * S * D;      // cache rows
+    const float* vo = vc + (size_t)kh * S * D;
+    float m = -INFINITY, l = 0.0f, acc[NC];
+    #pragma unroll
+    for (int c = 0; c < NC; c++) acc[c] = 0.0f;
+    for (int j0 = gg_att_first(p, window); j0 <= p; j0 += 32) {   // key j0 <= p is seen: m below is finite
+        const int p2 = j0 + lane;
+        float s = -INFINITY;                          // keys past p score -inf
+        if (p2 <= p) {
+            const float* kr = p2 < t0 ? ko + (size_t)(p2 % S) * D : kn + (size_t)(p2 - t0) * ks;
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += sq[w][d] * kr[d];
+            s = dot * scale;
+        }
+        const float m_new = fmaxf(m, gg_dec_max32(s));
+        const float corr = expf(m - m_new);           // rescales what was summed so far (0 at the first group)
+        const float e = expf(s - m_new);
+        l = l * corr + gg_dec_sum32(e);
+        m = m_new;
+        #pragma unroll
+        for (int c = 0; c < NC; c++) acc[c] *= corr;
+        const int n = min(32, p + 1 - j0);            // the same for every lane
+        for (int j = 0; j < n; j++) {
+            const float pj = __shfl_sync(0xffffffffu, e, j);
+            const int pk = j0 + j;
+            const float* vr = pk < t0 ? vo + (size_t)(pk % S) * D : vn + (size_t)(pk - t0) * vs;
+            #pragma unroll
+            for (int c = 0; c < NC; c++) {
+                const int d = lane + 32 * c;
+                if (d < D) acc[c] += pj * vr[d];
+            }
+        }
+    }
+    const float inv = 1.0f / l;
+    float* y = out + (size_t)i * os + (size_t)h * D;
+    #pragma unroll
+    for (int c = 0; c < NC; c++) {
+        const int d = lane + 32 * c;
+        if (d < D) y[d] = acc[c] * inv;
+    }
+}
+
+// After the attention kernel: the chunk rows first .. T-1 (first = max(0, T - S): the last S) of k and v into
+// row p % S of the caches, bitwise. One thread per element, none written twice.
+__global__ void gg_att_decode_store_kernel(float* kc, float* vc, const float* k, const float* v,
+                                           int T, int K, int D, int t0, int S, size_t ks, size_t vs) {
+    const int first = T > S ? T - S : 0;
+    const size_t n = (size_t)(T - first) * K * D, step = (size_t)gridDim.x * blockDim.x;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += step) {
+        const int d = (int)(e % D);
+        const size_t r = e / D;
+        const int kh = (int)(r % K), i = first + (int)(r / K);
+        const size_t dst = ((size_t)kh * S + (size_t)((t0 + i) % S)) * D + d;
+        kc[dst] = k[(size_t)i * ks + (size_t)kh * D + d];
+        vc[dst] = v[(size_t)i * vs + (size_t)kh * D + d];
+    }
+}
+
+static void gg_attention_decode(const char* op, float* out, const float* q, const float* k, const float* v,
+                                float* kc, float* vc, int T, int H, int K, int D, int window, int t0, int S,
+                                size_t qs, size_t ks, size_t vs, size_t os) {
+    if (T <= 0 || H <= 0) return;
+    char what[160];
+    if (D < 1 || D > GG_DEC_DMAX) {
+        snprintf(what, sizeof what, "head dim %d: the CUDA decode kernels take head dims 1 to %d", D, (int)GG_DEC_DMAX);
+        gg_fail(op, what, __FILE__, __LINE__);
+        return;
+    }
+    if (K <= 0 || H % K || t0 < 0 || S <= 0 || (window > 0 ? S < window : t0 + T > S)) {
+        snprintf(what, sizeof what, "H %d, K %d, window %d, t0 %d, T %d: a cache of %d rows does not fit", H, K,
+                 window, t0, T, S);
+        gg_fail(op, what, __FILE__, __LINE__);
+        return;
+    }
+    const size_t warps = (size_t)T * H;
+    const unsigned blocks = (unsigned)((warps + GG_DEC_WARPS - 1) / GG_DEC_WARPS);
+    gg_att_decode_kernel<<<blocks, 32 * GG_DEC_WARPS, 0, gg_stream>>>(out, q, k, v, kc, vc, T, H, K, D, window, t0, S,
+                                                                      qs, ks, vs, os, 1.0f / sqrtf((float)D));
+    GG_LAUNCHED();
+    const size_t n = (size_t)(T < S ? T : S) * K * D;
+    gg_att_decode_store_kernel<<<gg_blocks(n, GG_THREADS), GG_THREADS, 0, gg_stream>>>(kc, vc, k, v, T, K, D, t0, S,
+                                                                                       ks, vs);
+    GG_LAUNCHED();
+}
+
+GG_KERNEL void attention_decode(float* out,         // (T,C): positions t0 .. t0+T-1
+                                const float* qkv,   // (T,3C)
+                                float* k_cache,     // (NH,S,C/NH): position p at row p % S; t0 + T <= S
+                                float* v_cache,     // (NH,S,C/NH)
+                                int T, int C, int NH, int t0, int S) {
+    const size_t s3 = (size_t)3 * C;
+    gg_attention_decode("attention_decode", out, qkv, qkv + C, qkv + 2 * (size_t)C, k_cache, v_cache,
+                        T, NH, NH, NH > 0 ? C / NH : 0, 0, t0, S, s3, s3, s3, (size_t)C);
+}
+
+GG_KERNEL void gqa_attention_decode(float* out,        // (T,H*D): positions t0 .. t0+T-1
+                                    const float* q,    // (T,H*D)
+                                    const float* k,    // (T,K*D), roped
+                                    const float* v,    // (T,K*D)
+                                    float* k_cache,    // (K,S,D): position p at row p % S
+                                    float* v_cache,    // (K,S,D); window > 0 ? S >= window : t0 + T <= S
+                                    int T, int H, int K, int D, int window, int t0, int S) {
+    const size_t QW = (size_t)H * D, KW = (size_t)K * D;
+    gg_attention_decode("gqa_attention_decode", out, q, k, v, k_cache, v_cache, T, H, K, D, window, t0, S,
+                        QW, KW, KW, QW);
 }
 
 // ----------------------------------------------------------------------------
@@ -1775,6 +1923,115 @@ void gg_backward(const gg_arenas* ar, const int* const* inputs, int B, int T, fl
 }
 
 // ----------------------------------------------------------------------------
+// decode: one sequence (B = 1), a chunk of T new tokens at positions pos0 .. pos0+T-1. The forward's statements,
+// where position-dependent ops start at pos0 and attention reads the earlier positions' keys and values from the
+// cache arena (float), then appends the chunk's.
+
+typedef struct {
+    float* attn_k_cache;  // (L, NKV, maxT, HD)
+    float* attn_v_cache;  // (L, NKV, maxT, HD)
+} Cache;
+
+static const gg_tensor_entry CACHE_TABLE[2] = {
+    {"attn_k_cache",            0,    536870912, 0, 0},
+    {"attn_v_cache",    536870912,    536870912, 0, 0},
+};
+
+static void point_cache(Cache* c, void* arena) {
+    float* base = (float*)arena;
+    c->attn_k_cache = base + CACHE_TABLE[0].offset;
+    c->attn_v_cache = base + CACHE_TABLE[1].offset;
+}
+
+static const size_t CACHE_SIZE = 1073741824;  // elements: 4096 positions
+
+void gg_decode(const gg_arenas* ar, const int* const* inputs, int T, int pos0) {
+    const int B = 1;
+    Params params, *p = &params;
+    Acts acts, *a = &acts;
+    point_params(p, ar->params);
+    point_acts(a, ar->acts);
+    Cache cache, *c = &cache;
+    point_cache(c, ar->cache);
+    (void)B;
+    (void)pos0;
+    const int* dev[2];
+    device_inputs(dev, inputs, B, T);
+    const int* idx = dev[0];  // (B,T)
+    const int* targets = dev[1];  // (B,T), may be NULL
+
+    // embed (models/llama2.yaml:65): token_embedding
+    token_embedding_forward(a->encoded, idx, p->wte, B, T, C, 1.0f);
+    for (int l = 0; l < L; l++) {  // layers
+        float* x = (l == 0) ? a->encoded : a->residual3 + (size_t)(l - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry: `encoded` for layer 0, then the previous layer's `residual3`
+        float* ln1w = p->ln1w + (size_t)l * (size_t)C;  // (C)
+        float* ln1 = a->ln1 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln_1_rstd = a->ln_1_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* qw = p->qw + (size_t)l * (size_t)(NH * HD) * C;  // (NH*HD,C)
+        float* qh = a->qh;  // (B,T,NH*HD) gg_scratch0, every layer's
+        float* kw = p->kw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
+        float* kh = a->kh;  // (B,T,NKV*HD) gg_scratch1, every layer's
+        float* vw = p->vw + (size_t)l * (size_t)(NKV * HD) * C;  // (NKV*HD,C)
+        float* vh = a->vh + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* q_rot = a->q_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* k_rot = a->k_rot + (size_t)l * (size_t)B_MAX * T_MAX * (NKV * HD);  // (B,T,NKV*HD)
+        float* atty = a->atty + (size_t)l * (size_t)B_MAX * T_MAX * (NH * HD);  // (B,T,NH*HD)
+        float* attn_k_cache = c->attn_k_cache + (size_t)l * (size_t)NKV * maxT * HD;  // (NKV,maxT,HD)
+        float* attn_v_cache = c->attn_v_cache + (size_t)l * (size_t)NKV * maxT * HD;  // (NKV,maxT,HD)
+        float* attprojw = p->attprojw + (size_t)l * (size_t)C * (NH * HD);  // (C,NH*HD)
+        float* attproj = a->attproj;  // (B,T,C) gg_scratch0, every layer's
+        float* residual2 = a->residual2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln2w = p->ln2w + (size_t)l * (size_t)C;  // (C)
+        float* ln2 = a->ln2 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        float* ln_2_rstd = a->ln_2_rstd + (size_t)l * (size_t)B_MAX * T_MAX;  // (B,T)
+        float* gatew = p->gatew + (size_t)l * (size_t)FF * C;  // (FF,C)
+        float* gate = a->gate + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* upw = p->upw + (size_t)l * (size_t)FF * C;  // (FF,C)
+        float* up = a->up + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* swi = a->swi + (size_t)l * (size_t)B_MAX * T_MAX * FF;  // (B,T,FF)
+        float* downw = p->downw + (size_t)l * (size_t)C * FF;  // (C,FF)
+        float* down = a->down;  // (B,T,C) gg_scratch0, every layer's
+        float* residual3 = a->residual3 + (size_t)l * (size_t)B_MAX * T_MAX * C;  // (B,T,C)
+        // ln_1 (models/llama2.yaml:69): rmsnorm
+        rmsnorm_forward(ln1, ln_1_rstd, x, ln1w, B * T, C, 1e-05f, 0.0f);
+        // attn_q (models/llama2.yaml:70): matmul
+        matmul_forward(qh, ln1, qw, NULL, B * T, C, (NH * HD));
+        // attn_k (models/llama2.yaml:71): matmul
+        matmul_forward(kh, ln1, kw, NULL, B * T, C, (NKV * HD));
+        // attn_v (models/llama2.yaml:72): matmul
+        matmul_forward(vh, ln1, vw, NULL, B * T, C, (NKV * HD));
+        // rope_q (models/llama2.yaml:73): rope
+        rope_forward_at(q_rot, qh, B, T, NH, HD, 10000.0f, pos0);
+        // rope_k (models/llama2.yaml:74): rope
+        rope_forward_at(k_rot, kh, B, T, NKV, HD, 10000.0f, pos0);
+        // attn (models/llama2.yaml:75): gqa_attention
+        gqa_attention_decode(atty, q_rot, k_rot, vh, attn_k_cache, attn_v_cache, T, NH, NKV, HD, 0, pos0, maxT);
+        // attn_proj (models/llama2.yaml:76): matmul
+        matmul_forward(attproj, atty, attprojw, NULL, B * T, (NH * HD), C);
+        // attn_res (models/llama2.yaml:77): residual
+        residual_forward(residual2, x, attproj, (size_t)B * T * C);
+        // ln_2 (models/llama2.yaml:78): rmsnorm
+        rmsnorm_forward(ln2, ln_2_rstd, residual2, ln2w, B * T, C, 1e-05f, 0.0f);
+        // mlp_gate (models/llama2.yaml:79): matmul
+        matmul_forward(gate, ln2, gatew, NULL, B * T, C, FF);
+        // mlp_up (models/llama2.yaml:80): matmul
+        matmul_forward(up, ln2, upw, NULL, B * T, C, FF);
+        // mlp_act (models/llama2.yaml:81): swiglu
+        swiglu_forward(swi, gate, up, (size_t)B * T * FF);
+        // mlp_down (models/llama2.yaml:82): matmul
+        matmul_forward(down, swi, downw, NULL, B * T, FF, C);
+        // mlp_res (models/llama2.yaml:83): residual
+        residual_forward(residual3, residual2, down, (size_t)B * T * C);
+    }
+    float* x = a->residual3 + (size_t)(L - 1) * (size_t)B_MAX * T_MAX * C;  // (B,T,C) carry `x` after the last layer
+    // ln_f (models/llama2.yaml:85): rmsnorm
+    rmsnorm_forward(a->lnf, a->ln_f_rstd, x, p->lnfw, B * T, C, 1e-05f, 0.0f);
+    // lm_head+loss (models/llama2.yaml:86): classifier
+    classifier_forward(a->logits, a->losses, a->loss_lse, a->lnf, p->lmheadw, targets, NULL, B * T, C, Vp, V);
+    gg_sync("decoding");
+}
+
+// ----------------------------------------------------------------------------
 // gradients and the optimizer
 
 void gg_zero_grad(const gg_arenas* ar) {
@@ -1800,7 +2057,7 @@ int gg_update(const gg_arenas* ar, float lr, float beta1, float beta2, float eps
 // ----------------------------------------------------------------------------
 // what the runtime asks of the model
 
-const char* gg_signature(void) { return "a650a08cb0a75cf86065"; }
+const char* gg_signature(void) { return "c4d1ba9e6494cfb4703f"; }
 
 size_t gg_arena_bytes(int which) {
     switch (which) {
@@ -1809,11 +2066,14 @@ size_t gg_arena_bytes(int which) {
         case GG_ARENA_DACTS: return DACTS_SIZE * sizeof(float);
         case GG_ARENA_MOMENTS: return PARAMS_SIZE * sizeof(float);  // m and v alike
         case GG_ARENA_MASTER: return 0;  // fp32 master weights: none, the parameters are fp32
+        case GG_ARENA_CACHE: return CACHE_SIZE * sizeof(float);
         default: return 0;
     }
 }
 
 int gg_num_inputs(void) { return 2; }
+
+int gg_decode_positions(void) { return 4096; }
 
 // The arenas' memory: one managed allocation each, zeroed. Managed memory lives on the device while kernels use
 // it and is readable from the host too, so the runtime's views of parameters and activations need no copies
