@@ -250,7 +250,18 @@ def test_interrupt_while_sampling_resumes_exactly(tmp_path, tokens, fake_build, 
     _check_matches_full(full, rest, 7)
 
 
-def test_first_ctrl_c_finishes_the_step(tmp_path, tokens, fake_build, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler, as in a terminal. A process started in the background by a shell without job
+    control inherits SIGINT ignored (POSIX), Python then installs no handler, and the trainer rightly leaves such
+    a process's SIGINT alone: these tests would not test the trainer's handler."""
+    import signal
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_first_ctrl_c_finishes_the_step(tmp_path, tokens, fake_build, monkeypatch, default_sigint):
     """A real SIGINT only sets a flag: the step (with its sample) completes, then the state is saved."""
     import os
     import signal
@@ -605,7 +616,8 @@ def test_resume_refuses_options_it_cannot_honour(tmp_path, tokens, fake_build, c
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["state_000002.safetensors"]   # nothing trained
 
 
-def test_a_second_ctrl_c_as_the_update_returns_saves_that_step(tmp_path, tokens, fake_build, monkeypatch):
+def test_a_second_ctrl_c_as_the_update_returns_saves_that_step(tmp_path, tokens, fake_build, monkeypatch,
+                                                               default_sigint):
     """Two Ctrl-Cs landing as step 5's update returns, before the trainer has recorded that it was applied:
     the second used to stop the run there, saving step 4's loader and RNG state with step 5's weights (a
     resume then diverged from an uninterrupted run). The trainer's own SIGINT handler is called directly,
@@ -639,8 +651,9 @@ def test_a_second_ctrl_c_as_the_update_returns_saves_that_step(tmp_path, tokens,
 # A child process: the fake model, a save that waits for the parent (so signals land during it), and the
 # step number printed after each update.
 _CTRL_C_CHILD = r"""
-import sys, time
+import signal, sys, time
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, even if started with SIGINT ignored
 sys.path[:0] = sys.argv[1].split("|")   # the gpt2gen under test, and tests/
 import gpt2gen
 from gpt2gen import checkpoint as ck, train as TR
@@ -686,14 +699,18 @@ def test_more_ctrl_c_during_the_interrupt_save_still_save(tmp_path, tokens):
     reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True)
     reader.start()
     seen: list[str] = []
+    import time
+    deadline = time.monotonic() + 300          # guards against a hang (a child training on), not timing assertions
 
     def wait_for(needle: str) -> str:
         while True:
             try:
-                line = lines.get(timeout=120)   # a guard against a hang, not a timing assertion
+                line = lines.get(timeout=max(1.0, min(120.0, deadline - time.monotonic())))
             except queue.Empty:
+                line = None
+            if line is None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"no {needle!r} from the trainer; it wrote:\n{''.join(seen)}")
+                pytest.fail(f"no {needle!r} from the trainer; it wrote:\n{''.join(seen[-20:])}")
             seen.append(line)
             if needle in line:
                 return line
